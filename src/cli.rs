@@ -1,0 +1,113 @@
+//! The command line: flags parsed by clap, then each command run to an exit code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use clap::{Parser, Subcommand};
+
+use crate::config;
+use crate::proxy::Gateway;
+use crate::server;
+
+#[derive(Debug, Parser)]
+#[command(name = "keygate", version, about = "API-key authentication gateway in front of an HTTP API")]
+pub struct Cli {
+    /// The gateway config file [default: $KEYGATE_CONFIG, else ./keygate.toml]
+    #[arg(short, long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway
+    Serve,
+    /// Validate keygate.toml and the key file, print a summary
+    Check,
+    /// Start an echo upstream and a gateway with a fresh key, for a first try
+    Demo {
+        /// Where the demo gateway listens
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+}
+
+impl Cli {
+    fn config_path(&self) -> PathBuf {
+        self.config.clone().unwrap_or_else(config::default_path)
+    }
+}
+
+/// Runs a parsed command; errors are printed here, so `main` only turns them into an exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    match &cli.command {
+        Command::Check => check(&cli.config_path()),
+        Command::Serve => serve(&cli.config_path()),
+        Command::Demo { listen } => {
+            let listen = *listen;
+            block_on(None, async move { crate::demo::run(listen).await.map_err(|e| e.to_string()) })
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match config::load(path) {
+        Ok(snapshot) => {
+            println!("ok: {}", snapshot.summary(SystemTime::now()));
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(path: &std::path::Path) -> ExitCode {
+    let snapshot = match config::load(path) {
+        Ok(snapshot) => snapshot,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let workers = snapshot.server.workers;
+    let listen = snapshot.server.listen;
+    block_on(workers, async move {
+        let listener = server::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let summary = snapshot.summary(SystemTime::now());
+        tracing::info!(config = %snapshot.config_path.display(), "loaded {summary}");
+        let gateway = Arc::new(Gateway::new(snapshot));
+        server::serve(listener, gateway, server::shutdown_signal()).await.map_err(|e| e.to_string())
+    })
+}
+
+/// Runs `task` on a multi-threaded runtime with `workers` threads (default: one per core).
+fn block_on(
+    workers: Option<usize>,
+    task: impl std::future::Future<Output = Result<(), String>>,
+) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    let runtime = match builder.build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("keygate: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("keygate: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,501 @@
+//! Loading configuration: `keygate.toml` and the key file it names, validated completely into
+//! one immutable [`Snapshot`]. [`load`] is the only way in; `check`, `serve` and reloads share it.
+
+mod error;
+mod file;
+mod snapshot;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Method, Uri};
+use toml::Spanned;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use snapshot::{AdminSettings, ServerSettings, Snapshot, Summary};
+
+use crate::keys::{KeyEntry, KeyHash, KeyTable, RateLimit, ScopeSet};
+use crate::proxy::auth::{AuthSettings, Source};
+use crate::proxy::path::normalize;
+use crate::proxy::route::{Route, RouteTable, ScopeRule, Upstream};
+use error::SourceFile;
+use file::{GatewayFile, KeyFile, KeysFile, RouteFile};
+
+/// Where the config file is when no `-c` is given: `$KEYGATE_CONFIG`, else `./keygate.toml`.
+pub fn default_path() -> PathBuf {
+    std::env::var_os("KEYGATE_CONFIG").map_or_else(|| PathBuf::from("keygate.toml"), PathBuf::from)
+}
+
+/// Reads and validates both files. Every problem found is reported, not just the first.
+pub fn load(config_path: &Path) -> Result<Snapshot, ConfigErrors> {
+    let text = read(config_path)?;
+    let mut source = SourceFile::new(config_path, &text);
+    let file: GatewayFile = toml::from_str(&text).map_err(|e| source.toml_error(&e))?;
+    let base = config_path.parent().unwrap_or(Path::new(""));
+    let keys_path = base.join(file.auth.keys_file.get_ref());
+    let gateway = build_gateway(&mut source, file);
+    let mut errors = source.errors;
+
+    // The key file is checked even when keygate.toml has problems, so one run shows all.
+    let keys = match read(&keys_path) {
+        Ok(keys_text) => {
+            let mut keys_source = SourceFile::new(&keys_path, &keys_text);
+            let table = match toml::from_str::<KeysFile>(&keys_text) {
+                Ok(keys_file) => Some(build_keys(&mut keys_source, keys_file)),
+                Err(e) => {
+                    let error = keys_source.toml_error(&e);
+                    keys_source.errors.push(error);
+                    None
+                }
+            };
+            errors.extend(keys_source.errors);
+            table
+        }
+        Err(ConfigErrors(e)) => {
+            errors.extend(e);
+            None
+        }
+    };
+    match (gateway, keys) {
+        (Some(gateway), Some(keys)) if errors.is_empty() => Ok(Snapshot {
+            config_path: config_path.to_path_buf(),
+            keys_path,
+            server: gateway.server,
+            admin: gateway.admin,
+            auth: gateway.auth,
+            routes: gateway.routes,
+            keys,
+            loaded_at: SystemTime::now(),
+        }),
+        _ => Err(ConfigErrors(errors)),
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| SourceFile::whole_file(path, format!("cannot read: {e}")).into())
+}
+
+struct Gateway {
+    server: ServerSettings,
+    admin: Option<AdminSettings>,
+    auth: AuthSettings,
+    routes: RouteTable,
+}
+
+/// Runs `parse` on a spanned value, recording a located error on failure.
+fn check<T, U>(source: &mut SourceFile, value: &Spanned<T>, parse: impl FnOnce(&T) -> Result<U, String>) -> Option<U> {
+    match parse(value.get_ref()) {
+        Ok(v) => Some(v),
+        Err(message) => {
+            source.push(value.span(), message);
+            None
+        }
+    }
+}
+
+fn parse_duration(text: &String) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("a duration must be greater than zero".to_string()),
+        Err(e) => Err(format!("{text:?} is not a duration like 500ms, 30s, 5m, 24h or 90d: {e}")),
+    }
+}
+
+fn duration_or(source: &mut SourceFile, value: &Option<Spanned<String>>, default: Duration) -> Option<Duration> {
+    match value {
+        Some(v) => check(source, v, parse_duration),
+        None => Some(default),
+    }
+}
+
+fn in_range(min: i64, max: i64) -> impl Fn(&i64) -> Result<i64, String> {
+    move |n| {
+        if (min..=max).contains(n) { Ok(*n) } else { Err(format!("must be between {min} and {max}")) }
+    }
+}
+
+fn parse_addr(text: &String) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| format!("{text:?} is not an IP address and port like 0.0.0.0:8080"))
+}
+
+fn build_gateway(source: &mut SourceFile, file: GatewayFile) -> Option<Gateway> {
+    let s = &file.server;
+    let listen = check(source, &s.listen, parse_addr);
+    for tls in [&s.tls_cert, &s.tls_key].into_iter().flatten() {
+        source.push(tls.span(), "TLS listeners are not available in this version; terminate TLS in front of keygate");
+    }
+    let workers = match &s.workers {
+        Some(w) => check(source, w, in_range(1, 1024)).map(|n| Some(n as usize)),
+        None => Some(None),
+    };
+    let request_timeout = duration_or(source, &s.request_timeout, Duration::from_secs(30));
+    let shutdown_timeout = duration_or(source, &s.shutdown_timeout, Duration::from_secs(30));
+    let header_read_timeout = duration_or(source, &s.header_read_timeout, Duration::from_secs(10));
+    let idle_timeout = duration_or(source, &s.idle_timeout, Duration::from_secs(60));
+    let max_header_bytes = match &s.max_header_bytes {
+        Some(n) => check(source, n, in_range(1024, 1 << 20)).map(|n| n as usize),
+        None => Some(32 * 1024),
+    };
+    let h2_streams = match &s.h2_max_concurrent_streams {
+        Some(n) => check(source, n, in_range(1, 10_000)).map(|n| n as u32),
+        None => Some(100),
+    };
+    let admin = match &file.admin {
+        Some(a) => check(source, &a.listen, parse_addr)
+            .map(|listen| Some(AdminSettings { listen, per_key_metrics: a.per_key_metrics.unwrap_or(false) })),
+        None => Some(None),
+    };
+    let auth = build_auth(source, &file);
+    let allow_encoded_slashes = s.allow_encoded_slashes.unwrap_or(false);
+    let routes = build_routes(source, file.routes);
+    Some(Gateway {
+        server: ServerSettings {
+            listen: listen?,
+            workers: workers?,
+            request_timeout: request_timeout?,
+            shutdown_timeout: shutdown_timeout?,
+            header_read_timeout: header_read_timeout?,
+            max_header_bytes: max_header_bytes?,
+            allow_encoded_slashes,
+            idle_timeout: idle_timeout?,
+            h2_max_concurrent_streams: h2_streams?,
+        },
+        admin: admin?,
+        auth: auth?,
+        routes: routes?,
+    })
+}
+
+fn build_auth(source: &mut SourceFile, file: &GatewayFile) -> Option<AuthSettings> {
+    let sources = match &file.auth.sources {
+        None => Some(vec![Source::Header(http::HeaderName::from_static("x-api-key"))]),
+        Some(list) if list.get_ref().is_empty() => {
+            source.push(list.span(), "sources must name at least one place to find the key");
+            None
+        }
+        Some(list) => {
+            let parsed: Vec<Option<Source>> =
+                list.get_ref().iter().map(|s| check(source, s, |t| Source::parse(t))).collect();
+            parsed.into_iter().collect()
+        }
+    };
+    let key_prefix = match &file.auth.key_prefix {
+        Some(p) => check(source, p, |p| {
+            if !p.is_empty() && p.len() <= 16 && p.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                Ok(p.clone())
+            } else {
+                Err("key_prefix must be 1 to 16 letters or digits".to_string())
+            }
+        }),
+        None => Some("kg".to_string()),
+    };
+    Some(AuthSettings { sources: sources?, key_prefix: key_prefix? })
+}
+
+fn build_routes(source: &mut SourceFile, files: Vec<Spanned<RouteFile>>) -> Option<RouteTable> {
+    let mut seen: HashMap<(Option<String>, String), ()> = HashMap::new();
+    let mut routes = Vec::with_capacity(files.len());
+    let mut ok = true;
+    for spanned in files {
+        let span = spanned.span();
+        let file = spanned.into_inner();
+        match build_route(source, file) {
+            Some(route) => {
+                if seen.insert((route.host.clone(), route.prefix.clone()), ()).is_some() {
+                    source.push(span, format!("a route for host {:?} and prefix {:?} is already defined", route.host.as_deref().unwrap_or("*"), route.prefix));
+                    ok = false;
+                }
+                routes.push(route);
+            }
+            None => ok = false,
+        }
+    }
+    ok.then(|| RouteTable::new(routes))
+}
+
+fn build_route(source: &mut SourceFile, file: RouteFile) -> Option<Route> {
+    let prefix = check(source, &file.prefix, |p| {
+        if !p.starts_with('/') {
+            return Err(format!("prefix {p:?} must start with '/'"));
+        }
+        // A prefix that is not in normal form could never match a normalised path.
+        match normalize(p, true) {
+            Ok(n) if n == *p => Ok(p.clone()),
+            _ => Err(format!("prefix {p:?} is not a normalised path (no '//', '.', '..' or encoded unreserved characters)")),
+        }
+    });
+    let upstream = check(source, &file.upstream, |u| parse_upstream(u));
+    let host = match &file.host {
+        Some(h) => check(source, h, |h| parse_host(h)).map(Some),
+        None => Some(None),
+    };
+    let scopes = match file.scopes {
+        Some(table) => build_scope_rule(source, table).map(Some),
+        None => Some(None),
+    };
+    if file.public && matches!(scopes, Some(Some(_))) {
+        source.push(file.prefix.span(), "a public route cannot require scopes");
+        return None;
+    }
+    let (prefix, host) = (prefix?, host?);
+    Some(Route {
+        label: format!("{}{prefix}", host.as_deref().unwrap_or("")),
+        host,
+        prefix,
+        upstream: upstream?,
+        public: file.public,
+        preserve_host: file.preserve_host,
+        scopes: scopes?,
+    })
+}
+
+fn parse_upstream(text: &str) -> Result<Upstream, String> {
+    let bad = |why: &str| format!("upstream {text:?} {why}; expected http://host:port[/path]");
+    let uri: Uri = text.parse().map_err(|_| bad("is not a URL"))?;
+    let scheme = match uri.scheme_str() {
+        Some("http") => Scheme::HTTP,
+        Some("https") => return Err(bad("uses https, which this version cannot forward to yet")),
+        _ => return Err(bad("must use http://")),
+    };
+    let authority: Authority = uri.authority().cloned().ok_or_else(|| bad("has no host"))?;
+    if authority.as_str().contains('@') || authority.host().is_empty() {
+        return Err(bad("must be host:port without user info"));
+    }
+    if uri.query().is_some() {
+        return Err(bad("must not have a query"));
+    }
+    let base_path = uri.path().trim_end_matches('/').to_string();
+    let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| bad("has an invalid host"))?;
+    Ok(Upstream { scheme, authority, base_path, host_header })
+}
+
+fn parse_host(text: &str) -> Result<String, String> {
+    let host = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
+    let valid = !host.is_empty()
+        && (host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            || (host.starts_with('[') && host.ends_with(']')));
+    if valid { Ok(host) } else { Err(format!("host {text:?} must be a host name without port")) }
+}
+
+/// A scope name: text that survives a comma-separated header intact.
+fn valid_scope(scope: &str) -> bool {
+    !scope.is_empty() && scope.bytes().all(|b| b.is_ascii_graphic() && b != b',' && b != b'"')
+}
+
+fn build_scope_rule(
+    source: &mut SourceFile,
+    table: Spanned<BTreeMap<String, Spanned<file::ScopeList>>>,
+) -> Option<ScopeRule> {
+    let span = table.span();
+    let mut rule = ScopeRule::default();
+    let mut ok = true;
+    for (method, scopes) in table.into_inner() {
+        let scopes_span = scopes.span();
+        let list = scopes.into_inner().into_vec();
+        if list.is_empty() || !list.iter().all(|s| valid_scope(s)) {
+            source.push(scopes_span, format!("scopes for {method:?} must be one or more scope names without spaces or commas"));
+            ok = false;
+            continue;
+        }
+        let list: Box<[Box<str>]> = list.into_iter().map(String::into_boxed_str).collect();
+        if method == "*" {
+            rule.other = Some(list);
+        } else {
+            match Method::from_bytes(method.as_bytes()) {
+                Ok(m) => rule.by_method.push((m, list)),
+                Err(_) => {
+                    source.push(span.clone(), format!("{method:?} is not an HTTP method"));
+                    ok = false;
+                }
+            }
+        }
+    }
+    ok.then_some(rule)
+}
+
+fn datetime(value: &toml::value::Datetime) -> Result<SystemTime, String> {
+    let text = value.to_string();
+    time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
+        .map(SystemTime::from)
+        .map_err(|_| format!("{text} must be a full date-time with an offset, like 2027-02-20T10:00:00Z"))
+}
+
+fn optional_datetime(source: &mut SourceFile, value: &Option<Spanned<toml::value::Datetime>>) -> Option<Option<SystemTime>> {
+    match value {
+        Some(v) => check(source, v, datetime).map(Some),
+        None => Some(None),
+    }
+}
+
+/// Text that can travel as a header value: no control characters (CR and LF least of all).
+fn header_text(what: &str) -> impl Fn(&String) -> Result<HeaderValue, String> + '_ {
+    move |text| {
+        if text.is_empty() || text.chars().any(char::is_control) {
+            return Err(format!("{what} must be non-empty and free of control characters"));
+        }
+        HeaderValue::from_bytes(text.as_bytes()).map_err(|_| format!("{what} cannot travel in a header"))
+    }
+}
+
+fn build_keys(source: &mut SourceFile, file: KeysFile) -> KeyTable {
+    let mut table = KeyTable::with_capacity(file.keys.len());
+    let mut ids: HashMap<String, Range<usize>> = HashMap::with_capacity(file.keys.len());
+    let mut scope_sets: HashMap<Vec<String>, Arc<ScopeSet>> = HashMap::new();
+    for key in file.keys {
+        let key: KeyFile = key.into_inner();
+        let id = check(source, &key.id, |id| {
+            if id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)) {
+                header_text("id")(id)
+            } else {
+                Err("id must be 1 to 64 letters, digits, '.', '_', ':' or '-'".to_string())
+            }
+        });
+        if let Some(previous) = ids.get(key.id.get_ref()) {
+            let first = source.error_at(previous.clone(), "");
+            source.push(key.id.span(), format!("duplicate key id {:?} (first at line {})", key.id.get_ref(), first.line));
+        } else {
+            ids.insert(key.id.get_ref().clone(), key.id.span());
+        }
+        let name = check(source, &key.name, header_text("name"));
+        let hash = check(source, &key.hash, |h| {
+            KeyHash::parse(h).ok_or_else(|| "hash must be sha256: followed by 64 lower-case hex digits".to_string())
+        });
+        if let Some(tail) = &key.tail {
+            check(source, tail, header_text("tail"));
+        }
+        let mut scopes = Vec::with_capacity(key.scopes.len());
+        for scope in &key.scopes {
+            if valid_scope(scope.get_ref()) {
+                scopes.push(scope.get_ref().clone());
+            } else {
+                source.push(scope.span(), "a scope must be a name without spaces, commas or control characters");
+            }
+        }
+        scopes.sort();
+        scopes.dedup();
+        let created = optional_datetime(source, &key.created_at);
+        let expires_at = optional_datetime(source, &key.expires_at);
+        let revoked_at = optional_datetime(source, &key.revoked_at);
+        let rate_limit = match &key.rate_limit {
+            Some(r) => check(source, r, |r| {
+                RateLimit::parse(r).ok_or_else(|| format!("rate_limit {r:?} must be N/s, N/m or N/h with N > 0"))
+            })
+            .map(Some),
+            None => Some(None),
+        };
+        let scope_set = match scope_sets.get(&scopes) {
+            Some(set) => Some(Arc::clone(set)),
+            None => match ScopeSet::new(scopes.clone()) {
+                Ok(set) => {
+                    let set = Arc::new(set);
+                    scope_sets.insert(scopes, Arc::clone(&set));
+                    Some(set)
+                }
+                Err(_) => None,
+            },
+        };
+        let (Some(id), Some(name), Some(hash), Some(_), Some(expires_at), Some(revoked_at), Some(rate_limit), Some(scopes)) =
+            (id, name, hash, created, expires_at, revoked_at, rate_limit, scope_set)
+        else {
+            continue;
+        };
+        let entry = KeyEntry { id, name, scopes, expires_at, revoked_at, rate_limit };
+        if table.insert(hash, entry).is_err() {
+            source.push(key.hash.span(), "duplicate hash: this key is already in the file");
+        }
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const GATEWAY: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[auth]
+keys_file = "keys.toml"
+[[routes]]
+prefix = "/"
+upstream = "http://127.0.0.1:3000/base/"
+[routes.scopes]
+GET = "read"
+"*" = ["write", "admin"]
+"#;
+
+    fn key(id: &str, hash_of: &str) -> String {
+        format!("[[keys]]\nid = \"{id}\"\nname = \"n\"\nhash = \"{}\"\nscopes = [\"read\"]\n", crate::keys::hash_key(hash_of))
+    }
+
+    fn load_pair(gateway: &str, keys: &str) -> Result<Snapshot, ConfigErrors> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "keygate.toml", gateway);
+        write(dir.path(), "keys.toml", keys);
+        load(&path)
+    }
+
+    #[test]
+    fn a_valid_pair_loads() {
+        let snapshot = load_pair(GATEWAY, &(key("a", "k1") + &key("b", "k2"))).unwrap();
+        assert_eq!(snapshot.keys.len(), 2);
+        let route = snapshot.routes.find(None, "/x").unwrap();
+        assert_eq!(route.upstream.base_path, "/base");
+        let rule = route.scopes.as_ref().unwrap();
+        assert_eq!(rule.required(&Method::DELETE).unwrap().len(), 2);
+        assert_eq!(snapshot.server.request_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_column() {
+        let errors = load_pair(GATEWAY, &(key("a", "k1") + &key("a", "k2"))).unwrap_err();
+        let text = errors.to_string();
+        assert!(text.contains("keys.toml:7:6: duplicate key id"), "{text}");
+
+        let errors = load_pair(&GATEWAY.replace("prefix", "prefx"), "").unwrap_err().to_string();
+        assert!(errors.contains("keygate.toml:7:1"), "{errors}");
+        assert!(errors.contains("prefx"), "{errors}");
+
+        let bad = GATEWAY.replace("http://127.0.0.1:3000/base/", "ftp://x").replace("[auth]", "[auth]\nsources = [\"cookie:x\"]");
+        let errors = load_pair(&bad, &key("a", "k1").replace("sha256:", "md5:")).unwrap_err();
+        assert_eq!(errors.0.len(), 3, "{errors}");
+    }
+
+    #[test]
+    fn every_rule_is_enforced() {
+        let cases = [
+            (GATEWAY.replace("30", "30"), "[[keys]]\nid=\"a\"\nname=\"n\"\nhash=\"sha256:00\"\n".to_string(), "hash"),
+            (GATEWAY.replace("[auth]", "[server2]\n[auth]"), String::new(), "unknown"),
+            (GATEWAY.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:0\"\nrequest_timeout = \"soon\""), String::new(), "duration"),
+            (format!("{GATEWAY}[[routes]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:1\"\n"), String::new(), "already defined"),
+            (GATEWAY.to_string(), key("a", "k").replace("name = \"n\"", "name = \"a\\r\\nb\""), "control"),
+            (GATEWAY.to_string(), key("a", "k") + "expires_at = 2027-01-01T00:00:00\n", "offset"),
+            (GATEWAY.to_string(), key("a", "k") + "rate_limit = \"5/d\"\n", "rate_limit"),
+            (GATEWAY.to_string(), key("a", "k") + &key("b", "k"), "duplicate hash"),
+            (GATEWAY.replace("\"/\"", "\"/a/../\""), String::new(), "normalised"),
+        ];
+        for (gateway, keys, want) in cases {
+            let errors = load_pair(&gateway, &keys).unwrap_err().to_string();
+            assert!(errors.contains(want), "want {want:?} in {errors}");
+        }
+    }
+
+    #[test]
+    fn missing_keys_file_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "keygate.toml", GATEWAY);
+        let errors = load(&path).unwrap_err().to_string();
+        assert!(errors.contains("keys.toml: cannot read"), "{errors}");
+    }
+}

@@ -1,0 +1,76 @@
+//! The validated runtime form of the configuration: ready types only, never re-parsed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use crate::keys::{KeyState, KeyTable};
+use crate::proxy::auth::AuthSettings;
+use crate::proxy::route::RouteTable;
+
+/// Everything one request needs, immutable once built; a reload builds a new one.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config_path: PathBuf,
+    pub keys_path: PathBuf,
+    pub server: ServerSettings,
+    pub admin: Option<AdminSettings>,
+    pub auth: AuthSettings,
+    pub routes: RouteTable,
+    pub keys: KeyTable,
+    pub loaded_at: SystemTime,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub workers: Option<usize>,
+    pub request_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub allow_encoded_slashes: bool,
+    pub idle_timeout: Duration,
+    pub h2_max_concurrent_streams: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    pub per_key_metrics: bool,
+}
+
+/// Counts for `keygate check` and `/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub routes: usize,
+    pub keys: usize,
+    pub active: usize,
+    pub expired: usize,
+    pub revoked: usize,
+}
+
+impl Snapshot {
+    pub fn summary(&self, now: SystemTime) -> Summary {
+        let mut summary =
+            Summary { routes: self.routes.len(), keys: self.keys.len(), active: 0, expired: 0, revoked: 0 };
+        for key in self.keys.entries() {
+            match key.state_at(now) {
+                KeyState::Active => summary.active += 1,
+                KeyState::Expired => summary.expired += 1,
+                KeyState::Revoked => summary.revoked += 1,
+            }
+        }
+        summary
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} routes, {} keys ({} active, {} expired, {} revoked)",
+            self.routes, self.keys, self.active, self.expired, self.revoked
+        )
+    }
+}

@@ -1,0 +1,153 @@
+//! Every rejection keygate answers itself, and the one function that renders it as HTTP.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+/// Why keygate answered a request itself instead of forwarding it.
+///
+/// Messages are fixed sentences: nothing from the request is echoed back, so no key (or part
+/// of one) can ever leave through an error body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("the request is malformed: {0}")]
+    BadRequest(&'static str),
+    #[error("no route matches this host and path")]
+    NoRoute,
+    #[error("no API key was presented")]
+    MissingApiKey,
+    #[error("the API key is not valid")]
+    InvalidApiKey,
+    #[error("the API key has been revoked")]
+    RevokedApiKey,
+    #[error("the API key has expired")]
+    ExpiredApiKey,
+    #[error("the API key lacks the scope this request needs")]
+    InsufficientScope,
+    #[error("the API key is over its rate limit")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("the request headers are too large")]
+    HeadersTooLarge,
+    #[error("transfer codings other than chunked are not supported")]
+    UnsupportedTransferEncoding,
+    #[error("the upstream could not be reached")]
+    UpstreamUnavailable,
+    #[error("the upstream did not answer in time")]
+    UpstreamTimeout,
+    #[error("the gateway failed to handle the request")]
+    Internal,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::MissingApiKey | Self::InvalidApiKey | Self::RevokedApiKey | Self::ExpiredApiKey => {
+                StatusCode::UNAUTHORIZED
+            }
+            Self::InsufficientScope => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::UnsupportedTransferEncoding => StatusCode::NOT_IMPLEMENTED,
+            Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code of the JSON body, also the `reason` of rejection metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::NoRoute => "no_route",
+            Self::MissingApiKey => "missing_api_key",
+            Self::InvalidApiKey => "invalid_api_key",
+            Self::RevokedApiKey => "revoked_api_key",
+            Self::ExpiredApiKey => "expired_api_key",
+            Self::InsufficientScope => "insufficient_scope",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::HeadersTooLarge => "headers_too_large",
+            Self::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::Internal => "internal_error",
+        }
+    }
+
+    /// Renders the error as keygate's JSON error response. The only place that does.
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        // Errors are answers about this request, never something a cache may replay.
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match self {
+            Self::MissingApiKey | Self::InvalidApiKey | Self::RevokedApiKey | Self::ExpiredApiKey => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("ApiKey realm=\"keygate\""),
+                );
+            }
+            Self::RateLimited { retry_after_secs } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn every_variant_has_its_status_and_code() {
+        let table = [
+            (GatewayError::BadRequest("x"), 400, "bad_request"),
+            (GatewayError::NoRoute, 404, "no_route"),
+            (GatewayError::MissingApiKey, 401, "missing_api_key"),
+            (GatewayError::InvalidApiKey, 401, "invalid_api_key"),
+            (GatewayError::RevokedApiKey, 401, "revoked_api_key"),
+            (GatewayError::ExpiredApiKey, 401, "expired_api_key"),
+            (GatewayError::InsufficientScope, 403, "insufficient_scope"),
+            (GatewayError::RateLimited { retry_after_secs: 3 }, 429, "rate_limited"),
+            (GatewayError::HeadersTooLarge, 431, "headers_too_large"),
+            (GatewayError::UnsupportedTransferEncoding, 501, "unsupported_transfer_encoding"),
+            (GatewayError::UpstreamUnavailable, 502, "upstream_unavailable"),
+            (GatewayError::UpstreamTimeout, 504, "upstream_timeout"),
+            (GatewayError::Internal, 500, "internal_error"),
+        ];
+        for (error, status, code) in table {
+            assert_eq!(error.status().as_u16(), status, "{error:?}");
+            assert_eq!(error.code(), code, "{error:?}");
+            let response = error.to_response();
+            assert_eq!(response.status().as_u16(), status);
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            assert_eq!(
+                response.headers().contains_key(header::WWW_AUTHENTICATE),
+                status == 401,
+                "{error:?}"
+            );
+            let body = futures_body(response);
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["error"], code);
+            assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+
+    #[test]
+    fn rate_limited_carries_retry_after() {
+        let response = GatewayError::RateLimited { retry_after_secs: 7 }.to_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "7");
+    }
+
+    fn futures_body(response: Response<Full<Bytes>>) -> Bytes {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async { response.into_body().collect().await.unwrap().to_bytes() })
+    }
+}

@@ -1,0 +1,402 @@
+//! API keys: the presented key as a secret, the generated key format, and the hashed key table.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::HeaderValue;
+use sha2::{Digest, Sha256};
+
+/// A key as presented by a client. Its `Debug` and `Display` never show it, so it cannot reach
+/// a log line by accident.
+#[derive(Clone, Copy)]
+pub struct PresentedKey<'a>(&'a str);
+
+impl<'a> PresentedKey<'a> {
+    pub fn new(key: &'a str) -> Self {
+        Self(key)
+    }
+
+    /// The plaintext, for hashing and the checksum only.
+    pub fn expose(&self) -> &'a str {
+        self.0
+    }
+}
+
+impl fmt::Debug for PresentedKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PresentedKey(<redacted>)")
+    }
+}
+
+impl fmt::Display for PresentedKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The SHA-256 of a key: what the key file stores and the table is keyed by.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl KeyHash {
+    pub fn of(key: &str) -> Self {
+        Self(Sha256::digest(key.as_bytes()).into())
+    }
+
+    /// Parses the key file's `sha256:<64 lowercase hex>` form.
+    pub fn parse(text: &str) -> Option<Self> {
+        let hex = text.strip_prefix("sha256:")?;
+        if hex.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (byte, pair) in out.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+            *byte = (hex_digit(pair[0])? << 4) | hex_digit(pair[1])?;
+        }
+        Some(Self(out))
+    }
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+impl fmt::Display for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("sha256:")?;
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl Hash for KeyHash {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // A SHA-256 output is already uniformly distributed, so eight of its bytes are a
+        // perfect table hash. Lookups of attacker-chosen hashes cannot lengthen probe
+        // sequences: those depend only on the stored keys, which come from the key file.
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
+
+/// The hasher for [`KeyHash`]: passes its eight bytes through.
+#[derive(Default)]
+pub struct PassThroughHasher(u64);
+
+impl Hasher for PassThroughHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached if something other than KeyHash is hashed; stay correct anyway.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// `sha256:<hex>` of a key, as stored in the key file.
+pub fn hash_key(key: &str) -> String {
+    KeyHash::of(key).to_string()
+}
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+const ID_ALPHABET: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+const ID_LEN: usize = 8;
+const SECRET_LEN: usize = 32;
+const CHECKSUM_LEN: usize = 6;
+
+/// Draws `len` characters of `alphabet` from the OS CSPRNG, without modulo bias.
+fn random_chars(alphabet: &[u8], len: usize) -> Result<String, getrandom::Error> {
+    // Bytes at or above the largest multiple of the alphabet size are redrawn.
+    let limit = (256 / alphabet.len() * alphabet.len()) as u16;
+    let mut out = String::with_capacity(len);
+    let mut buf = [0u8; 64];
+    while out.len() < len {
+        getrandom::fill(&mut buf)?;
+        for &b in &buf {
+            if u16::from(b) < limit && out.len() < len {
+                out.push(char::from(alphabet[usize::from(b) % alphabet.len()]));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A new key id: 8 characters of `[0-9a-z]`.
+pub fn generate_id() -> Result<String, getrandom::Error> {
+    random_chars(ID_ALPHABET, ID_LEN)
+}
+
+fn checksum(body: &str) -> String {
+    let mut n = u64::from(crc32fast::hash(body.as_bytes()));
+    let mut digits = [b'0'; CHECKSUM_LEN];
+    for slot in digits.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    digits.iter().map(|&b| char::from(b)).collect()
+}
+
+/// Makes a new key `<prefix>_<id>_<32 base62 secret><6 base62 CRC32 checksum>`; returns (id, key).
+pub fn generate(prefix: &str) -> Result<(String, String), getrandom::Error> {
+    let id = generate_id()?;
+    let secret = random_chars(BASE62, SECRET_LEN)?;
+    let body = format!("{prefix}_{id}_{secret}");
+    let key = format!("{body}{}", checksum(&body));
+    Ok((id, key))
+}
+
+/// Whether a presented key may be looked up: a key that claims keygate's format (it starts
+/// with `<prefix>_`) must have that exact shape and a valid checksum; any other key is a
+/// legacy or imported key and is looked up by hash as usual.
+pub fn plausible(key: &str, prefix: &str) -> bool {
+    let Some(rest) = key.strip_prefix(prefix).and_then(|r| r.strip_prefix('_')) else {
+        return true;
+    };
+    let bytes = rest.as_bytes();
+    if bytes.len() != ID_LEN + 1 + SECRET_LEN + CHECKSUM_LEN
+        || bytes[ID_LEN] != b'_'
+        || !bytes[..ID_LEN].iter().all(|b| ID_ALPHABET.contains(b))
+        || !bytes[ID_LEN + 1..].iter().all(u8::is_ascii_alphanumeric)
+    {
+        return false;
+    }
+    let split = key.len() - CHECKSUM_LEN;
+    checksum(&key[..split]) == key[split..]
+}
+
+/// The last characters of a key, stored to help humans recognise it.
+pub fn tail(key: &str) -> &str {
+    let start = key.char_indices().rev().nth(5).map_or(0, |(i, _)| i);
+    &key[start..]
+}
+
+/// A key's scopes, shared by every key holding the same set.
+#[derive(Debug)]
+pub struct ScopeSet {
+    sorted: Box<[Box<str>]>,
+    all: bool,
+    header: HeaderValue,
+}
+
+impl ScopeSet {
+    /// `scopes` must already be valid header text; the config validates that.
+    pub fn new(mut scopes: Vec<String>) -> Result<Self, http::header::InvalidHeaderValue> {
+        scopes.sort();
+        scopes.dedup();
+        let header = HeaderValue::from_str(&scopes.join(","))?;
+        let all = scopes.iter().any(|s| s == "*");
+        Ok(Self { sorted: scopes.into_iter().map(String::into_boxed_str).collect(), all, header })
+    }
+
+    pub fn holds(&self, scope: &str) -> bool {
+        self.all || self.sorted.binary_search_by(|s| (**s).cmp(scope)).is_ok()
+    }
+
+    /// The sorted, comma-separated scopes, ready for `x-keygate-scopes`.
+    pub fn header(&self) -> &HeaderValue {
+        &self.header
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.sorted.iter().map(|s| &**s)
+    }
+}
+
+/// `N/s`, `N/m` or `N/h`: a bucket of N tokens refilled at N per period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub tokens: u32,
+    pub period: Duration,
+}
+
+impl RateLimit {
+    pub fn parse(text: &str) -> Option<Self> {
+        let (n, unit) = text.trim().split_once('/')?;
+        let tokens: u32 = n.trim().parse().ok().filter(|&n| n > 0)?;
+        let period = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return None,
+        };
+        Some(Self { tokens, period })
+    }
+}
+
+/// One key of the table: everything the request path needs, already in its final form.
+#[derive(Debug)]
+pub struct KeyEntry {
+    pub id: HeaderValue,
+    pub name: HeaderValue,
+    pub scopes: Arc<ScopeSet>,
+    pub expires_at: Option<SystemTime>,
+    pub revoked_at: Option<SystemTime>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    Expired,
+    Revoked,
+}
+
+impl KeyEntry {
+    /// Judged against `now` on every request, so a key expires on time without a reload.
+    pub fn state_at(&self, now: SystemTime) -> KeyState {
+        if self.revoked_at.is_some_and(|t| t <= now) {
+            KeyState::Revoked
+        } else if self.expires_at.is_some_and(|t| t <= now) {
+            KeyState::Expired
+        } else {
+            KeyState::Active
+        }
+    }
+
+    /// The id as text for logs; validated as text when the table was built.
+    pub fn id_str(&self) -> &str {
+        self.id.to_str().unwrap_or("?")
+    }
+}
+
+/// The in-memory key table, keyed by SHA-256.
+#[derive(Debug, Default)]
+pub struct KeyTable {
+    by_hash: HashMap<KeyHash, KeyEntry, BuildHasherDefault<PassThroughHasher>>,
+}
+
+impl KeyTable {
+    pub fn with_capacity(n: usize) -> Self {
+        Self { by_hash: HashMap::with_capacity_and_hasher(n, Default::default()) }
+    }
+
+    /// Returns the entry back if the hash is already present.
+    pub fn insert(&mut self, hash: KeyHash, entry: KeyEntry) -> Result<(), KeyEntry> {
+        match self.by_hash.entry(hash) {
+            std::collections::hash_map::Entry::Occupied(_) => Err(entry),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(entry);
+                Ok(())
+            }
+        }
+    }
+
+    pub fn get(&self, hash: &KeyHash) -> Option<&KeyEntry> {
+        self.by_hash.get(hash)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &KeyEntry> {
+        self.by_hash.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_round_trips_through_text() {
+        let text = hash_key("test");
+        assert_eq!(text, "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08");
+        assert_eq!(KeyHash::parse(&text), Some(KeyHash::of("test")));
+        assert_eq!(KeyHash::parse("sha256:9F86"), None);
+        assert_eq!(KeyHash::parse(&text.to_uppercase()), None);
+        assert_eq!(KeyHash::parse(&text.replace("sha256:", "md5:")), None);
+    }
+
+    #[test]
+    fn generated_keys_have_the_documented_shape() {
+        let (id, key) = generate("kg").unwrap();
+        assert_eq!(id.len(), 8);
+        assert!(id.bytes().all(|b| ID_ALPHABET.contains(&b)));
+        assert!(key.starts_with(&format!("kg_{id}_")));
+        assert_eq!(key.len(), "kg_".len() + 8 + 1 + 32 + 6);
+        assert!(plausible(&key, "kg"));
+        assert_ne!(generate("kg").unwrap().1, key, "keys come from randomness");
+    }
+
+    #[test]
+    fn a_forged_checksum_or_shape_is_implausible() {
+        let (_, key) = generate("kg").unwrap();
+        let mut forged = key.clone().into_bytes();
+        let last = forged.len() - 1;
+        forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+        assert!(!plausible(std::str::from_utf8(&forged).unwrap(), "kg"));
+        assert!(!plausible(&key[..key.len() - 1], "kg"));
+        assert!(!plausible("kg_short", "kg"));
+        assert!(!plausible(&format!("{key}x"), "kg"));
+        // Keys that do not claim keygate's format are looked up as they are.
+        assert!(plausible("legacy-key-123", "kg"));
+        assert!(plausible(&key, "other"));
+    }
+
+    #[test]
+    fn checksum_is_zero_padded_base62_crc32() {
+        assert_eq!(checksum(""), "000000");
+        let c = checksum("kg_abc");
+        assert_eq!(c.len(), 6);
+        let value = c.bytes().fold(0u64, |acc, b| {
+            acc * 62 + BASE62.iter().position(|&x| x == b).unwrap() as u64
+        });
+        assert_eq!(value, u64::from(crc32fast::hash(b"kg_abc")));
+    }
+
+    #[test]
+    fn presented_key_never_prints() {
+        let key = PresentedKey::new("kg_secret");
+        assert_eq!(format!("{key} {key:?}"), "<redacted> PresentedKey(<redacted>)");
+    }
+
+    #[test]
+    fn scope_sets_sort_and_match() {
+        let set = ScopeSet::new(vec!["write".into(), "read".into(), "read".into()]).unwrap();
+        assert_eq!(set.header(), "read,write");
+        assert!(set.holds("read") && set.holds("write") && !set.holds("admin"));
+        let all = ScopeSet::new(vec!["*".into()]).unwrap();
+        assert!(all.holds("admin"));
+    }
+
+    #[test]
+    fn rate_limits_parse() {
+        assert_eq!(
+            RateLimit::parse("100/s"),
+            Some(RateLimit { tokens: 100, period: Duration::from_secs(1) })
+        );
+        assert_eq!(RateLimit::parse("5/h").map(|r| r.period), Some(Duration::from_secs(3600)));
+        for bad in ["0/s", "x/s", "10/d", "10", "-1/s"] {
+            assert_eq!(RateLimit::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn tail_is_the_last_six_characters() {
+        assert_eq!(tail("abcdefghij"), "efghij");
+        assert_eq!(tail("abc"), "abc");
+    }
+}

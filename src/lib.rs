@@ -1,0 +1,22 @@
+//! keygate: an API-key authentication gateway that sits in front of an existing HTTP API.
+//!
+//! # Layout
+//! - [`config`]: the two TOML files → one validated, immutable [`config::Snapshot`]; the only way in.
+//! - [`keys`]: the presented key as a secret type, the generated key format, the hashed key table.
+//! - [`proxy`]: the request pipeline: route → extract → verify → authorize → rewrite → forward.
+//! - [`error`]: every rejection keygate answers itself, and the one place it becomes HTTP.
+//! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 connections, graceful drain.
+//! - [`telemetry`]: tracing subscriber set-up and the access log event.
+//! - [`demo`]: an echo upstream and a gateway with a fresh key, for a first run.
+//! - [`cli`]: the command line, parsed into ready commands.
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod keys;
+pub mod proxy;
+pub mod server;
+pub mod telemetry;

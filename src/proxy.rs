@@ -1,0 +1,230 @@
+//! The request pipeline: route → extract → verify → authorize → rewrite → forward.
+//! [`Gateway::handle`] is the only place a [`GatewayError`] becomes a response.
+
+pub mod auth;
+pub mod forward;
+pub mod path;
+pub mod route;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{HOST, TRANSFER_ENCODING};
+use http::request::Parts;
+use http::{HeaderValue, Request, Response, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::config::Snapshot;
+use crate::error::GatewayError;
+use crate::telemetry::AccessLog;
+use forward::{ClientInfo, UpstreamClient, X_REQUEST_ID};
+
+/// Upstream bodies stream through untouched; keygate's own answers are small and whole.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// The running gateway: the current snapshot, swapped whole on reload, and the upstream pool.
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+    client: UpstreamClient,
+    request_ids: RequestIds,
+}
+
+impl Gateway {
+    pub fn new(snapshot: Snapshot) -> Self {
+        Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            client: forward::upstream_client(),
+            request_ids: RequestIds::new(),
+        }
+    }
+
+    /// The snapshot in force now. A request takes it once and keeps it to the end, so it
+    /// never sees half of one configuration and half of another.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Replaces the snapshot atomically; requests already running finish on the old one.
+    pub fn replace(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    pub async fn handle(&self, client: ClientInfo, request: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let snapshot = self.snapshot();
+        let request_id = self.request_id(request.headers());
+        let mut log = AccessLog::new(request.method(), &request_id);
+        let mut response = match self.forward(&snapshot, client, request, &request_id, &mut log).await {
+            Ok(response) => response.map(Either::Left),
+            Err(error) => {
+                log.reason = Some(error.code());
+                error.to_response().map(Either::Right)
+            }
+        };
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
+        log.emit(response.status(), started.elapsed());
+        response
+    }
+
+    async fn forward(
+        &self,
+        snapshot: &Snapshot,
+        client: ClientInfo,
+        request: Request<Incoming>,
+        request_id: &HeaderValue,
+        log: &mut AccessLog,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        let (mut parts, body) = request.into_parts();
+        // Framing first: a request whose size or body boundaries are in doubt is refused before
+        // anything else looks at it.
+        check_head_size(&parts, snapshot.server.max_header_bytes)?;
+        check_transfer_encoding(&parts)?;
+
+        // Route on the normalised path, which is also exactly what the upstream will get.
+        let path = path::normalize(parts.uri.path(), snapshot.server.allow_encoded_slashes)
+            .map_err(|e| GatewayError::BadRequest(e.reason()))?;
+        log.path = Some(path.clone());
+        let host = request_host(&parts)?;
+        let host_text = host.as_ref().map(|h| h.to_str()).transpose().map_err(|_| GatewayError::BadRequest("the Host header is not text"))?;
+        let route = snapshot.routes.find(host_text, &path).ok_or(GatewayError::NoRoute)?;
+        log.route = Some(route.label.clone());
+
+        let key = if route.public {
+            None
+        } else {
+            let credential = auth::extract(&snapshot.auth.sources, &parts.headers, parts.uri.query())?
+                .ok_or(GatewayError::MissingApiKey)?;
+            let key = auth::verify(credential.key(), &snapshot.auth, &snapshot.keys, SystemTime::now())?;
+            // From here on the key is known, so a 403 is logged against it.
+            log.key_id = Some(key.id_str().to_string());
+            auth::authorize(route.scopes.as_ref(), key, &parts.method, &parts.headers)?;
+            Some(key)
+        };
+
+        // Rewrite. Removals come before additions so nothing a client sent (a `Connection`
+        // header naming ours, a spoofed `x-keygate-*`) can remove or shadow what keygate adds.
+        let query = auth::strip_credentials(&snapshot.auth.sources, &mut parts.headers, parts.uri.query());
+        forward::remove_hop_by_hop(&mut parts.headers);
+        forward::remove_spoofed_identity(&mut parts.headers);
+        forward::set_forwarding(&mut parts.headers, client, host.as_ref());
+        let upstream = &route.upstream;
+        let upstream_host = match (&host, route.preserve_host) {
+            (Some(host), true) => host.clone(),
+            _ => upstream.host_header.clone(),
+        };
+        parts.headers.insert(HOST, upstream_host);
+        if let Some(key) = key {
+            forward::set_identity(&mut parts.headers, key);
+        }
+        parts.headers.insert(X_REQUEST_ID, request_id.clone());
+        let target = match query {
+            Some(q) => format!("{}{path}?{q}", upstream.base_path),
+            None => format!("{}{path}", upstream.base_path),
+        };
+        parts.uri = Uri::builder()
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone())
+            .path_and_query(target)
+            .build()
+            .map_err(|_| GatewayError::BadRequest("the request target cannot be forwarded"))?;
+        parts.version = Version::HTTP_11;
+
+        let upstream_started = Instant::now();
+        let sent = self.client.request(Request::from_parts(parts, body));
+        let result = tokio::time::timeout(snapshot.server.request_timeout, sent).await;
+        log.upstream_duration = Some(upstream_started.elapsed());
+        let response = result.map_err(|_| GatewayError::UpstreamTimeout)?.map_err(|error| {
+            tracing::debug!(route = %route.label, error = %error, "upstream request failed");
+            GatewayError::UpstreamUnavailable
+        })?;
+        let (mut parts, body) = response.into_parts();
+        forward::remove_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// The client's `x-request-id` if it sent one sane value, else a fresh one.
+    fn request_id(&self, headers: &http::HeaderMap) -> HeaderValue {
+        let mut sent = headers.get_all(X_REQUEST_ID).iter();
+        match (sent.next(), sent.next()) {
+            (Some(id), None) if !id.is_empty() && id.len() <= 128 && id.as_bytes().iter().all(u8::is_ascii_graphic) => {
+                id.clone()
+            }
+            _ => self.request_ids.next(),
+        }
+    }
+}
+
+/// Refuses a request head larger than `max_header_bytes` with a JSON 431. (hyper itself cuts
+/// off heads beyond twice that, see the server.)
+fn check_head_size(parts: &Parts, max: usize) -> Result<(), GatewayError> {
+    let headers: usize = parts.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    let line = parts.method.as_str().len() + parts.uri.to_string().len() + 12;
+    if headers + line > max { Err(GatewayError::HeadersTooLarge) } else { Ok(()) }
+}
+
+/// Only plain `chunked` may frame a request body: with any other coding the body's boundaries
+/// are something keygate and the upstream could disagree on.
+fn check_transfer_encoding(parts: &Parts) -> Result<(), GatewayError> {
+    let codings: Vec<&HeaderValue> = parts.headers.get_all(TRANSFER_ENCODING).iter().collect();
+    match codings.as_slice() {
+        [] => Ok(()),
+        [one] if one.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(GatewayError::UnsupportedTransferEncoding),
+    }
+}
+
+/// The host the client asked for: the target's authority when it has one (absolute-form,
+/// HTTP/2), which RFC 9112 §3.2.2 says takes precedence over `Host`; else the one `Host`.
+fn request_host(parts: &Parts) -> Result<Option<HeaderValue>, GatewayError> {
+    if let Some(authority) = parts.uri.authority() {
+        return HeaderValue::from_str(authority.as_str())
+            .map(Some)
+            .map_err(|_| GatewayError::BadRequest("the request target has an invalid authority"));
+    }
+    let mut hosts = parts.headers.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (host, None) => Ok(host.cloned()),
+        _ => Err(GatewayError::BadRequest("the request has more than one Host header")),
+    }
+}
+
+/// Request ids unique within the process and unpredictable across processes: a random seed
+/// mixed with a counter (splitmix64), printed as 32 hex digits.
+struct RequestIds {
+    seeds: [u64; 2],
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let mut seed = [0u8; 16];
+        // Without OS randomness the ids are still unique, only predictable; that is acceptable
+        // for correlation ids, which grant nothing.
+        let _ = getrandom::fill(&mut seed);
+        let (a, b) = seed.split_at(8);
+        let word = |s: &[u8]| s.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x));
+        Self { seeds: [word(a), word(b)], counter: AtomicU64::new(0) }
+    }
+
+    /// splitmix64's finaliser: a bijection, so distinct counters give distinct ids.
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn next(&self) -> HeaderValue {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let text = format!(
+            "{:016x}{:016x}",
+            Self::mix(self.seeds[0].wrapping_add(n)),
+            Self::mix(self.seeds[1] ^ n)
+        );
+        // Hex digits are always a valid header value.
+        HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("0"))
+    }
+}

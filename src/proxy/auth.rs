@@ -1,0 +1,316 @@
+//! Authentication and authorization: find the presented key, verify it against the table,
+//! check the route's scope; and remove every configured credential before forwarding.
+
+use std::borrow::Cow;
+use std::time::SystemTime;
+
+use http::header::{AUTHORIZATION, HeaderName};
+use http::{HeaderMap, Method};
+
+use crate::error::GatewayError;
+use crate::keys::{KeyEntry, KeyHash, KeyState, KeyTable, PresentedKey, plausible};
+use crate::proxy::route::ScopeRule;
+
+/// Where a key may travel in a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The whole value of a header.
+    Header(HeaderName),
+    /// `Authorization: <scheme> <key>`; the scheme is kept as configured, matched ignoring case.
+    Authorization(String),
+    /// A query parameter.
+    Query(String),
+}
+
+impl Source {
+    /// Parses `header:NAME`, `authorization:SCHEME` or `query:NAME`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (kind, name) = text
+            .split_once(':')
+            .ok_or_else(|| format!("source {text:?} must be header:NAME, authorization:SCHEME or query:NAME"))?;
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(format!("source {text:?} has an empty name"));
+        }
+        match kind.trim() {
+            "header" => {
+                let header = HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| format!("source {text:?}: {name:?} is not a valid header name"))?;
+                if header == AUTHORIZATION {
+                    return Err("use authorization:SCHEME for the Authorization header".to_string());
+                }
+                Ok(Self::Header(header))
+            }
+            "authorization" => {
+                if !name.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(format!("source {text:?}: the scheme must be one token"));
+                }
+                Ok(Self::Authorization(name.to_string()))
+            }
+            "query" => Ok(Self::Query(name.to_string())),
+            _ => Err(format!("source {text:?}: the kind must be header, authorization or query")),
+        }
+    }
+}
+
+/// How keys are found and recognised, from `[auth]`.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub sources: Vec<Source>,
+    pub key_prefix: String,
+}
+
+/// The key value of an `Authorization` header if its scheme is `scheme`.
+fn authorization_credential<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
+    let value = value.trim_start();
+    let (got, rest) = value.split_once([' ', '\t']).unwrap_or((value, ""));
+    got.eq_ignore_ascii_case(scheme).then(|| rest.trim())
+}
+
+/// `name=value` pairs of a query, split but not decoded.
+fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query.split('&').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap_or((p, "")))
+}
+
+/// Percent-decodes a query component; `+` stays `+` so that base64 keys survive unencoded.
+fn percent_decode(text: &str) -> Cow<'_, str> {
+    if !text.contains('%') {
+        return Cow::Borrowed(text);
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match decoded {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Collects the values of one source; more than one is refused, since which of two keys
+/// "counts" is exactly the kind of ambiguity a front end and a back end can disagree on.
+fn single<'r>(mut values: impl Iterator<Item = Cow<'r, str>>) -> Result<Option<Cow<'r, str>>, GatewayError> {
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(GatewayError::InvalidApiKey);
+    }
+    Ok(first)
+}
+
+/// Finds the key: sources are tried in configured order and the first present one wins.
+pub fn extract<'r>(
+    sources: &[Source],
+    headers: &'r HeaderMap,
+    query: Option<&'r str>,
+) -> Result<Option<PresentedCredential<'r>>, GatewayError> {
+    for source in sources {
+        let found = match source {
+            Source::Header(name) => single(
+                headers
+                    .get_all(name)
+                    .iter()
+                    .map(|v| v.to_str().map(|s| Cow::Borrowed(s.trim())).unwrap_or(Cow::Borrowed("\u{0}"))),
+            )?,
+            Source::Authorization(scheme) => single(headers.get_all(AUTHORIZATION).iter().filter_map(|v| {
+                // A non-text Authorization value cannot be any configured scheme's.
+                v.to_str().ok().and_then(|s| authorization_credential(s, scheme)).map(Cow::Borrowed)
+            }))?,
+            Source::Query(name) => single(
+                query_pairs(query.unwrap_or(""))
+                    .filter(|(n, _)| percent_decode(n) == name.as_str())
+                    .map(|(_, v)| match percent_decode(v) {
+                        Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
+                        Cow::Owned(s) => Cow::Owned(s.trim().to_string()),
+                    }),
+            )?,
+        };
+        if let Some(value) = found.filter(|v| !v.is_empty()) {
+            return Ok(Some(PresentedCredential(value)));
+        }
+    }
+    Ok(None)
+}
+
+/// An extracted key, owned or borrowed from the request; never printed.
+pub struct PresentedCredential<'r>(Cow<'r, str>);
+
+impl PresentedCredential<'_> {
+    pub fn key(&self) -> PresentedKey<'_> {
+        PresentedKey::new(&self.0)
+    }
+}
+
+/// Checks a presented key against the table and the clock.
+pub fn verify<'t>(
+    key: PresentedKey<'_>,
+    settings: &AuthSettings,
+    table: &'t KeyTable,
+    now: SystemTime,
+) -> Result<&'t KeyEntry, GatewayError> {
+    // A key in keygate's own format with a bad checksum is a typo or a forgery: refuse it
+    // before touching the table, as GitHub does with its tokens.
+    if !plausible(key.expose(), &settings.key_prefix) {
+        return Err(GatewayError::InvalidApiKey);
+    }
+    let entry = table.get(&KeyHash::of(key.expose())).ok_or(GatewayError::InvalidApiKey)?;
+    match entry.state_at(now) {
+        KeyState::Active => Ok(entry),
+        KeyState::Revoked => Err(GatewayError::RevokedApiKey),
+        KeyState::Expired => Err(GatewayError::ExpiredApiKey),
+    }
+}
+
+/// Headers through which a client asks a framework to treat a request as another method.
+const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// Checks that the key holds a scope the route requires for the method, and for every method
+/// an override header asks for, since the upstream may act on the override.
+pub fn authorize(rule: Option<&ScopeRule>, key: &KeyEntry, method: &Method, headers: &HeaderMap) -> Result<(), GatewayError> {
+    let Some(rule) = rule else { return Ok(()) };
+    let allowed = |method: &Method| {
+        rule.required(method).is_some_and(|scopes| scopes.iter().any(|s| key.scopes.holds(s)))
+    };
+    if !allowed(method) {
+        return Err(GatewayError::InsufficientScope);
+    }
+    for name in METHOD_OVERRIDES {
+        for value in headers.get_all(name) {
+            let text = value.to_str().map_err(|_| GatewayError::BadRequest("a method-override header is not text"))?;
+            for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let overridden = Method::from_bytes(part.as_bytes())
+                    .map_err(|_| GatewayError::BadRequest("a method-override header is not a method"))?;
+                if !allowed(&overridden) {
+                    return Err(GatewayError::InsufficientScope);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The whole auth step of a protected route: extract → verify → authorize.
+pub fn authenticate<'t>(
+    settings: &AuthSettings,
+    table: &'t KeyTable,
+    rule: Option<&ScopeRule>,
+    method: &Method,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    now: SystemTime,
+) -> Result<&'t KeyEntry, GatewayError> {
+    let credential = extract(&settings.sources, headers, query)?.ok_or(GatewayError::MissingApiKey)?;
+    let entry = verify(credential.key(), settings, table, now)?;
+    authorize(rule, entry, method, headers)?;
+    Ok(entry)
+}
+
+/// Removes every configured credential, whichever one supplied the key, so no key reaches
+/// the upstream. An `Authorization` header whose scheme no source claims is left alone.
+/// Returns the query to forward (`None` when nothing is left of it).
+pub fn strip_credentials(sources: &[Source], headers: &mut HeaderMap, query: Option<&str>) -> Option<String> {
+    let mut strip_query = false;
+    let mut strip_authorization = false;
+    for source in sources {
+        match source {
+            Source::Header(name) => {
+                headers.remove(name);
+            }
+            Source::Authorization(_) => strip_authorization = true,
+            Source::Query(_) => strip_query = true,
+        }
+    }
+    if strip_authorization && headers.contains_key(AUTHORIZATION) {
+        let claimed = |value: &http::HeaderValue| {
+            value.to_str().is_ok_and(|s| {
+                sources.iter().any(|source| {
+                    matches!(source, Source::Authorization(scheme) if authorization_credential(s, scheme).is_some())
+                })
+            })
+        };
+        let kept: Vec<_> = headers.get_all(AUTHORIZATION).iter().filter(|v| !claimed(v)).cloned().collect();
+        headers.remove(AUTHORIZATION);
+        for value in kept {
+            headers.append(AUTHORIZATION, value);
+        }
+    }
+    let query = query.filter(|q| !q.is_empty())?;
+    if !strip_query {
+        return Some(query.to_string());
+    }
+    let is_credential = |name: &str| {
+        let name = percent_decode(name);
+        sources.iter().any(|s| matches!(s, Source::Query(q) if *q == name))
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| !is_credential(pair.split_once('=').map_or(*pair, |(n, _)| n)))
+        .collect();
+    let kept = kept.join("&");
+    (!kept.is_empty()).then_some(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn sources() -> Vec<Source> {
+        ["header:x-api-key", "authorization:Bearer", "query:api_key"]
+            .iter()
+            .map(|s| Source::parse(s).unwrap())
+            .collect()
+    }
+
+    fn found(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String>, GatewayError> {
+        extract(&sources(), headers, query).map(|c| c.map(|c| c.key().expose().to_string()))
+    }
+
+    #[test]
+    fn sources_parse() {
+        assert_eq!(Source::parse("query:k").unwrap(), Source::Query("k".into()));
+        for bad in ["x-api-key", "cookie:a", "header:", "header:bad name", "header:authorization"] {
+            assert!(Source::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn first_present_source_wins_and_duplicates_are_refused() {
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTHORIZATION, HeaderValue::from_static("bearer  tok "));
+        assert_eq!(found(&headers, Some("api_key=q")).unwrap().as_deref(), Some("tok"));
+        headers.insert("x-api-key", HeaderValue::from_static(" hdr "));
+        assert_eq!(found(&headers, None).unwrap().as_deref(), Some("hdr"));
+        headers.append("x-api-key", HeaderValue::from_static("other"));
+        assert_eq!(found(&headers, None), Err(GatewayError::InvalidApiKey));
+        assert_eq!(found(&HeaderMap::new(), Some("a=1&api_key=x%2By&api_key=z")), Err(GatewayError::InvalidApiKey));
+        assert_eq!(found(&HeaderMap::new(), Some("a=1&api_key=x%2By+")).unwrap().as_deref(), Some("x+y+"));
+        assert_eq!(found(&HeaderMap::new(), Some("a=1")).unwrap(), None);
+    }
+
+    #[test]
+    fn credentials_are_stripped_but_foreign_authorization_stays() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", HeaderValue::from_static("k"));
+        headers.append(AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        headers.append(AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        let query = strip_credentials(&sources(), &mut headers, Some("a=1&api_key=k&b=2&api%5Fkey=k"));
+        assert_eq!(query.as_deref(), Some("a=1&b=2"));
+        assert!(!headers.contains_key("x-api-key"));
+        let auth: Vec<_> = headers.get_all(AUTHORIZATION).iter().collect();
+        assert_eq!(auth, ["Basic abc"]);
+        assert_eq!(strip_credentials(&sources(), &mut headers, Some("api_key=k")), None);
+    }
+}

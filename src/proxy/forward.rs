@@ -1,0 +1,166 @@
+//! The forwarded request and response: header hygiene, `x-forwarded-*`, identity headers, and
+//! the pooled upstream client.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::keys::KeyEntry;
+
+pub type UpstreamClient = Client<HttpConnector, Incoming>;
+
+/// One pooled client for every upstream; the pool is keyed by scheme and authority.
+pub fn upstream_client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    connector.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
+const X_KEYGATE_KEY_NAME: HeaderName = HeaderName::from_static("x-keygate-key-name");
+const X_KEYGATE_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// RFC 9110 §7.6.1 hop-by-hop headers, plus the proxy credentials that are meant for us.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "trailer",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// Removes hop-by-hop headers and every header that `Connection` names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Whether a header claims to come from keygate, in any spelling a back end may fold to ours
+/// (CGI-style servers turn `x_keygate_key_id` into the same variable as `x-keygate-key-id`).
+fn is_keygate_header(name: &HeaderName) -> bool {
+    let name = name.as_str().as_bytes();
+    name.len() >= 10
+        && name[..10].iter().zip(b"x-keygate-").all(|(&got, &want)| got == want || (got == b'_' && want == b'-'))
+}
+
+/// Removes every client-sent `x-keygate-*` header: only keygate may speak for a key.
+pub fn remove_spoofed_identity(headers: &mut HeaderMap) {
+    let spoofed: Vec<HeaderName> = headers.keys().filter(|n| is_keygate_header(n)).cloned().collect();
+    for name in spoofed {
+        headers.remove(name);
+    }
+}
+
+/// What the connection tells us about the client.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// Sets `x-forwarded-*` and `x-real-ip` from the connection, replacing what the client sent,
+/// except that `x-forwarded-for` keeps the client's chain and appends the peer to it.
+pub fn set_forwarding(headers: &mut HeaderMap, client: ClientInfo, host: Option<&HeaderValue>) {
+    let ip = client.peer.ip().to_string();
+    let chain: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+    let forwarded_for = if chain.is_empty() { ip.clone() } else { format!("{}, {ip}", chain.join(", ")) };
+    // An IP address, with or without a client chain of visible ASCII, is always a valid value.
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(X_FORWARDED_FOR, value);
+    } else if let Ok(value) = HeaderValue::from_str(&ip) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&ip) {
+        headers.insert(X_REAL_IP, value);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if client.tls { "https" } else { "http" }));
+    match host {
+        Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
+        None => headers.remove(X_FORWARDED_HOST),
+    };
+    headers.remove(FORWARDED);
+}
+
+/// Adds the caller's identity; done after all removals so nothing the client sent can undo it.
+pub fn set_identity(headers: &mut HeaderMap, key: &KeyEntry) {
+    headers.insert(X_KEYGATE_KEY_ID, key.id.clone());
+    headers.insert(X_KEYGATE_KEY_NAME, key.name.clone());
+    headers.insert(X_KEYGATE_SCOPES, key.scopes.header().clone());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keygate_headers_in_every_spelling() {
+        for name in ["x-keygate-key-id", "x_keygate_key_id", "x-keygate_scopes", "x_keygate-"] {
+            assert!(is_keygate_header(&HeaderName::from_bytes(name.as_bytes()).unwrap()), "{name}");
+        }
+        for name in ["x-keygate", "x-keygatex", "keygate-key-id", "x-api-key"] {
+            assert!(!is_keygate_header(&HeaderName::from_bytes(name.as_bytes()).unwrap()), "{name}");
+        }
+    }
+
+    #[test]
+    fn connection_named_headers_go() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret , bad name"));
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-stay", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-stay"));
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut headers = HeaderMap::new();
+        headers.append(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        headers.append(X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2"));
+        headers.insert(FORWARDED, HeaderValue::from_static("for=evil"));
+        headers.insert(X_REAL_IP, HeaderValue::from_static("6.6.6.6"));
+        let client = ClientInfo { peer: "127.0.0.1:5000".parse().unwrap(), tls: false };
+        set_forwarding(&mut headers, client, Some(&HeaderValue::from_static("api.test")));
+        assert_eq!(headers.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(headers[X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 127.0.0.1");
+        assert_eq!(headers[X_REAL_IP], "127.0.0.1");
+        assert_eq!(headers[X_FORWARDED_PROTO], "http");
+        assert_eq!(headers[X_FORWARDED_HOST], "api.test");
+        assert!(!headers.contains_key(FORWARDED));
+    }
+}

@@ -1,0 +1,59 @@
+//! Logging: the tracing subscriber (`RUST_LOG`, `KEYGATE_LOG_FORMAT=json`) and the access event.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Method, StatusCode};
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber on stderr, so stdout stays free for command output
+/// (`keygate keys create` prints the key alone there).
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("KEYGATE_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second init (tests, demo) keeps the first subscriber; that is fine.
+    let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
+}
+
+/// What one request did, filled in as the pipeline goes and emitted once at the end.
+/// It holds only what is safe to log: the key's id, never the key.
+#[derive(Debug)]
+pub struct AccessLog {
+    pub method: Method,
+    pub request_id: String,
+    pub path: Option<String>,
+    pub route: Option<String>,
+    pub key_id: Option<String>,
+    pub reason: Option<&'static str>,
+    pub upstream_duration: Option<Duration>,
+}
+
+impl AccessLog {
+    pub fn new(method: &Method, request_id: &HeaderValue) -> Self {
+        Self {
+            method: method.clone(),
+            request_id: request_id.to_str().unwrap_or("").to_string(),
+            path: None,
+            route: None,
+            key_id: None,
+            reason: None,
+            upstream_duration: None,
+        }
+    }
+
+    pub fn emit(&self, status: StatusCode, duration: Duration) {
+        tracing::info!(
+            target: "keygate::access",
+            method = %self.method,
+            path = self.path.as_deref().unwrap_or("-"),
+            route = self.route.as_deref().unwrap_or("-"),
+            status = status.as_u16(),
+            key_id = self.key_id.as_deref().unwrap_or("-"),
+            reason = self.reason.unwrap_or("-"),
+            duration_us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
+            upstream_us = self.upstream_duration.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            request_id = %self.request_id,
+            "request"
+        );
+    }
+}

@@ -1,0 +1,881 @@
+//! Shared test fixtures: an in-process keygate on 127.0.0.1:0, a recording upstream, and clients.
+//!
+//! Every network wait here is bounded by [`IO_TIMEOUT`]; nothing sleeps to wait for readiness
+//! (a listener handed to `serve` is already bound, so the gateway accepts as soon as it exists).
+#![allow(dead_code)] // each test crate uses a different part of this module
+
+use std::error::Error as StdError;
+use std::fmt::{self, Write as _};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Upper bound for any single network exchange a test makes.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Header the client helpers add to every request so a test can find *its* request upstream.
+pub const PROBE_HEADER: &str = "x-test-probe";
+
+static NEXT_PROBE: AtomicU64 = AtomicU64::new(1);
+
+/// `sha256:<hex>`, computed here rather than by the library so the tests pin the file format.
+pub fn sha256_ref(secret: &str) -> String {
+    let digest = Sha256::digest(secret.as_bytes());
+    let mut out = String::from("sha256:");
+    for byte in digest.iter() {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}
+
+/// `n` bytes of a deterministic, non-repeating-every-power-of-two pattern.
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+/// Shows at most `limit` bytes of a body, escaped, with its full length.
+pub fn preview(body: &[u8], limit: usize) -> String {
+    let shown = &body[..body.len().min(limit)];
+    let more = if body.len() > limit { "…" } else { "" };
+    format!("{} bytes: \"{}{more}\"", body.len(), shown.escape_ascii())
+}
+
+fn write_headers(f: &mut fmt::Formatter<'_>, headers: &HeaderMap) -> fmt::Result {
+    for (name, value) in headers {
+        writeln!(f, "    {name}: {}", value.as_bytes().escape_ascii())?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recording upstream
+// ---------------------------------------------------------------------------------------------
+
+/// One request as the upstream received it.
+#[derive(Clone)]
+pub struct Recorded {
+    pub method: Method,
+    /// The request target as received: origin-form path and query.
+    pub uri: String,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Every value of a (possibly repeated) header.
+    pub fn header_all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect()
+    }
+
+    pub fn path(&self) -> &str {
+        self.uri.split('?').next().unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for Recorded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} {} {:?}", self.method, self.uri, self.version)?;
+        write_headers(f, &self.headers)?;
+        write!(f, "    body: {}", preview(&self.body, 200))
+    }
+}
+
+/// A hyper server on 127.0.0.1:0 that records every request and answers 200 with `x-upstream: yes`.
+///
+/// By default it echoes the request body. Request headers switch behaviour:
+/// `x-test-sleep-ms: N` waits N ms before answering; `x-test-response-bytes: N` answers with
+/// [`pattern`]`(N)` instead of the echo.
+pub struct RecordingUpstream {
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<Recorded>>>,
+    accept: JoinHandle<()>,
+}
+
+impl RecordingUpstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind recording upstream");
+        let addr = listener.local_addr().expect("upstream local addr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let accept = tokio::spawn(upstream_accept_loop(listener, Arc::clone(&log)));
+        Self { addr, log, accept }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`, for a route's `upstream`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.log.lock().expect("upstream log").clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.log.lock().expect("upstream log").len()
+    }
+
+    /// The request this exchange caused upstream, found by its probe header.
+    pub fn received(&self, exchange: &Exchange) -> Option<Recorded> {
+        self.log
+            .lock()
+            .expect("upstream log")
+            .iter()
+            .find(|r| r.header(PROBE_HEADER) == Some(exchange.probe.as_str()))
+            .cloned()
+    }
+
+    /// Like [`received`](Self::received) but fails the test, showing the exchange, if absent.
+    pub fn expect_received(&self, exchange: &Exchange) -> Recorded {
+        self.received(exchange).unwrap_or_else(|| {
+            panic!(
+                "the upstream never saw this request\n{exchange}\nupstream saw {} request(s): {:#?}",
+                self.count(),
+                self.requests()
+            )
+        })
+    }
+}
+
+impl Drop for RecordingUpstream {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn upstream_accept_loop(listener: TcpListener, log: Arc<Mutex<Vec<Recorded>>>) {
+    // Ends when the task is aborted (the upstream is dropped) or accept fails.
+    while let Ok((stream, _)) = listener.accept().await {
+        let log = Arc::clone(&log);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| upstream_answer(req, Arc::clone(&log)));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+async fn upstream_answer(
+    req: Request<Incoming>,
+    log: Arc<Mutex<Vec<Recorded>>>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await?.to_bytes();
+    let sleep_ms = header_number(&parts.headers, "x-test-sleep-ms");
+    let response_bytes = header_number(&parts.headers, "x-test-response-bytes");
+    log.lock().expect("upstream log").push(Recorded {
+        method: parts.method,
+        uri: parts.uri.to_string(),
+        version: parts.version,
+        headers: parts.headers,
+        body: body.clone(),
+    });
+    if let Some(ms) = sleep_ms {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let payload = match response_bytes {
+        Some(n) => Bytes::from(pattern(n as usize)),
+        None => body,
+    };
+    let mut response = Response::new(Full::new(payload));
+    response
+        .headers_mut()
+        .insert("x-upstream", http::HeaderValue::from_static("yes"));
+    Ok(response)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config files
+// ---------------------------------------------------------------------------------------------
+
+/// A TOML basic string; test values are plain ASCII, for which Rust's escaping agrees with TOML's.
+pub fn toml_str(s: &str) -> String {
+    format!("{s:?}")
+}
+
+fn toml_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| toml_str(s)).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// One `[[routes]]` entry.
+#[derive(Clone, Debug)]
+pub struct Route {
+    prefix: String,
+    upstream: String,
+    public: bool,
+    host: Option<String>,
+    scopes: Vec<(String, Vec<String>)>,
+}
+
+impl Route {
+    pub fn new(prefix: &str, upstream: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            upstream: upstream.to_owned(),
+            public: false,
+            host: None,
+            scopes: Vec::new(),
+        }
+    }
+
+    pub fn public(mut self) -> Self {
+        self.public = true;
+        self
+    }
+
+    pub fn host(mut self, host: &str) -> Self {
+        self.host = Some(host.to_owned());
+        self
+    }
+
+    /// `method = scope` (one scope) or `method = [scopes…]` (several) in `[routes.scopes]`.
+    pub fn scope(mut self, method: &str, scopes: &[&str]) -> Self {
+        self.scopes.push((
+            method.to_owned(),
+            scopes.iter().map(|s| (*s).to_owned()).collect(),
+        ));
+        self
+    }
+
+    pub fn to_toml(&self) -> String {
+        let mut out = String::from("[[routes]]\n");
+        let _ = writeln!(out, "prefix = {}", toml_str(&self.prefix));
+        let _ = writeln!(out, "upstream = {}", toml_str(&self.upstream));
+        if self.public {
+            out.push_str("public = true\n");
+        }
+        if let Some(host) = &self.host {
+            let _ = writeln!(out, "host = {}", toml_str(host));
+        }
+        if !self.scopes.is_empty() {
+            out.push_str("[routes.scopes]\n");
+            for (method, scopes) in &self.scopes {
+                let value = match scopes.as_slice() {
+                    [one] => toml_str(one),
+                    many => toml_list(many),
+                };
+                let _ = writeln!(out, "{} = {value}", toml_str(method));
+            }
+        }
+        out
+    }
+}
+
+/// One `[[keys]]` entry, made from a plaintext key that the test keeps.
+#[derive(Clone, Debug)]
+pub struct Key {
+    pub id: String,
+    pub name: String,
+    pub secret: String,
+    pub scopes: Vec<String>,
+    expires_at: Option<String>,
+    revoked_at: Option<String>,
+}
+
+impl Key {
+    pub fn new(id: &str, name: &str, secret: &str, scopes: &[&str]) -> Self {
+        Self {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            secret: secret.to_owned(),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            expires_at: None,
+            revoked_at: None,
+        }
+    }
+
+    /// A key in keygate's own format (`kg_<id>_<secret><checksum>`), made by the library.
+    pub fn generated(name: &str, scopes: &[&str]) -> Self {
+        let (id, secret) = keygate::keys::generate("kg");
+        Self::new(&id, name, &secret, scopes)
+    }
+
+    /// A TOML datetime such as `2020-01-01T00:00:00Z`.
+    pub fn expires_at(mut self, at: &str) -> Self {
+        self.expires_at = Some(at.to_owned());
+        self
+    }
+
+    /// A TOML datetime such as `2020-01-01T00:00:00Z`.
+    pub fn revoked_at(mut self, at: &str) -> Self {
+        self.revoked_at = Some(at.to_owned());
+        self
+    }
+
+    pub fn to_toml(&self) -> String {
+        let mut out = String::from("[[keys]]\n");
+        let _ = writeln!(out, "id = {}", toml_str(&self.id));
+        let _ = writeln!(out, "name = {}", toml_str(&self.name));
+        let _ = writeln!(out, "hash = {}", toml_str(&sha256_ref(&self.secret)));
+        let _ = writeln!(out, "scopes = {}", toml_list(&self.scopes));
+        out.push_str("created_at = 2024-01-01T00:00:00Z\n");
+        if let Some(at) = &self.expires_at {
+            let _ = writeln!(out, "expires_at = {at}");
+        }
+        if let Some(at) = &self.revoked_at {
+            let _ = writeln!(out, "revoked_at = {at}");
+        }
+        out
+    }
+}
+
+/// A keys.toml body holding these keys.
+pub fn keys_toml(keys: &[Key]) -> String {
+    keys.iter()
+        .map(Key::to_toml)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Composes keygate.toml and keys.toml for a test.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    server: Vec<(String, String)>,
+    sources: Vec<String>,
+    routes: Vec<Route>,
+    keys: Vec<Key>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GatewayConfig {
+    /// `listen = "127.0.0.1:0"`, a 5 s request timeout, `sources = ["header:x-api-key"]`.
+    pub fn new() -> Self {
+        Self {
+            server: vec![
+                ("listen".into(), toml_str("127.0.0.1:0")),
+                ("request_timeout".into(), toml_str("5s")),
+            ],
+            sources: vec!["header:x-api-key".into()],
+            routes: Vec::new(),
+            keys: Vec::new(),
+        }
+    }
+
+    /// Sets a `[server]` field; `value` is raw TOML (`"\"300ms\""`, `"16384"`).
+    pub fn server(mut self, field: &str, value: &str) -> Self {
+        self.server.retain(|(f, _)| f != field);
+        self.server.push((field.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn sources(mut self, sources: &[&str]) -> Self {
+        self.sources = sources.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+
+    pub fn route(mut self, route: Route) -> Self {
+        self.routes.push(route);
+        self
+    }
+
+    pub fn key(mut self, key: Key) -> Self {
+        self.keys.push(key);
+        self
+    }
+
+    pub fn gateway_toml(&self) -> String {
+        let mut out = String::from("[server]\n");
+        for (field, value) in &self.server {
+            let _ = writeln!(out, "{field} = {value}");
+        }
+        out.push_str("\n[auth]\nkeys_file = \"keys.toml\"\n");
+        let _ = writeln!(out, "sources = {}", toml_list(&self.sources));
+        for route in &self.routes {
+            out.push('\n');
+            out.push_str(&route.to_toml());
+        }
+        out
+    }
+
+    pub fn keys_toml(&self) -> String {
+        keys_toml(&self.keys)
+    }
+
+    pub async fn start(&self) -> TestGateway {
+        TestGateway::start(&self.gateway_toml(), &self.keys_toml()).await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway under test
+// ---------------------------------------------------------------------------------------------
+
+/// keygate served in-process on 127.0.0.1:0 from config files in its own temp dir.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl TestGateway {
+    /// Writes `keygate.toml` and `keys.toml` into a fresh temp dir, loads them with
+    /// `keygate::config::load`, and serves on a listener bound to 127.0.0.1:0 (the `listen`
+    /// in the file is not used: the test binds its own, as `main` hands `serve` a bound one).
+    pub async fn start(gateway_toml: &str, keys_toml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("keygate.toml");
+        std::fs::write(&config_path, gateway_toml).expect("write keygate.toml");
+        std::fs::write(dir.path().join("keys.toml"), keys_toml).expect("write keys.toml");
+        let snapshot = match keygate::config::load(&config_path) {
+            Ok(snapshot) => snapshot,
+            Err(errors) => panic!(
+                "keygate rejected the test config:\n{errors}\n--- keygate.toml ---\n{gateway_toml}\n--- keys.toml ---\n{keys_toml}"
+            ),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind gateway listener");
+        let addr = listener.local_addr().expect("gateway local addr");
+        let gateway = Arc::new(keygate::proxy::Gateway::new(snapshot));
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let task = tokio::spawn(keygate::server::serve(listener, gateway, async move {
+            let _ = stop.await;
+        }));
+        Self {
+            addr,
+            dir,
+            shutdown: Some(shutdown),
+            task,
+        }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("keygate.toml")
+    }
+
+    pub fn get(&self, target: &str) -> Call {
+        Call::new(self.addr, Method::GET, target)
+    }
+
+    pub fn request(&self, method: Method, target: &str) -> Call {
+        Call::new(self.addr, method, target)
+    }
+
+    /// Sends raw bytes on a fresh connection and reads the answer; see [`raw_exchange`].
+    pub async fn raw(&self, request: &[u8]) -> RawExchange {
+        raw_exchange(self.addr, request).await
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        // Draining is not under test here; don't let a slow drain outlive the test.
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP clients
+// ---------------------------------------------------------------------------------------------
+
+/// A request to be sent on a fresh connection, HTTP/1.1 by default or HTTP/2 prior knowledge.
+#[derive(Clone, Debug)]
+pub struct Call {
+    addr: SocketAddr,
+    method: Method,
+    target: String,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+    http2: bool,
+}
+
+impl Call {
+    pub fn new(addr: SocketAddr, method: Method, target: &str) -> Self {
+        Self {
+            addr,
+            method,
+            target: target.to_owned(),
+            headers: Vec::new(),
+            body: Bytes::new(),
+            http2: false,
+        }
+    }
+
+    /// Appends a header line; calling twice with one name sends it twice.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    pub fn http2(mut self) -> Self {
+        self.http2 = true;
+        self
+    }
+
+    /// Sends and fails the test (showing the request) on a transport error or timeout.
+    pub async fn send(self) -> Exchange {
+        match self.try_send().await {
+            Ok(exchange) => exchange,
+            Err(message) => panic!("{message}"),
+        }
+    }
+
+    pub async fn try_send(self) -> Result<Exchange, String> {
+        let probe = NEXT_PROBE.fetch_add(1, Ordering::Relaxed).to_string();
+        let has_host = self
+            .headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("host"));
+        let mut builder = Request::builder().method(self.method.clone());
+        builder = if self.http2 {
+            builder
+                .version(Version::HTTP_2)
+                .uri(format!("http://{}{}", self.addr, self.target))
+        } else {
+            let builder = builder.version(Version::HTTP_11).uri(self.target.as_str());
+            if has_host {
+                builder
+            } else {
+                builder.header("host", self.addr.to_string())
+            }
+        };
+        for (name, value) in &self.headers {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        builder = builder.header(PROBE_HEADER, probe.as_str());
+        let sent = self.describe(&probe, has_host);
+        let request = builder
+            .body(Full::new(self.body.clone()))
+            .map_err(|e| format!("could not build the request: {e}\nsent:\n{sent}"))?;
+        match tokio::time::timeout(IO_TIMEOUT, roundtrip(self.addr, request, self.http2)).await {
+            Err(_) => Err(format!(
+                "no complete response within {IO_TIMEOUT:?}\nsent:\n{sent}"
+            )),
+            Ok(Err(e)) => Err(format!("transport error: {e:?}\nsent:\n{sent}")),
+            Ok(Ok(response)) => {
+                let (parts, body) = response;
+                Ok(Exchange {
+                    sent,
+                    probe,
+                    status: parts.status,
+                    version: parts.version,
+                    headers: parts.headers,
+                    body,
+                })
+            }
+        }
+    }
+
+    fn describe(&self, probe: &str, has_host: bool) -> String {
+        let version = if self.http2 { "HTTP/2" } else { "HTTP/1.1" };
+        let mut out = format!("  {} {} {version} (to {})\n", self.method, self.target, self.addr);
+        if !self.http2 && !has_host {
+            let _ = writeln!(out, "    host: {}", self.addr);
+        }
+        for (name, value) in &self.headers {
+            let _ = writeln!(out, "    {name}: {}", value.escape_debug());
+        }
+        let _ = writeln!(out, "    {PROBE_HEADER}: {probe}");
+        let _ = write!(out, "    body: {}", preview(&self.body, 200));
+        out
+    }
+}
+
+async fn roundtrip(
+    addr: SocketAddr,
+    request: Request<Full<Bytes>>,
+    http2: bool,
+) -> Result<(http::response::Parts, Bytes), Box<dyn StdError + Send + Sync>> {
+    let io = TokioIo::new(TcpStream::connect(addr).await?);
+    let response = if http2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        sender.send_request(request).await?
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        sender.send_request(request).await?
+    };
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok((parts, body))
+}
+
+/// What a client sent and got. `Display` shows both, for assertion messages.
+pub struct Exchange {
+    pub sent: String,
+    pub probe: String,
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Exchange {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    /// The `error` field of a JSON error body.
+    pub fn error_code(&self) -> Option<String> {
+        self.json()?.get("error")?.as_str().map(str::to_owned)
+    }
+}
+
+impl fmt::Display for Exchange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "sent:\n{}", self.sent)?;
+        writeln!(f, "got:\n  {:?} {}", self.version, self.status)?;
+        write_headers(f, &self.headers)?;
+        write!(f, "    body: {}", preview(&self.body, 600))
+    }
+}
+
+impl fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Checks a response keygate itself answered: status, JSON `{"error", "message"}` body with the
+/// right content-type, `www-authenticate` on 401, and no trace of the upstream.
+pub fn assert_error(exchange: &Exchange, status: u16, code: &str) {
+    assert_eq!(
+        exchange.status.as_u16(),
+        status,
+        "expected {status} {code}\n{exchange}"
+    );
+    let content_type = exchange.header("content-type").unwrap_or_default();
+    assert!(
+        content_type.starts_with("application/json"),
+        "expected content-type application/json\n{exchange}"
+    );
+    let body = exchange
+        .json()
+        .unwrap_or_else(|| panic!("expected a JSON body\n{exchange}"));
+    assert_eq!(
+        body.get("error").and_then(|v| v.as_str()),
+        Some(code),
+        "wrong error code\n{exchange}"
+    );
+    assert!(
+        body.get("message")
+            .and_then(|v| v.as_str())
+            .is_some_and(|m| !m.is_empty()),
+        "expected a non-empty message\n{exchange}"
+    );
+    if status == 401 {
+        assert!(
+            exchange.header("www-authenticate").is_some(),
+            "a 401 must carry www-authenticate\n{exchange}"
+        );
+    }
+    assert!(
+        exchange.header("x-upstream").is_none(),
+        "an error keygate answers must not come from the upstream\n{exchange}"
+    );
+}
+
+/// [`assert_error`] plus: the upstream never saw the request.
+pub fn assert_rejected(exchange: &Exchange, upstream: &RecordingUpstream, status: u16, code: &str) {
+    assert_error(exchange, status, code);
+    if let Some(seen) = upstream.received(exchange) {
+        panic!("a rejected request reached the upstream\n{exchange}\nupstream saw: {seen:?}");
+    }
+}
+
+/// Context for assertions about what the upstream saw.
+pub fn both(exchange: &Exchange, seen: &Recorded) -> String {
+    format!("{exchange}\nupstream saw:\n  {seen:?}")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw sockets
+// ---------------------------------------------------------------------------------------------
+
+/// Bytes written to a fresh connection and everything read back.
+pub struct RawExchange {
+    pub sent: Vec<u8>,
+    pub received: Vec<u8>,
+    /// A write or read error, or a timeout, met on the way (the response may still be whole).
+    pub error: Option<String>,
+}
+
+impl RawExchange {
+    fn head_end(&self) -> Option<usize> {
+        find(&self.received, b"\r\n\r\n").map(|i| i + 4)
+    }
+
+    /// The status code from the status line, if one arrived.
+    pub fn status(&self) -> Option<u16> {
+        let line_end = find(&self.received, b"\r\n")?;
+        let line = std::str::from_utf8(&self.received[..line_end]).ok()?;
+        line.split(' ').nth(1)?.parse().ok()
+    }
+
+    pub fn head(&self) -> String {
+        let end = self.head_end().unwrap_or(self.received.len());
+        String::from_utf8_lossy(&self.received[..end]).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head().lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    }
+
+    pub fn body(&self) -> &[u8] {
+        match self.head_end() {
+            Some(end) => &self.received[end..],
+            None => &[],
+        }
+    }
+
+    /// The `error` field of a JSON error body (content-length framed).
+    pub fn error_code(&self) -> Option<String> {
+        let value: serde_json::Value = serde_json::from_slice(self.body()).ok()?;
+        value.get("error")?.as_str().map(str::to_owned)
+    }
+}
+
+impl fmt::Display for RawExchange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "sent raw: \"{}\"", preview_raw(&self.sent))?;
+        write!(f, "got raw:  \"{}\"", preview_raw(&self.received))?;
+        if let Some(error) = &self.error {
+            write!(f, "\n(error on the way: {error})")?;
+        }
+        Ok(())
+    }
+}
+
+fn preview_raw(bytes: &[u8]) -> String {
+    const LIMIT: usize = 1500;
+    let shown = &bytes[..bytes.len().min(LIMIT)];
+    if bytes.len() > LIMIT {
+        format!("{}… ({} bytes)", shown.escape_ascii(), bytes.len())
+    } else {
+        shown.escape_ascii().to_string()
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// True once `received` holds a whole response framed by content-length or chunked coding.
+fn response_complete(received: &[u8]) -> bool {
+    let Some(head_end) = find(received, b"\r\n\r\n").map(|i| i + 4) else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
+    let body = &received[head_end..];
+    for line in head.lines().skip(1) {
+        if let Some(value) = line.strip_prefix("content-length:") {
+            return value
+                .trim()
+                .parse::<usize>()
+                .is_ok_and(|len| body.len() >= len);
+        }
+        if line.starts_with("transfer-encoding:") && line.contains("chunked") {
+            return body.ends_with(b"0\r\n\r\n");
+        }
+    }
+    false // framed by close: read to EOF
+}
+
+/// Writes `request` as-is on a new connection to `addr` and reads one response, for inputs a
+/// client library would normalise or refuse. Stops at a complete response, EOF, or after
+/// [`IO_TIMEOUT`]. Requests should say `Connection: close`.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawExchange {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut exchange = RawExchange {
+        sent: request.to_vec(),
+        received: Vec::new(),
+        error: None,
+    };
+    let mut stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => panic!("connect to {addr}: {e}"),
+        Err(_) => panic!("connect to {addr}: timed out"),
+    };
+    // A server may answer and close before reading everything (e.g. 431); keep what it said.
+    match tokio::time::timeout_at(deadline, stream.write_all(request)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => exchange.error = Some(format!("write: {e}")),
+        Err(_) => exchange.error = Some("write: timed out".into()),
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    while !response_complete(&exchange.received) {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => exchange.received.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => {
+                exchange.error = Some(format!("read: {e}"));
+                break;
+            }
+            Err(_) => {
+                exchange.error = Some(format!("read: no complete response in {IO_TIMEOUT:?}"));
+                break;
+            }
+        }
+    }
+    exchange
+}
+
+/// `GET target HTTP/1.1` with `Host` and `Connection: close`, plus `extra` header lines.
+pub fn raw_get(target: &str, extra: &[&str]) -> Vec<u8> {
+    let mut out = format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for line in extra {
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
+}

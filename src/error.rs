@@ -25,7 +25,7 @@ pub enum GatewayError {
     #[error("the API key lacks the scope this request needs")]
     InsufficientScope,
     #[error("the API key is over its rate limit")]
-    RateLimited { retry_after_secs: u64 },
+    RateLimited { retry_after_secs: u64, quota: crate::ratelimit::Quota },
     #[error("the request headers are too large")]
     HeadersTooLarge,
     #[error("transfer codings other than chunked are not supported")]
@@ -91,8 +91,9 @@ impl GatewayError {
                     HeaderValue::from_static("ApiKey realm=\"keygate\""),
                 );
             }
-            Self::RateLimited { retry_after_secs } => {
+            Self::RateLimited { retry_after_secs, quota } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+                set_quota_headers(headers, quota);
             }
             _ => {}
         }
@@ -100,10 +101,20 @@ impl GatewayError {
     }
 }
 
+/// `RateLimit-*` headers (IETF draft-ietf-httpapi-ratelimit-headers), on every response to a
+/// rate-limited key.
+pub fn set_quota_headers(headers: &mut http::HeaderMap, quota: &crate::ratelimit::Quota) {
+    headers.insert("ratelimit-limit", HeaderValue::from(quota.limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(quota.remaining));
+    headers.insert("ratelimit-reset", HeaderValue::from(quota.reset_secs));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+
+    const QUOTA: crate::ratelimit::Quota = crate::ratelimit::Quota { limit: 10, remaining: 0, reset_secs: 9 };
 
     #[test]
     fn every_variant_has_its_status_and_code() {
@@ -115,7 +126,7 @@ mod tests {
             (GatewayError::RevokedApiKey, 401, "revoked_api_key"),
             (GatewayError::ExpiredApiKey, 401, "expired_api_key"),
             (GatewayError::InsufficientScope, 403, "insufficient_scope"),
-            (GatewayError::RateLimited { retry_after_secs: 3 }, 429, "rate_limited"),
+            (GatewayError::RateLimited { retry_after_secs: 3, quota: QUOTA }, 429, "rate_limited"),
             (GatewayError::HeadersTooLarge, 431, "headers_too_large"),
             (GatewayError::UnsupportedTransferEncoding, 501, "unsupported_transfer_encoding"),
             (GatewayError::UpstreamUnavailable, 502, "upstream_unavailable"),
@@ -142,8 +153,11 @@ mod tests {
 
     #[test]
     fn rate_limited_carries_retry_after() {
-        let response = GatewayError::RateLimited { retry_after_secs: 7 }.to_response();
+        let response = GatewayError::RateLimited { retry_after_secs: 7, quota: QUOTA }.to_response();
         assert_eq!(response.headers()[header::RETRY_AFTER], "7");
+        assert_eq!(response.headers()["ratelimit-limit"], "10");
+        assert_eq!(response.headers()["ratelimit-remaining"], "0");
+        assert_eq!(response.headers()["ratelimit-reset"], "9");
     }
 
     fn futures_body(response: Response<Full<Bytes>>) -> Bytes {

@@ -4,6 +4,7 @@
 //! - [`config`]: the two TOML files → one validated, immutable [`config::Snapshot`]; the only way in.
 //! - [`keys`]: the presented key as a secret type, the generated key format, the hashed key table.
 //! - [`proxy`]: the request pipeline: route → extract → verify → authorize → rewrite → forward.
+//! - [`ratelimit`]: per-key token buckets that outlive reloads.
 //! - [`error`]: every rejection keygate answers itself, and the one place it becomes HTTP.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 connections, graceful drain.
 //! - [`telemetry`]: tracing subscriber set-up and the access log event.
@@ -18,5 +19,6 @@ pub mod demo;
 pub mod error;
 pub mod keys;
 pub mod proxy;
+pub mod ratelimit;
 pub mod server;
 pub mod telemetry;

@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 
 use crate::config::Snapshot;
 use crate::error::GatewayError;
+use crate::ratelimit::RateLimiter;
 use crate::telemetry::AccessLog;
 use forward::{ClientInfo, UpstreamClient, X_REQUEST_ID};
 
@@ -31,6 +32,7 @@ pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     client: UpstreamClient,
     request_ids: RequestIds,
+    rate_limiter: RateLimiter,
 }
 
 impl Gateway {
@@ -39,6 +41,7 @@ impl Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             client: forward::upstream_client(),
             request_ids: RequestIds::new(),
+            rate_limiter: RateLimiter::default(),
         }
     }
 
@@ -66,6 +69,9 @@ impl Gateway {
             }
         };
         response.headers_mut().insert(X_REQUEST_ID, request_id);
+        if let Some(quota) = &log.quota {
+            crate::error::set_quota_headers(response.headers_mut(), quota);
+        }
         log.emit(response.status(), started.elapsed());
         response
     }
@@ -102,6 +108,14 @@ impl Gateway {
             // From here on the key is known, so a 403 is logged against it.
             log.key_id = Some(key.id_str().to_string());
             auth::authorize(route.scopes.as_ref(), key, &parts.method, &parts.headers)?;
+            // Last: a refused request must not spend a token.
+            if let Some(rate) = key.rate_limit {
+                let quota = self
+                    .rate_limiter
+                    .acquire(key.id.as_bytes(), rate, Instant::now())
+                    .map_err(|e| GatewayError::RateLimited { retry_after_secs: e.retry_after_secs, quota: e.quota })?;
+                log.quota = Some(quota);
+            }
             Some(key)
         };
 

@@ -26,6 +26,8 @@ pub struct AccessLog {
     pub key_id: Option<String>,
     pub reason: Option<&'static str>,
     pub upstream_duration: Option<Duration>,
+    /// The key's rate-limit state, for the `RateLimit-*` response headers.
+    pub quota: Option<crate::ratelimit::Quota>,
 }
 
 impl AccessLog {
@@ -38,6 +40,7 @@ impl AccessLog {
             key_id: None,
             reason: None,
             upstream_duration: None,
+            quota: None,
         }
     }
 

@@ -320,7 +320,7 @@ impl Key {
 
     /// A key in keygate's own format (`kg_<id>_<secret><checksum>`), made by the library.
     pub fn generated(name: &str, scopes: &[&str]) -> Self {
-        let (id, secret) = keygate::keys::generate("kg");
+        let (id, secret) = keygate::keys::generate("kg").expect("OS randomness for a key");
         Self::new(&id, name, &secret, scopes)
     }
 

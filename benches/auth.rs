@@ -29,7 +29,7 @@ fn table(n: usize) -> (KeyTable, Vec<String>) {
             revoked_at: None,
             rate_limit: None,
         };
-        table.insert(KeyHash::of(&key), entry).unwrap();
+        assert!(table.insert(KeyHash::of(&key), entry));
         if i % (n / 10).max(1) == 0 {
             probes.push(key);
         }
@@ -39,10 +39,16 @@ fn table(n: usize) -> (KeyTable, Vec<String>) {
 
 fn auth(c: &mut Criterion) {
     let settings = AuthSettings {
-        sources: vec![Source::parse("header:x-api-key").unwrap(), Source::parse("authorization:Bearer").unwrap()],
+        sources: vec![
+            Source::parse("header:x-api-key").unwrap(),
+            Source::parse("authorization:Bearer").unwrap(),
+        ],
         key_prefix: "kg".into(),
     };
-    let rule = ScopeRule { by_method: vec![(Method::GET, vec!["read".into()].into())], other: Some(vec!["write".into()].into()) };
+    let rule = ScopeRule {
+        by_method: vec![(Method::GET, vec!["read".into()].into())],
+        other: Some(vec!["write".into()].into()),
+    };
     let mut group = c.benchmark_group("auth_step");
     for n in [10, 10_000, 1_000_000] {
         let (table, probes) = table(n);
@@ -72,9 +78,15 @@ fn auth(c: &mut Criterion) {
     // The refusal path: a key in keygate's format with a bad checksum never reaches the table.
     let (table, _) = table(10);
     let mut forged = HeaderMap::new();
-    forged.insert("x-api-key", HeaderValue::from_static("kg_abcdefgh_0123456789abcdefghijABCDEFGHIJab000000"));
+    forged
+        .insert("x-api-key", HeaderValue::from_static("kg_abcdefgh_0123456789abcdefghijABCDEFGHIJab000000"));
     c.bench_function("auth_step/forged_checksum", |b| {
-        b.iter(|| black_box(authenticate(&settings, &table, Some(&rule), &Method::GET, &forged, None, SystemTime::now()).is_err()))
+        b.iter(|| {
+            black_box(
+                authenticate(&settings, &table, Some(&rule), &Method::GET, &forged, None, SystemTime::now())
+                    .is_err(),
+            )
+        })
     });
 }
 

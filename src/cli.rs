@@ -87,10 +87,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
 }
 
 /// Runs `task` on a multi-threaded runtime with `workers` threads (default: one per core).
-fn block_on(
-    workers: Option<usize>,
-    task: impl std::future::Future<Output = Result<(), String>>,
-) -> ExitCode {
+fn block_on(workers: Option<usize>, task: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     if let Some(workers) = workers {

@@ -77,7 +77,8 @@ pub fn load(config_path: &Path) -> Result<Snapshot, ConfigErrors> {
 }
 
 fn read(path: &Path) -> Result<String, ConfigErrors> {
-    std::fs::read_to_string(path).map_err(|e| SourceFile::whole_file(path, format!("cannot read: {e}")).into())
+    std::fs::read_to_string(path)
+        .map_err(|e| SourceFile::whole_file(path, format!("cannot read: {e}")).into())
 }
 
 struct Gateway {
@@ -88,7 +89,11 @@ struct Gateway {
 }
 
 /// Runs `parse` on a spanned value, recording a located error on failure.
-fn check<T, U>(source: &mut SourceFile, value: &Spanned<T>, parse: impl FnOnce(&T) -> Result<U, String>) -> Option<U> {
+fn check<T, U>(
+    source: &mut SourceFile,
+    value: &Spanned<T>,
+    parse: impl FnOnce(&T) -> Result<U, String>,
+) -> Option<U> {
     match parse(value.get_ref()) {
         Ok(v) => Some(v),
         Err(message) => {
@@ -106,7 +111,11 @@ fn parse_duration(text: &String) -> Result<Duration, String> {
     }
 }
 
-fn duration_or(source: &mut SourceFile, value: &Option<Spanned<String>>, default: Duration) -> Option<Duration> {
+fn duration_or(
+    source: &mut SourceFile,
+    value: &Option<Spanned<String>>,
+    default: Duration,
+) -> Option<Duration> {
     match value {
         Some(v) => check(source, v, parse_duration),
         None => Some(default),
@@ -127,7 +136,10 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile) -> Option<Gateway> 
     let s = &file.server;
     let listen = check(source, &s.listen, parse_addr);
     for tls in [&s.tls_cert, &s.tls_key].into_iter().flatten() {
-        source.push(tls.span(), "TLS listeners are not available in this version; terminate TLS in front of keygate");
+        source.push(
+            tls.span(),
+            "TLS listeners are not available in this version; terminate TLS in front of keygate",
+        );
     }
     let workers = match &s.workers {
         Some(w) => check(source, w, in_range(1, 1024)).map(|n| Some(n as usize)),
@@ -146,8 +158,9 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile) -> Option<Gateway> 
         None => Some(100),
     };
     let admin = match &file.admin {
-        Some(a) => check(source, &a.listen, parse_addr)
-            .map(|listen| Some(AdminSettings { listen, per_key_metrics: a.per_key_metrics.unwrap_or(false) })),
+        Some(a) => check(source, &a.listen, parse_addr).map(|listen| {
+            Some(AdminSettings { listen, per_key_metrics: a.per_key_metrics.unwrap_or(false) })
+        }),
         None => Some(None),
     };
     let auth = build_auth(source, &file);
@@ -207,7 +220,14 @@ fn build_routes(source: &mut SourceFile, files: Vec<Spanned<RouteFile>>) -> Opti
         match build_route(source, file) {
             Some(route) => {
                 if seen.insert((route.host.clone(), route.prefix.clone()), ()).is_some() {
-                    source.push(span, format!("a route for host {:?} and prefix {:?} is already defined", route.host.as_deref().unwrap_or("*"), route.prefix));
+                    source.push(
+                        span,
+                        format!(
+                            "a route for host {:?} and prefix {:?} is already defined",
+                            route.host.as_deref().unwrap_or("*"),
+                            route.prefix
+                        ),
+                    );
                     ok = false;
                 }
                 routes.push(route);
@@ -226,7 +246,9 @@ fn build_route(source: &mut SourceFile, file: RouteFile) -> Option<Route> {
         // A prefix that is not in normal form could never match a normalised path.
         match normalize(p, true) {
             Ok(n) if n == *p => Ok(p.clone()),
-            _ => Err(format!("prefix {p:?} is not a normalised path (no '//', '.', '..' or encoded unreserved characters)")),
+            _ => Err(format!(
+                "prefix {p:?} is not a normalised path (no '//', '.', '..' or encoded unreserved characters)"
+            )),
         }
     });
     let upstream = check(source, &file.upstream, |u| parse_upstream(u));
@@ -298,7 +320,10 @@ fn build_scope_rule(
         let scopes_span = scopes.span();
         let list = scopes.into_inner().into_vec();
         if list.is_empty() || !list.iter().all(|s| valid_scope(s)) {
-            source.push(scopes_span, format!("scopes for {method:?} must be one or more scope names without spaces or commas"));
+            source.push(
+                scopes_span,
+                format!("scopes for {method:?} must be one or more scope names without spaces or commas"),
+            );
             ok = false;
             continue;
         }
@@ -325,7 +350,10 @@ fn datetime(value: &toml::value::Datetime) -> Result<SystemTime, String> {
         .map_err(|_| format!("{text} must be a full date-time with an offset, like 2027-02-20T10:00:00Z"))
 }
 
-fn optional_datetime(source: &mut SourceFile, value: &Option<Spanned<toml::value::Datetime>>) -> Option<Option<SystemTime>> {
+fn optional_datetime(
+    source: &mut SourceFile,
+    value: &Option<Spanned<toml::value::Datetime>>,
+) -> Option<Option<SystemTime>> {
     match value {
         Some(v) => check(source, v, datetime).map(Some),
         None => Some(None),
@@ -357,13 +385,17 @@ fn build_keys(source: &mut SourceFile, file: KeysFile) -> KeyTable {
         });
         if let Some(previous) = ids.get(key.id.get_ref()) {
             let first = source.error_at(previous.clone(), "");
-            source.push(key.id.span(), format!("duplicate key id {:?} (first at line {})", key.id.get_ref(), first.line));
+            source.push(
+                key.id.span(),
+                format!("duplicate key id {:?} (first at line {})", key.id.get_ref(), first.line),
+            );
         } else {
             ids.insert(key.id.get_ref().clone(), key.id.span());
         }
         let name = check(source, &key.name, header_text("name"));
         let hash = check(source, &key.hash, |h| {
-            KeyHash::parse(h).ok_or_else(|| "hash must be sha256: followed by 64 lower-case hex digits".to_string())
+            KeyHash::parse(h)
+                .ok_or_else(|| "hash must be sha256: followed by 64 lower-case hex digits".to_string())
         });
         if let Some(tail) = &key.tail {
             check(source, tail, header_text("tail"));
@@ -373,7 +405,10 @@ fn build_keys(source: &mut SourceFile, file: KeysFile) -> KeyTable {
             if valid_scope(scope.get_ref()) {
                 scopes.push(scope.get_ref().clone());
             } else {
-                source.push(scope.span(), "a scope must be a name without spaces, commas or control characters");
+                source.push(
+                    scope.span(),
+                    "a scope must be a name without spaces, commas or control characters",
+                );
             }
         }
         scopes.sort();
@@ -383,7 +418,8 @@ fn build_keys(source: &mut SourceFile, file: KeysFile) -> KeyTable {
         let revoked_at = optional_datetime(source, &key.revoked_at);
         let rate_limit = match &key.rate_limit {
             Some(r) => check(source, r, |r| {
-                RateLimit::parse(r).ok_or_else(|| format!("rate_limit {r:?} must be N/s, N/m or N/h with N > 0"))
+                RateLimit::parse(r)
+                    .ok_or_else(|| format!("rate_limit {r:?} must be N/s, N/m or N/h with N > 0"))
             })
             .map(Some),
             None => Some(None),
@@ -399,13 +435,21 @@ fn build_keys(source: &mut SourceFile, file: KeysFile) -> KeyTable {
                 Err(_) => None,
             },
         };
-        let (Some(id), Some(name), Some(hash), Some(_), Some(expires_at), Some(revoked_at), Some(rate_limit), Some(scopes)) =
-            (id, name, hash, created, expires_at, revoked_at, rate_limit, scope_set)
+        let (
+            Some(id),
+            Some(name),
+            Some(hash),
+            Some(_),
+            Some(expires_at),
+            Some(revoked_at),
+            Some(rate_limit),
+            Some(scopes),
+        ) = (id, name, hash, created, expires_at, revoked_at, rate_limit, scope_set)
         else {
             continue;
         };
         let entry = KeyEntry { id, name, scopes, expires_at, revoked_at, rate_limit };
-        if table.insert(hash, entry).is_err() {
+        if !table.insert(hash, entry) {
             source.push(key.hash.span(), "duplicate hash: this key is already in the file");
         }
     }
@@ -436,7 +480,10 @@ GET = "read"
 "#;
 
     fn key(id: &str, hash_of: &str) -> String {
-        format!("[[keys]]\nid = \"{id}\"\nname = \"n\"\nhash = \"{}\"\nscopes = [\"read\"]\n", crate::keys::hash_key(hash_of))
+        format!(
+            "[[keys]]\nid = \"{id}\"\nname = \"n\"\nhash = \"{}\"\nscopes = [\"read\"]\n",
+            crate::keys::hash_key(hash_of)
+        )
     }
 
     fn load_pair(gateway: &str, keys: &str) -> Result<Snapshot, ConfigErrors> {
@@ -467,7 +514,9 @@ GET = "read"
         assert!(errors.contains("keygate.toml:7:1"), "{errors}");
         assert!(errors.contains("prefx"), "{errors}");
 
-        let bad = GATEWAY.replace("http://127.0.0.1:3000/base/", "ftp://x").replace("[auth]", "[auth]\nsources = [\"cookie:x\"]");
+        let bad = GATEWAY
+            .replace("http://127.0.0.1:3000/base/", "ftp://x")
+            .replace("[auth]", "[auth]\nsources = [\"cookie:x\"]");
         let errors = load_pair(&bad, &key("a", "k1").replace("sha256:", "md5:")).unwrap_err();
         assert_eq!(errors.0.len(), 3, "{errors}");
     }
@@ -475,10 +524,21 @@ GET = "read"
     #[test]
     fn every_rule_is_enforced() {
         let cases = [
-            (GATEWAY.replace("30", "30"), "[[keys]]\nid=\"a\"\nname=\"n\"\nhash=\"sha256:00\"\n".to_string(), "hash"),
+            (GATEWAY.to_string(), "[[keys]]\nid=\"a\"\nname=\"n\"\nhash=\"sha256:00\"\n".to_string(), "hash"),
             (GATEWAY.replace("[auth]", "[server2]\n[auth]"), String::new(), "unknown"),
-            (GATEWAY.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:0\"\nrequest_timeout = \"soon\""), String::new(), "duration"),
-            (format!("{GATEWAY}[[routes]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:1\"\n"), String::new(), "already defined"),
+            (
+                GATEWAY.replace(
+                    "listen = \"127.0.0.1:0\"",
+                    "listen = \"127.0.0.1:0\"\nrequest_timeout = \"soon\"",
+                ),
+                String::new(),
+                "duration",
+            ),
+            (
+                format!("{GATEWAY}[[routes]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:1\"\n"),
+                String::new(),
+                "already defined",
+            ),
             (GATEWAY.to_string(), key("a", "k").replace("name = \"n\"", "name = \"a\\r\\nb\""), "control"),
             (GATEWAY.to_string(), key("a", "k") + "expires_at = 2027-01-01T00:00:00\n", "offset"),
             (GATEWAY.to_string(), key("a", "k") + "rate_limit = \"5/d\"\n", "rate_limit"),

@@ -86,10 +86,8 @@ impl GatewayError {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match self {
             Self::MissingApiKey | Self::InvalidApiKey | Self::RevokedApiKey | Self::ExpiredApiKey => {
-                headers.insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("ApiKey realm=\"keygate\""),
-                );
+                headers
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("ApiKey realm=\"keygate\""));
             }
             Self::RateLimited { retry_after_secs, quota } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
@@ -139,11 +137,7 @@ mod tests {
             let response = error.to_response();
             assert_eq!(response.status().as_u16(), status);
             assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
-            assert_eq!(
-                response.headers().contains_key(header::WWW_AUTHENTICATE),
-                status == 401,
-                "{error:?}"
-            );
+            assert_eq!(response.headers().contains_key(header::WWW_AUTHENTICATE), status == 401, "{error:?}");
             let body = futures_body(response);
             let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert_eq!(json["error"], code);

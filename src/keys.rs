@@ -288,13 +288,13 @@ impl KeyTable {
         Self { by_hash: HashMap::with_capacity_and_hasher(n, Default::default()) }
     }
 
-    /// Returns the entry back if the hash is already present.
-    pub fn insert(&mut self, hash: KeyHash, entry: KeyEntry) -> Result<(), KeyEntry> {
+    /// Adds a key; `false` (and nothing changed) if its hash is already present.
+    pub fn insert(&mut self, hash: KeyHash, entry: KeyEntry) -> bool {
         match self.by_hash.entry(hash) {
-            std::collections::hash_map::Entry::Occupied(_) => Err(entry),
+            std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(entry);
-                Ok(())
+                true
             }
         }
     }
@@ -361,9 +361,8 @@ mod tests {
         assert_eq!(checksum(""), "000000");
         let c = checksum("kg_abc");
         assert_eq!(c.len(), 6);
-        let value = c.bytes().fold(0u64, |acc, b| {
-            acc * 62 + BASE62.iter().position(|&x| x == b).unwrap() as u64
-        });
+        let value =
+            c.bytes().fold(0u64, |acc, b| acc * 62 + BASE62.iter().position(|&x| x == b).unwrap() as u64);
         assert_eq!(value, u64::from(crc32fast::hash(b"kg_abc")));
     }
 

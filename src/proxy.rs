@@ -95,7 +95,11 @@ impl Gateway {
             .map_err(|e| GatewayError::BadRequest(e.reason()))?;
         log.path = Some(path.clone());
         let host = request_host(&parts)?;
-        let host_text = host.as_ref().map(|h| h.to_str()).transpose().map_err(|_| GatewayError::BadRequest("the Host header is not text"))?;
+        let host_text = host
+            .as_ref()
+            .map(|h| h.to_str())
+            .transpose()
+            .map_err(|_| GatewayError::BadRequest("the Host header is not text"))?;
         let route = snapshot.routes.find(host_text, &path).ok_or(GatewayError::NoRoute)?;
         log.route = Some(route.label.clone());
 
@@ -110,10 +114,10 @@ impl Gateway {
             auth::authorize(route.scopes.as_ref(), key, &parts.method, &parts.headers)?;
             // Last: a refused request must not spend a token.
             if let Some(rate) = key.rate_limit {
-                let quota = self
-                    .rate_limiter
-                    .acquire(key.id.as_bytes(), rate, Instant::now())
-                    .map_err(|e| GatewayError::RateLimited { retry_after_secs: e.retry_after_secs, quota: e.quota })?;
+                let quota =
+                    self.rate_limiter.acquire(key.id.as_bytes(), rate, Instant::now()).map_err(|e| {
+                        GatewayError::RateLimited { retry_after_secs: e.retry_after_secs, quota: e.quota }
+                    })?;
                 log.quota = Some(quota);
             }
             Some(key)
@@ -164,7 +168,9 @@ impl Gateway {
     fn request_id(&self, headers: &http::HeaderMap) -> HeaderValue {
         let mut sent = headers.get_all(X_REQUEST_ID).iter();
         match (sent.next(), sent.next()) {
-            (Some(id), None) if !id.is_empty() && id.len() <= 128 && id.as_bytes().iter().all(u8::is_ascii_graphic) => {
+            (Some(id), None)
+                if !id.is_empty() && id.len() <= 128 && id.as_bytes().iter().all(u8::is_ascii_graphic) =>
+            {
                 id.clone()
             }
             _ => self.request_ids.next(),
@@ -233,11 +239,8 @@ impl RequestIds {
 
     fn next(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let text = format!(
-            "{:016x}{:016x}",
-            Self::mix(self.seeds[0].wrapping_add(n)),
-            Self::mix(self.seeds[1] ^ n)
-        );
+        let text =
+            format!("{:016x}{:016x}", Self::mix(self.seeds[0].wrapping_add(n)), Self::mix(self.seeds[1] ^ n));
         // Hex digits are always a valid header value.
         HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("0"))
     }

@@ -41,10 +41,8 @@ impl RateLimiter {
         let capacity = f64::from(rate.tokens);
         let per_sec = capacity / rate.period.as_secs_f64();
         // The entry guard is dropped before this function returns: never held across an await.
-        let mut bucket = self
-            .buckets
-            .entry(Box::from(key_id))
-            .or_insert(Bucket { tokens: capacity, updated: now });
+        let mut bucket =
+            self.buckets.entry(Box::from(key_id)).or_insert(Bucket { tokens: capacity, updated: now });
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * per_sec).min(capacity);
         bucket.updated = now;

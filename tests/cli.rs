@@ -100,8 +100,7 @@ GET = "read"
 fn three_keys() -> String {
     keys_toml(&[
         Key::new("active01", "active", "active-secret-1", &["read"]),
-        Key::new("expired1", "expired", "expired-secret-1", &["read"])
-            .expires_at("2020-01-01T00:00:00Z"),
+        Key::new("expired1", "expired", "expired-secret-1", &["read"]).expires_at("2020-01-01T00:00:00Z"),
         Key::new("revoked1", "revoked", "revoked-secret-1", &["read", "write"])
             .revoked_at("2020-01-01T00:00:00Z"),
     ])
@@ -122,10 +121,7 @@ async fn check_reports_counts_and_exits_0() {
     command.args(["check", "-c"]).arg(dir.path().join("keygate.toml"));
     let ran = run(command).await;
     assert_eq!(ran.code, Some(0), "{ran}");
-    assert!(
-        ran.stdout.lines().any(|line| line.trim() == CHECK_OK),
-        "expected the line {CHECK_OK:?}\n{ran}"
-    );
+    assert!(ran.stdout.lines().any(|line| line.trim() == CHECK_OK), "expected the line {CHECK_OK:?}\n{ran}");
 }
 
 #[tokio::test]
@@ -144,10 +140,7 @@ async fn check_uses_keygate_config_env_then_the_current_dir() {
 
     // -c wins over $KEYGATE_CONFIG.
     let mut command = keygate(elsewhere.path());
-    command
-        .args(["check", "-c"])
-        .arg(&config)
-        .env("KEYGATE_CONFIG", elsewhere.path().join("missing.toml"));
+    command.args(["check", "-c"]).arg(&config).env("KEYGATE_CONFIG", elsewhere.path().join("missing.toml"));
     let ran = run(command).await;
     assert_eq!(ran.code, Some(0), "{ran}");
 
@@ -233,8 +226,7 @@ async fn check_rejects_unknown_route_field() {
 
 #[tokio::test]
 async fn check_rejects_unknown_key_field() {
-    assert_keys_toml_rejected("name = \"active\"\n", "name = \"active\"\ncolour = \"blue\"\n")
-        .await;
+    assert_keys_toml_rejected("name = \"active\"\n", "name = \"active\"\ncolour = \"blue\"\n").await;
 }
 
 #[tokio::test]
@@ -247,51 +239,35 @@ async fn check_rejects_duplicate_key_id() {
 
 #[tokio::test]
 async fn check_rejects_malformed_hash() {
-    let hash_line = three_keys()
-        .lines()
-        .find(|line| line.starts_with("hash = "))
-        .expect("a hash line")
-        .to_owned();
+    let hash_line =
+        three_keys().lines().find(|line| line.starts_with("hash = ")).expect("a hash line").to_owned();
     assert_keys_toml_rejected(&hash_line, "hash = \"sha256:not-hex-at-all\"").await;
 }
 
 #[tokio::test]
 async fn check_rejects_bad_date() {
-    assert_keys_toml_rejected(
-        "created_at = 2024-01-01T00:00:00Z",
-        "created_at = \"last tuesday\"",
-    )
-    .await;
+    assert_keys_toml_rejected("created_at = 2024-01-01T00:00:00Z", "created_at = \"last tuesday\"").await;
 }
 
 #[tokio::test]
 async fn check_rejects_bad_rate_limit() {
-    assert_keys_toml_rejected("name = \"active\"\n", "name = \"active\"\nrate_limit = \"lots\"\n")
-        .await;
+    assert_keys_toml_rejected("name = \"active\"\n", "name = \"active\"\nrate_limit = \"lots\"\n").await;
 }
 
 #[tokio::test]
 async fn check_rejects_bad_upstream_url() {
-    assert_gateway_toml_rejected(
-        "upstream = \"http://127.0.0.1:9\"",
-        "upstream = \"ftp://127.0.0.1:9\"",
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn check_rejects_bad_duration() {
-    assert_gateway_toml_rejected("request_timeout = \"5s\"", "request_timeout = \"5 parsecs\"")
+    assert_gateway_toml_rejected("upstream = \"http://127.0.0.1:9\"", "upstream = \"ftp://127.0.0.1:9\"")
         .await;
 }
 
 #[tokio::test]
+async fn check_rejects_bad_duration() {
+    assert_gateway_toml_rejected("request_timeout = \"5s\"", "request_timeout = \"5 parsecs\"").await;
+}
+
+#[tokio::test]
 async fn check_rejects_bad_source() {
-    assert_gateway_toml_rejected(
-        "sources = [\"header:x-api-key\"]",
-        "sources = [\"cookie:session\"]",
-    )
-    .await;
+    assert_gateway_toml_rejected("sources = [\"header:x-api-key\"]", "sources = [\"cookie:session\"]").await;
 }
 
 #[tokio::test]
@@ -338,11 +314,7 @@ impl Lines {
                 }
             }
         });
-        Self {
-            rx,
-            seen: Vec::new(),
-            open: true,
-        }
+        Self { rx, seen: Vec::new(), open: true }
     }
 
     /// Collects lines until `done(all lines so far)` holds (true), EOF or `deadline` (false).
@@ -392,16 +364,11 @@ struct Running {
 
 impl Running {
     fn spawn(mut command: Command) -> Self {
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("could not start {:?}: {e}", command.as_std()));
+        let mut child =
+            command.spawn().unwrap_or_else(|e| panic!("could not start {:?}: {e}", command.as_std()));
         let stdout = Lines::read(child.stdout.take().expect("piped stdout"));
         let stderr = Lines::read(child.stderr.take().expect("piped stderr"));
-        Self {
-            child,
-            stdout,
-            stderr,
-        }
+        Self { child, stdout, stderr }
     }
 
     /// Kills the child and collects whatever it wrote until its pipes close.
@@ -428,20 +395,10 @@ impl Running {
     /// Waits for a `listening on ADDR` line on stderr and returns ADDR.
     async fn listening_addr(&mut self) -> SocketAddr {
         let deadline = Instant::now() + PROCESS_TIMEOUT;
-        let found = self
-            .stderr
-            .wait_until(deadline, |lines| lines.iter().any(|l| listening_on(l).is_some()))
-            .await;
-        assert!(
-            found,
-            "no `listening on 127.0.0.1:PORT` on stderr\n{}",
-            self.transcript()
-        );
-        self.stderr
-            .seen
-            .iter()
-            .find_map(|l| listening_on(l))
-            .expect("just found")
+        let found =
+            self.stderr.wait_until(deadline, |lines| lines.iter().any(|l| listening_on(l).is_some())).await;
+        assert!(found, "no `listening on 127.0.0.1:PORT` on stderr\n{}", self.transcript());
+        self.stderr.seen.iter().find_map(|l| listening_on(l)).expect("just found")
     }
 }
 
@@ -460,9 +417,8 @@ fn listening_on(line: &str) -> Option<SocketAddr> {
     let after = &line[line.find("listening on")? + "listening on".len()..];
     let start = after.find("127.0.0.1:")?;
     let candidate = &after[start..];
-    let end = candidate
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
-        .unwrap_or(candidate.len());
+    let end =
+        candidate.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':')).unwrap_or(candidate.len());
     candidate[..end].parse().ok()
 }
 
@@ -524,10 +480,7 @@ async fn serve_with_probes(json_logs: bool) -> ServeRun {
     write_files(dir.path(), &config.gateway_toml(), &config.keys_toml());
 
     let mut command = keygate(dir.path());
-    command
-        .args(["serve", "-c"])
-        .arg(dir.path().join("keygate.toml"))
-        .env("RUST_LOG", "trace");
+    command.args(["serve", "-c"]).arg(dir.path().join("keygate.toml")).env("RUST_LOG", "trace");
     if json_logs {
         command.env("KEYGATE_LOG_FORMAT", "json");
     }
@@ -547,11 +500,7 @@ async fn serve_with_probes(json_logs: bool) -> ServeRun {
         Probe {
             label: "valid-query",
             request_id: id("valid-query"),
-            call: Call::new(
-                addr,
-                Method::GET,
-                &format!("/private/x?api_key={}&page=1", key.secret),
-            ),
+            call: Call::new(addr, Method::GET, &format!("/private/x?api_key={}&page=1", key.secret)),
             status: 200,
             key_id: Some(key.id.clone()),
         },
@@ -572,12 +521,7 @@ async fn serve_with_probes(json_logs: bool) -> ServeRun {
         },
     ];
     for probe in &probes {
-        let exchange = probe
-            .call
-            .clone()
-            .header("x-request-id", &probe.request_id)
-            .send()
-            .await;
+        let exchange = probe.call.clone().header("x-request-id", &probe.request_id).send().await;
         assert_eq!(
             exchange.status.as_u16(),
             probe.status,
@@ -592,9 +536,7 @@ async fn serve_with_probes(json_logs: bool) -> ServeRun {
     let deadline = Instant::now() + Duration::from_secs(10);
     server
         .stderr
-        .wait_until(deadline, |lines| {
-            ids.iter().all(|id| lines.iter().any(|l| l.contains(id.as_str())))
-        })
+        .wait_until(deadline, |lines| ids.iter().all(|id| lines.iter().any(|l| l.contains(id.as_str()))))
         .await;
     server.kill_and_collect().await;
 
@@ -627,12 +569,7 @@ fn assert_no_key_in_logs(server: &Running, secrets: &[String]) {
 
 #[tokio::test]
 async fn serve_trace_logs_never_contain_keys() {
-    let ServeRun {
-        server,
-        probes,
-        secrets,
-        ..
-    } = serve_with_probes(false).await;
+    let ServeRun { server, probes, secrets, .. } = serve_with_probes(false).await;
     assert_no_key_in_logs(&server, &secrets);
     for probe in &probes {
         assert!(
@@ -647,9 +584,7 @@ async fn serve_trace_logs_never_contain_keys() {
 
 /// A field of a tracing JSON event: top level (flattened) or under `fields`.
 fn event_field<'a>(event: &'a Value, name: &str) -> Option<&'a Value> {
-    event
-        .get(name)
-        .or_else(|| event.get("fields").and_then(|fields| fields.get(name)))
+    event.get(name).or_else(|| event.get("fields").and_then(|fields| fields.get(name)))
 }
 
 fn as_text(value: &Value) -> String {
@@ -661,12 +596,7 @@ fn as_text(value: &Value) -> String {
 
 #[tokio::test]
 async fn serve_json_logs_are_json_with_one_access_event_per_request() {
-    let ServeRun {
-        server,
-        probes,
-        secrets,
-        ..
-    } = serve_with_probes(true).await;
+    let ServeRun { server, probes, secrets, .. } = serve_with_probes(true).await;
     assert_no_key_in_logs(&server, &secrets);
 
     let mut events = Vec::new();
@@ -696,15 +626,9 @@ async fn serve_json_logs_are_json_with_one_access_event_per_request() {
         let event = access[0];
         let text = |name: &str| event_field(event, name).map(as_text);
         assert_eq!(text("method").as_deref(), Some("GET"), "{context}");
-        assert!(
-            text("path").is_some_and(|p| p.starts_with("/private/x")),
-            "path\n{context}"
-        );
+        assert!(text("path").is_some_and(|p| p.starts_with("/private/x")), "path\n{context}");
         assert_eq!(text("status"), Some(probe.status.to_string()), "{context}");
-        assert!(
-            text("route").is_some_and(|r| !r.is_empty() && r != "null"),
-            "route\n{context}"
-        );
+        assert!(text("route").is_some_and(|r| !r.is_empty() && r != "null"), "route\n{context}");
         if let Some(key_id) = &probe.key_id {
             assert_eq!(text("key_id").as_ref(), Some(key_id), "key_id\n{context}");
         }
@@ -787,13 +711,7 @@ async fn demo_prints_a_working_key_and_curl_line() {
     assert!(printed, "no key and curl line on stdout\n{}", demo.transcript());
     let stdout = demo.stdout.seen.join("\n");
     let key = find_key(&stdout).expect("just found");
-    let curl = demo
-        .stdout
-        .seen
-        .iter()
-        .find(|l| l.contains("curl "))
-        .expect("just found")
-        .clone();
+    let curl = demo.stdout.seen.iter().find(|l| l.contains("curl ")).expect("just found").clone();
 
     let words = shell_words(&curl);
     let url = words
@@ -824,11 +742,7 @@ async fn demo_prints_a_working_key_and_curl_line() {
                 lines.iter().any(|l| listening_on(l).is_some_and(|a| a.port() == port))
             })
             .await;
-        assert!(
-            found,
-            "no `listening on` for the curl line's port {port} ({curl})\n{}",
-            demo.transcript()
-        );
+        assert!(found, "no `listening on` for the curl line's port {port} ({curl})\n{}", demo.transcript());
         demo.stderr
             .seen
             .iter()
@@ -842,25 +756,18 @@ async fn demo_prints_a_working_key_and_curl_line() {
     }
     let exchange = with_key.send().await;
     assert_eq!(
-        exchange.status, 200,
+        exchange.status,
+        200,
         "the demo's own curl line (key {key}) failed: {curl}\n{exchange}\n{}",
         demo.transcript()
     );
 
-    let bare_path = if path.contains(&key) {
-        path.split('?').next().unwrap_or("/")
-    } else {
-        path
-    };
+    let bare_path = if path.contains(&key) { path.split('?').next().unwrap_or("/") } else { path };
     let mut without_key = Call::new(addr, Method::GET, bare_path);
     for (name, value) in headers.iter().filter(|(_, v)| !v.contains(&key)) {
         without_key = without_key.header(name, value);
     }
     let exchange = without_key.send().await;
     assert_eq!(exchange.status, 401, "{exchange}\n{}", demo.transcript());
-    assert_eq!(
-        exchange.error_code().as_deref(),
-        Some("missing_api_key"),
-        "{exchange}"
-    );
+    assert_eq!(exchange.error_code().as_deref(), Some("missing_api_key"), "{exchange}");
 }

@@ -6,8 +6,8 @@ mod support;
 
 use http::{Method, Version};
 use support::{
-    GatewayConfig, Key, RecordingUpstream, Route, TestGateway, assert_error, assert_rejected,
-    both, pattern, raw_get,
+    GatewayConfig, Key, RecordingUpstream, Route, TestGateway, assert_error, assert_rejected, both, pattern,
+    raw_get,
 };
 
 const ALICE: &str = "alice-secret-7f3k2m9qz";
@@ -58,11 +58,7 @@ async fn missing_key_is_401_missing_api_key() {
 #[tokio::test]
 async fn unknown_key_is_401_invalid_api_key() {
     let (upstream, gateway) = basic_gateway().await;
-    let exchange = gateway
-        .get("/private/items")
-        .header("x-api-key", UNKNOWN)
-        .send()
-        .await;
+    let exchange = gateway.get("/private/items").header("x-api-key", UNKNOWN).send().await;
     assert_rejected(&exchange, &upstream, 401, "invalid_api_key");
 }
 
@@ -82,19 +78,11 @@ async fn prefixed_key_with_bad_shape_or_checksum_is_invalid_even_if_its_hash_is_
         .start()
         .await;
 
-    let ok = gateway
-        .get("/private/x")
-        .header("x-api-key", &real.secret)
-        .send()
-        .await;
+    let ok = gateway.get("/private/x").header("x-api-key", &real.secret).send().await;
     assert_eq!(ok.status, 200, "a generated key must be accepted\n{ok}");
 
     for bad in [tampered.as_str(), "kg_short"] {
-        let exchange = gateway
-            .get("/private/x")
-            .header("x-api-key", bad)
-            .send()
-            .await;
+        let exchange = gateway.get("/private/x").header("x-api-key", bad).send().await;
         assert_rejected(&exchange, &upstream, 401, "invalid_api_key");
     }
 }
@@ -102,22 +90,14 @@ async fn prefixed_key_with_bad_shape_or_checksum_is_invalid_even_if_its_hash_is_
 #[tokio::test]
 async fn revoked_key_is_401_revoked_api_key() {
     let (upstream, gateway) = basic_gateway().await;
-    let exchange = gateway
-        .get("/private/items")
-        .header("x-api-key", REVOKED)
-        .send()
-        .await;
+    let exchange = gateway.get("/private/items").header("x-api-key", REVOKED).send().await;
     assert_rejected(&exchange, &upstream, 401, "revoked_api_key");
 }
 
 #[tokio::test]
 async fn expired_key_is_401_expired_api_key() {
     let (upstream, gateway) = basic_gateway().await;
-    let exchange = gateway
-        .get("/private/items")
-        .header("x-api-key", EXPIRED)
-        .send()
-        .await;
+    let exchange = gateway.get("/private/items").header("x-api-key", EXPIRED).send().await;
     assert_rejected(&exchange, &upstream, 401, "expired_api_key");
 }
 
@@ -133,11 +113,7 @@ async fn future_expiry_and_revocation_are_not_yet_in_effect() {
         )
         .start()
         .await;
-    let exchange = gateway
-        .get("/x")
-        .header("x-api-key", "later-secret-55aa")
-        .send()
-        .await;
+    let exchange = gateway.get("/x").header("x-api-key", "later-secret-55aa").send().await;
     assert_eq!(exchange.status, 200, "{exchange}");
     upstream.expect_received(&exchange);
 }
@@ -150,11 +126,7 @@ async fn key_without_the_route_scope_is_403_insufficient_scope() {
         .key(Key::new("writer01", "writer", "writer-secret-1", &["write"]))
         .start()
         .await;
-    let exchange = gateway
-        .get("/items")
-        .header("x-api-key", "writer-secret-1")
-        .send()
-        .await;
+    let exchange = gateway.get("/items").header("x-api-key", "writer-secret-1").send().await;
     assert_rejected(&exchange, &upstream, 403, "insufficient_scope");
 }
 
@@ -178,11 +150,7 @@ async fn valid_key_is_forwarded_with_identity_headers_and_without_the_key() {
     assert_eq!(&seen.body[..], b"hello upstream", "{ctx}");
     assert_eq!(seen.header_all("x-keygate-key-id"), ["alice001"], "{ctx}");
     assert_eq!(seen.header_all("x-keygate-key-name"), ["alice"], "{ctx}");
-    assert_eq!(
-        seen.header_all("x-keygate-scopes"),
-        ["admin,read,write"],
-        "{ctx}"
-    );
+    assert_eq!(seen.header_all("x-keygate-scopes"), ["admin,read,write"], "{ctx}");
     assert_eq!(seen.header("x-api-key"), None, "the key went upstream\n{ctx}");
 }
 
@@ -194,19 +162,11 @@ async fn route_without_scopes_admits_a_key_with_no_scopes() {
         .key(Key::new("bare0001", "bare", "bare-secret-1", &[]))
         .start()
         .await;
-    let exchange = gateway
-        .request(Method::DELETE, "/anything")
-        .header("x-api-key", "bare-secret-1")
-        .send()
-        .await;
+    let exchange =
+        gateway.request(Method::DELETE, "/anything").header("x-api-key", "bare-secret-1").send().await;
     assert_eq!(exchange.status, 200, "{exchange}");
     let seen = upstream.expect_received(&exchange);
-    assert_eq!(
-        seen.header("x-keygate-key-id"),
-        Some("bare0001"),
-        "{}",
-        both(&exchange, &seen)
-    );
+    assert_eq!(seen.header("x-keygate-key-id"), Some("bare0001"), "{}", both(&exchange, &seen));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -216,11 +176,7 @@ async fn route_without_scopes_admits_a_key_with_no_scopes() {
 #[tokio::test]
 async fn header_source_matches_any_case_and_is_stripped() {
     let (upstream, gateway) = basic_gateway().await;
-    let exchange = gateway
-        .get("/private/a")
-        .header("X-API-Key", &format!("  {ALICE}  "))
-        .send()
-        .await;
+    let exchange = gateway.get("/private/a").header("X-API-Key", &format!("  {ALICE}  ")).send().await;
     assert_eq!(exchange.status, 200, "{exchange}");
     let seen = upstream.expect_received(&exchange);
     let ctx = both(&exchange, &seen);
@@ -231,15 +187,8 @@ async fn header_source_matches_any_case_and_is_stripped() {
 #[tokio::test]
 async fn bearer_source_is_used_and_stripped() {
     let upstream = RecordingUpstream::start().await;
-    let gateway = basic(&upstream)
-        .sources(&["authorization:Bearer"])
-        .start()
-        .await;
-    let exchange = gateway
-        .get("/private/a")
-        .header("authorization", &format!("Bearer {ALICE}"))
-        .send()
-        .await;
+    let gateway = basic(&upstream).sources(&["authorization:Bearer"]).start().await;
+    let exchange = gateway.get("/private/a").header("authorization", &format!("Bearer {ALICE}")).send().await;
     assert_eq!(exchange.status, 200, "{exchange}");
     let seen = upstream.expect_received(&exchange);
     let ctx = both(&exchange, &seen);
@@ -250,16 +199,10 @@ async fn bearer_source_is_used_and_stripped() {
 #[tokio::test]
 async fn api_key_scheme_matches_case_insensitively_and_is_stripped() {
     let upstream = RecordingUpstream::start().await;
-    let gateway = basic(&upstream)
-        .sources(&["authorization:Api-Key"])
-        .start()
-        .await;
+    let gateway = basic(&upstream).sources(&["authorization:Api-Key"]).start().await;
     for scheme in ["Api-Key", "api-key", "API-KEY"] {
-        let exchange = gateway
-            .get("/private/a")
-            .header("authorization", &format!("{scheme} {ALICE}"))
-            .send()
-            .await;
+        let exchange =
+            gateway.get("/private/a").header("authorization", &format!("{scheme} {ALICE}")).send().await;
         assert_eq!(exchange.status, 200, "{exchange}");
         let seen = upstream.expect_received(&exchange);
         let ctx = both(&exchange, &seen);
@@ -272,10 +215,7 @@ async fn api_key_scheme_matches_case_insensitively_and_is_stripped() {
 async fn query_source_is_removed_and_other_parameters_survive() {
     let upstream = RecordingUpstream::start().await;
     let gateway = basic(&upstream).sources(&["query:api_key"]).start().await;
-    let exchange = gateway
-        .get(&format!("/private/items?a=1&api_key={ALICE}&b=two%20words"))
-        .send()
-        .await;
+    let exchange = gateway.get(&format!("/private/items?a=1&api_key={ALICE}&b=two%20words")).send().await;
     assert_eq!(exchange.status, 200, "{exchange}");
     let seen = upstream.expect_received(&exchange);
     let ctx = both(&exchange, &seen);
@@ -283,17 +223,10 @@ async fn query_source_is_removed_and_other_parameters_survive() {
     assert_eq!(seen.uri, "/private/items?a=1&b=two%20words", "{ctx}");
 
     // The only parameter gone: no dangling `?` either way is acceptable, but no key.
-    let alone = gateway
-        .get(&format!("/private/items?api_key={ALICE}"))
-        .send()
-        .await;
+    let alone = gateway.get(&format!("/private/items?api_key={ALICE}")).send().await;
     assert_eq!(alone.status, 200, "{alone}");
     let seen = upstream.expect_received(&alone);
-    assert!(
-        seen.uri == "/private/items" || seen.uri == "/private/items?",
-        "{}",
-        both(&alone, &seen)
-    );
+    assert!(seen.uri == "/private/items" || seen.uri == "/private/items?", "{}", both(&alone, &seen));
 }
 
 #[tokio::test]
@@ -302,24 +235,12 @@ async fn authorization_with_an_unclaimed_scheme_passes_through_untouched() {
     let basic_auth = "Basic dXNlcjpwYXNzd29yZA==";
 
     // Authorization is a source for Bearer only: Basic belongs to the upstream.
-    let gateway = basic(&upstream)
-        .sources(&["header:x-api-key", "authorization:Bearer"])
-        .start()
-        .await;
-    let exchange = gateway
-        .get("/private/a")
-        .header("x-api-key", ALICE)
-        .header("authorization", basic_auth)
-        .send()
-        .await;
+    let gateway = basic(&upstream).sources(&["header:x-api-key", "authorization:Bearer"]).start().await;
+    let exchange =
+        gateway.get("/private/a").header("x-api-key", ALICE).header("authorization", basic_auth).send().await;
     assert_eq!(exchange.status, 200, "{exchange}");
     let seen = upstream.expect_received(&exchange);
-    assert_eq!(
-        seen.header_all("authorization"),
-        [basic_auth],
-        "{}",
-        both(&exchange, &seen)
-    );
+    assert_eq!(seen.header_all("authorization"), [basic_auth], "{}", both(&exchange, &seen));
 
     // No authorization source at all: even a Bearer token belongs to the upstream.
     let gateway = basic(&upstream).start().await;
@@ -331,12 +252,7 @@ async fn authorization_with_an_unclaimed_scheme_passes_through_untouched() {
         .await;
     assert_eq!(exchange.status, 200, "{exchange}");
     let seen = upstream.expect_received(&exchange);
-    assert_eq!(
-        seen.header_all("authorization"),
-        ["Bearer upstream-token"],
-        "{}",
-        both(&exchange, &seen)
-    );
+    assert_eq!(seen.header_all("authorization"), ["Bearer upstream-token"], "{}", both(&exchange, &seen));
 }
 
 #[tokio::test]
@@ -373,34 +289,20 @@ async fn sources_are_tried_in_order_and_every_credential_is_stripped() {
     assert_rejected(&exchange, &upstream, 401, "invalid_api_key");
 
     // Absent first source: the next one is used.
-    let exchange = gateway
-        .get("/private/a")
-        .header("authorization", &format!("Bearer {ALICE}"))
-        .send()
-        .await;
+    let exchange = gateway.get("/private/a").header("authorization", &format!("Bearer {ALICE}")).send().await;
     assert_eq!(exchange.status, 200, "{exchange}");
 }
 
 #[tokio::test]
 async fn two_values_for_one_source_are_401_invalid_api_key() {
     let upstream = RecordingUpstream::start().await;
-    let gateway = basic(&upstream)
-        .sources(&["header:x-api-key", "query:api_key"])
-        .start()
-        .await;
+    let gateway = basic(&upstream).sources(&["header:x-api-key", "query:api_key"]).start().await;
 
-    let headers = gateway
-        .get("/private/a")
-        .header("x-api-key", ALICE)
-        .header("x-api-key", ALICE)
-        .send()
-        .await;
+    let headers =
+        gateway.get("/private/a").header("x-api-key", ALICE).header("x-api-key", ALICE).send().await;
     assert_rejected(&headers, &upstream, 401, "invalid_api_key");
 
-    let query = gateway
-        .get(&format!("/private/a?api_key={ALICE}&api_key={ALICE}"))
-        .send()
-        .await;
+    let query = gateway.get(&format!("/private/a?api_key={ALICE}&api_key={ALICE}")).send().await;
     assert_rejected(&query, &upstream, 401, "invalid_api_key");
 }
 
@@ -431,11 +333,7 @@ async fn spoofed_identity_headers_are_stripped_on_public_routes() {
         .keys()
         .filter(|name| name.as_str().replace('_', "-").starts_with("x-keygate-"))
         .collect();
-    assert!(
-        leaked.is_empty(),
-        "spoofed {leaked:?} reached the upstream\n{}",
-        both(&exchange, &seen)
-    );
+    assert!(leaked.is_empty(), "spoofed {leaked:?} reached the upstream\n{}", both(&exchange, &seen));
 }
 
 #[tokio::test]
@@ -451,11 +349,7 @@ async fn spoofed_identity_headers_are_replaced_on_private_routes() {
     let ctx = both(&exchange, &seen);
     assert_eq!(seen.header_all("x-keygate-key-id"), ["alice001"], "{ctx}");
     assert_eq!(seen.header_all("x-keygate-key-name"), ["alice"], "{ctx}");
-    assert_eq!(
-        seen.header_all("x-keygate-scopes"),
-        ["admin,read,write"],
-        "{ctx}"
-    );
+    assert_eq!(seen.header_all("x-keygate-scopes"), ["admin,read,write"], "{ctx}");
     for name in ["x_keygate_key_id", "x-keygate-anything"] {
         assert_eq!(seen.header(name), None, "{name} reached upstream\n{ctx}");
     }
@@ -467,10 +361,7 @@ async fn connection_header_cannot_remove_identity_headers() {
     let exchange = gateway
         .get("/private/page")
         .header("x-api-key", ALICE)
-        .header(
-            "connection",
-            "x-keygate-key-id, x-keygate-key-name, x-keygate-scopes, x-request-id",
-        )
+        .header("connection", "x-keygate-key-id, x-keygate-key-name, x-keygate-scopes, x-request-id")
         .send()
         .await;
     assert_eq!(exchange.status, 200, "{exchange}");
@@ -478,11 +369,7 @@ async fn connection_header_cannot_remove_identity_headers() {
     let ctx = both(&exchange, &seen);
     assert_eq!(seen.header_all("x-keygate-key-id"), ["alice001"], "{ctx}");
     assert_eq!(seen.header_all("x-keygate-key-name"), ["alice"], "{ctx}");
-    assert_eq!(
-        seen.header_all("x-keygate-scopes"),
-        ["admin,read,write"],
-        "{ctx}"
-    );
+    assert_eq!(seen.header_all("x-keygate-scopes"), ["admin,read,write"], "{ctx}");
 }
 
 #[tokio::test]
@@ -505,10 +392,7 @@ async fn hop_by_hop_headers_and_those_connection_names_are_removed() {
         assert_eq!(seen.header(name), None, "{name} reached upstream\n{ctx}");
     }
     assert!(
-        !seen
-            .header_all("connection")
-            .iter()
-            .any(|v| v.contains("x-custom-hop")),
+        !seen.header_all("connection").iter().any(|v| v.contains("x-custom-hop")),
         "the client's Connection header reached upstream\n{ctx}"
     );
     assert_eq!(seen.header("x-end-to-end"), Some("must pass"), "{ctx}");
@@ -547,12 +431,7 @@ async fn forwarding_headers_are_appended_or_replaced() {
     // With nothing sent, x-forwarded-for is just the client.
     let plain = gateway.get("/public/page").send().await;
     let seen = upstream.expect_received(&plain);
-    assert_eq!(
-        seen.header_all("x-forwarded-for"),
-        ["127.0.0.1"],
-        "{}",
-        both(&plain, &seen)
-    );
+    assert_eq!(seen.header_all("x-forwarded-for"), ["127.0.0.1"], "{}", both(&plain, &seen));
 }
 
 #[tokio::test]
@@ -567,12 +446,7 @@ async fn request_id_is_kept_when_sent() {
     assert_eq!(exchange.status, 200, "{exchange}");
     assert_eq!(exchange.header("x-request-id"), Some("test-req-4242"), "{exchange}");
     let seen = upstream.expect_received(&exchange);
-    assert_eq!(
-        seen.header_all("x-request-id"),
-        ["test-req-4242"],
-        "{}",
-        both(&exchange, &seen)
-    );
+    assert_eq!(seen.header_all("x-request-id"), ["test-req-4242"], "{}", both(&exchange, &seen));
 }
 
 #[tokio::test]
@@ -585,10 +459,7 @@ async fn request_id_is_generated_when_absent_and_returned() {
         let seen = upstream.expect_received(&exchange);
         let ctx = both(&exchange, &seen);
         let upstream_id = seen.header("x-request-id").map(str::to_owned);
-        assert!(
-            upstream_id.as_deref().is_some_and(|id| !id.is_empty()),
-            "no x-request-id generated\n{ctx}"
-        );
+        assert!(upstream_id.as_deref().is_some_and(|id| !id.is_empty()), "no x-request-id generated\n{ctx}");
         assert_eq!(
             exchange.header("x-request-id"),
             upstream_id.as_deref(),
@@ -639,11 +510,7 @@ async fn method_scopes_are_enforced_per_method() {
         ("star-secret", Method::DELETE, 200),
     ];
     for (secret, method, status) in cases {
-        let exchange = gateway
-            .request(method.clone(), "/resource")
-            .header("x-api-key", secret)
-            .send()
-            .await;
+        let exchange = gateway.request(method.clone(), "/resource").header("x-api-key", secret).send().await;
         if *status == 403 {
             assert_rejected(&exchange, &upstream, 403, "insufficient_scope");
         } else {
@@ -661,17 +528,9 @@ async fn method_without_an_entry_and_no_star_is_denied() {
         .key(Key::new("rw000001", "rw", "rw-secret", &["read", "write"]))
         .start()
         .await;
-    let get = gateway
-        .get("/r")
-        .header("x-api-key", "rw-secret")
-        .send()
-        .await;
+    let get = gateway.get("/r").header("x-api-key", "rw-secret").send().await;
     assert_eq!(get.status, 200, "{get}");
-    let post = gateway
-        .request(Method::POST, "/r")
-        .header("x-api-key", "rw-secret")
-        .send()
-        .await;
+    let post = gateway.request(Method::POST, "/r").header("x-api-key", "rw-secret").send().await;
     assert_rejected(&post, &upstream, 403, "insufficient_scope");
 }
 
@@ -713,11 +572,7 @@ async fn methods_are_case_sensitive() {
         .await;
     // `get` is not `GET`: it falls under "*", which needs write.
     let method = Method::from_bytes(b"get").expect("extension method");
-    let exchange = gateway
-        .request(method, "/resource")
-        .header("x-api-key", "reader-secret")
-        .send()
-        .await;
+    let exchange = gateway.request(method, "/resource").header("x-api-key", "reader-secret").send().await;
     assert_rejected(&exchange, &upstream, 403, "insufficient_scope");
 }
 
@@ -758,11 +613,7 @@ async fn longest_prefix_wins() {
     assert_rejected(&locked, &admin, 401, "missing_api_key");
     assert_eq!(api.received(&locked).map(|r| r.uri), None, "{locked}");
 
-    let admin_call = gateway
-        .get("/api/admin/users")
-        .header("x-api-key", ALICE)
-        .send()
-        .await;
+    let admin_call = gateway.get("/api/admin/users").header("x-api-key", ALICE).send().await;
     assert_eq!(admin_call.status, 200, "{admin_call}");
     admin.expect_received(&admin_call);
 
@@ -807,11 +658,7 @@ async fn host_route_wins_over_a_hostless_route() {
         .route(Route::new("/", &hosted.url()).host("api.example.com").public())
         .start()
         .await;
-    let exchange = gateway
-        .get("/x/1")
-        .header("host", "api.example.com")
-        .send()
-        .await;
+    let exchange = gateway.get("/x/1").header("host", "api.example.com").send().await;
     assert_eq!(exchange.status, 200, "{exchange}");
     hosted.expect_received(&exchange);
 
@@ -825,11 +672,7 @@ async fn no_matching_route_is_404_no_route() {
     let upstream = RecordingUpstream::start().await;
     let gateway = GatewayConfig::new()
         .route(Route::new("/api/", &upstream.url()).public())
-        .route(
-            Route::new("/only-here/", &upstream.url())
-                .host("api.example.com")
-                .public(),
-        )
+        .route(Route::new("/only-here/", &upstream.url()).host("api.example.com").public())
         .start()
         .await;
     for (target, host) in [
@@ -890,16 +733,10 @@ async fn path_tricks_never_reach_a_private_route_without_a_key() {
             Outcome::BadRequest => (Some(400), Some("bad_request".to_owned())),
         };
         if got != expected {
-            failures.push(format!(
-                "{target:?}: expected {outcome:?} {expected:?}, got {got:?}\n{exchange}"
-            ));
+            failures.push(format!("{target:?}: expected {outcome:?} {expected:?}, got {got:?}\n{exchange}"));
         }
     }
-    assert!(
-        upstream.count() == 0,
-        "path tricks reached the upstream: {:#?}",
-        upstream.requests()
-    );
+    assert!(upstream.count() == 0, "path tricks reached the upstream: {:#?}", upstream.requests());
     assert!(
         failures.is_empty(),
         "{} of {} path tricks were mishandled:\n\n{}",
@@ -933,11 +770,7 @@ async fn upstream_receives_the_normalised_path() {
     let raw = gateway.raw(&raw_get("/public/a/../b", &[])).await;
     assert_eq!(raw.status(), Some(200), "{raw}");
     let seen = upstream.requests();
-    assert_eq!(
-        seen.last().map(|r| r.uri.as_str()),
-        Some("/public/b"),
-        "{raw}\nupstream saw: {seen:#?}"
-    );
+    assert_eq!(seen.last().map(|r| r.uri.as_str()), Some("/public/b"), "{raw}\nupstream saw: {seen:#?}");
 }
 
 #[tokio::test]
@@ -1026,10 +859,8 @@ async fn unreachable_upstream_is_502_upstream_unavailable() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.local_addr().expect("addr")
     };
-    let gateway = GatewayConfig::new()
-        .route(Route::new("/", &format!("http://{dead}")).public())
-        .start()
-        .await;
+    let gateway =
+        GatewayConfig::new().route(Route::new("/", &format!("http://{dead}")).public()).start().await;
     let exchange = gateway.get("/x").send().await;
     assert_error(&exchange, 502, "upstream_unavailable");
 }
@@ -1043,11 +874,7 @@ async fn slow_upstream_is_504_upstream_timeout() {
         .start()
         .await;
     // The upstream would answer 200 after 5 s; only the 300 ms timeout can make this a 504.
-    let exchange = gateway
-        .get("/slow")
-        .header("x-test-sleep-ms", "5000")
-        .send()
-        .await;
+    let exchange = gateway.get("/slow").header("x-test-sleep-ms", "5000").send().await;
     assert_error(&exchange, 504, "upstream_timeout");
     upstream.expect_received(&exchange);
 
@@ -1066,21 +893,14 @@ Transfer-Encoding: gzip, chunked\r\n\
 5\r\nhello\r\n0\r\n\r\n";
     let raw = gateway.raw(request).await;
     assert_eq!(raw.status(), Some(501), "{raw}");
-    assert_eq!(
-        raw.error_code().as_deref(),
-        Some("unsupported_transfer_encoding"),
-        "{raw}"
-    );
+    assert_eq!(raw.error_code().as_deref(), Some("unsupported_transfer_encoding"), "{raw}");
     assert_eq!(upstream.count(), 0, "{raw}\nupstream saw: {:#?}", upstream.requests());
 }
 
 #[tokio::test]
 async fn oversized_request_head_is_431() {
     let upstream = RecordingUpstream::start().await;
-    let gateway = basic(&upstream)
-        .server("max_header_bytes", "16384")
-        .start()
-        .await;
+    let gateway = basic(&upstream).server("max_header_bytes", "16384").start().await;
 
     // Under the configured limit: fine.
     let fits = format!("X-Filler: {}", "a".repeat(8_000));
@@ -1092,12 +912,7 @@ async fn oversized_request_head_is_431() {
     let raw = gateway.raw(&raw_get("/public/big", &[&too_big])).await;
     assert_eq!(raw.status(), Some(431), "{raw}");
     assert_eq!(raw.error_code().as_deref(), Some("headers_too_large"), "{raw}");
-    assert_eq!(
-        upstream.count(),
-        before,
-        "{raw}\nupstream saw: {:#?}",
-        upstream.requests()
-    );
+    assert_eq!(upstream.count(), before, "{raw}\nupstream saw: {:#?}", upstream.requests());
 }
 
 #[tokio::test]

@@ -33,8 +33,8 @@ fn table() -> RouteTable {
 /// encodings of unreserved and reserved characters, double encoding.
 fn piece() -> impl Strategy<Value = &'static str> {
     prop::sample::select(vec![
-        "/", "//", ".", "..", "%2e", "%2E", "%2e%2e", ".%2e", "public", "admin", "a", "~", "%7e", "%7E",
-        "b", ";", "..;", "%3b", "%25", "%252e", "%2f", "%5c", "%41", "%zz", "x y", "%20", "?",
+        "/", "//", ".", "..", "%2e", "%2E", "%2e%2e", ".%2e", "public", "admin", "a", "~", "%7e", "%7E", "b",
+        ";", "..;", "%3b", "%25", "%252e", "%2f", "%5c", "%41", "%zz", "x y", "%20", "?",
     ])
 }
 

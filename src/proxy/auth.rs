@@ -25,9 +25,9 @@ pub enum Source {
 impl Source {
     /// Parses `header:NAME`, `authorization:SCHEME` or `query:NAME`.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let (kind, name) = text
-            .split_once(':')
-            .ok_or_else(|| format!("source {text:?} must be header:NAME, authorization:SCHEME or query:NAME"))?;
+        let (kind, name) = text.split_once(':').ok_or_else(|| {
+            format!("source {text:?} must be header:NAME, authorization:SCHEME or query:NAME")
+        })?;
         let name = name.trim();
         if name.is_empty() {
             return Err(format!("source {text:?} has an empty name"));
@@ -129,12 +129,12 @@ pub fn extract<'r>(
                 v.to_str().ok().and_then(|s| authorization_credential(s, scheme)).map(Cow::Borrowed)
             }))?,
             Source::Query(name) => single(
-                query_pairs(query.unwrap_or(""))
-                    .filter(|(n, _)| percent_decode(n) == name.as_str())
-                    .map(|(_, v)| match percent_decode(v) {
+                query_pairs(query.unwrap_or("")).filter(|(n, _)| percent_decode(n) == name.as_str()).map(
+                    |(_, v)| match percent_decode(v) {
                         Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
                         Cow::Owned(s) => Cow::Owned(s.trim().to_string()),
-                    }),
+                    },
+                ),
             )?,
         };
         if let Some(value) = found.filter(|v| !v.is_empty()) {
@@ -178,7 +178,12 @@ const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", 
 
 /// Checks that the key holds a scope the route requires for the method, and for every method
 /// an override header asks for, since the upstream may act on the override.
-pub fn authorize(rule: Option<&ScopeRule>, key: &KeyEntry, method: &Method, headers: &HeaderMap) -> Result<(), GatewayError> {
+pub fn authorize(
+    rule: Option<&ScopeRule>,
+    key: &KeyEntry,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<(), GatewayError> {
     let Some(rule) = rule else { return Ok(()) };
     let allowed = |method: &Method| {
         rule.required(method).is_some_and(|scopes| scopes.iter().any(|s| key.scopes.holds(s)))
@@ -188,7 +193,9 @@ pub fn authorize(rule: Option<&ScopeRule>, key: &KeyEntry, method: &Method, head
     }
     for name in METHOD_OVERRIDES {
         for value in headers.get_all(name) {
-            let text = value.to_str().map_err(|_| GatewayError::BadRequest("a method-override header is not text"))?;
+            let text = value
+                .to_str()
+                .map_err(|_| GatewayError::BadRequest("a method-override header is not text"))?;
             for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
                 let overridden = Method::from_bytes(part.as_bytes())
                     .map_err(|_| GatewayError::BadRequest("a method-override header is not a method"))?;
@@ -295,7 +302,10 @@ mod tests {
         assert_eq!(found(&headers, None).unwrap().as_deref(), Some("hdr"));
         headers.append("x-api-key", HeaderValue::from_static("other"));
         assert_eq!(found(&headers, None), Err(GatewayError::InvalidApiKey));
-        assert_eq!(found(&HeaderMap::new(), Some("a=1&api_key=x%2By&api_key=z")), Err(GatewayError::InvalidApiKey));
+        assert_eq!(
+            found(&HeaderMap::new(), Some("a=1&api_key=x%2By&api_key=z")),
+            Err(GatewayError::InvalidApiKey)
+        );
         assert_eq!(found(&HeaderMap::new(), Some("a=1&api_key=x%2By+")).unwrap().as_deref(), Some("x+y+"));
         assert_eq!(found(&HeaderMap::new(), Some("a=1")).unwrap(), None);
     }

@@ -73,7 +73,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 fn is_keygate_header(name: &HeaderName) -> bool {
     let name = name.as_str().as_bytes();
     name.len() >= 10
-        && name[..10].iter().zip(b"x-keygate-").all(|(&got, &want)| got == want || (got == b'_' && want == b'-'))
+        && name[..10]
+            .iter()
+            .zip(b"x-keygate-")
+            .all(|(&got, &want)| got == want || (got == b'_' && want == b'-'))
 }
 
 /// Removes every client-sent `x-keygate-*` header: only keygate may speak for a key.

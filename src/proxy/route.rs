@@ -147,10 +147,7 @@ mod tests {
 
     #[test]
     fn scope_rule_fails_closed() {
-        let rule = ScopeRule {
-            by_method: vec![(Method::GET, vec!["read".into()].into())],
-            other: None,
-        };
+        let rule = ScopeRule { by_method: vec![(Method::GET, vec!["read".into()].into())], other: None };
         assert!(rule.required(&Method::GET).is_some());
         assert!(rule.required(&Method::POST).is_none());
         let get_lower = Method::from_bytes(b"get").unwrap();

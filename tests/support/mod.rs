@@ -117,9 +117,7 @@ pub struct RecordingUpstream {
 
 impl RecordingUpstream {
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind recording upstream");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind recording upstream");
         let addr = listener.local_addr().expect("upstream local addr");
         let log = Arc::new(Mutex::new(Vec::new()));
         let accept = tokio::spawn(upstream_accept_loop(listener, Arc::clone(&log)));
@@ -211,9 +209,7 @@ async fn upstream_answer(
         None => body,
     };
     let mut response = Response::new(Full::new(payload));
-    response
-        .headers_mut()
-        .insert("x-upstream", http::HeaderValue::from_static("yes"));
+    response.headers_mut().insert("x-upstream", http::HeaderValue::from_static("yes"));
     Ok(response)
 }
 
@@ -264,10 +260,7 @@ impl Route {
 
     /// `method = scope` (one scope) or `method = [scopes…]` (several) in `[routes.scopes]`.
     pub fn scope(mut self, method: &str, scopes: &[&str]) -> Self {
-        self.scopes.push((
-            method.to_owned(),
-            scopes.iter().map(|s| (*s).to_owned()).collect(),
-        ));
+        self.scopes.push((method.to_owned(), scopes.iter().map(|s| (*s).to_owned()).collect()));
         self
     }
 
@@ -355,10 +348,7 @@ impl Key {
 
 /// A keys.toml body holding these keys.
 pub fn keys_toml(keys: &[Key]) -> String {
-    keys.iter()
-        .map(Key::to_toml)
-        .collect::<Vec<_>>()
-        .join("\n")
+    keys.iter().map(Key::to_toml).collect::<Vec<_>>().join("\n")
 }
 
 /// Composes keygate.toml and keys.toml for a test.
@@ -462,21 +452,14 @@ impl TestGateway {
                 "keygate rejected the test config:\n{errors}\n--- keygate.toml ---\n{gateway_toml}\n--- keys.toml ---\n{keys_toml}"
             ),
         };
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind gateway listener");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind gateway listener");
         let addr = listener.local_addr().expect("gateway local addr");
         let gateway = Arc::new(keygate::proxy::Gateway::new(snapshot));
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(keygate::server::serve(listener, gateway, async move {
             let _ = stop.await;
         }));
-        Self {
-            addr,
-            dir,
-            shutdown: Some(shutdown),
-            task,
-        }
+        Self { addr, dir, shutdown: Some(shutdown), task }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -560,22 +543,13 @@ impl Call {
 
     pub async fn try_send(self) -> Result<Exchange, String> {
         let probe = NEXT_PROBE.fetch_add(1, Ordering::Relaxed).to_string();
-        let has_host = self
-            .headers
-            .iter()
-            .any(|(name, _)| name.eq_ignore_ascii_case("host"));
+        let has_host = self.headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("host"));
         let mut builder = Request::builder().method(self.method.clone());
         builder = if self.http2 {
-            builder
-                .version(Version::HTTP_2)
-                .uri(format!("http://{}{}", self.addr, self.target))
+            builder.version(Version::HTTP_2).uri(format!("http://{}{}", self.addr, self.target))
         } else {
             let builder = builder.version(Version::HTTP_11).uri(self.target.as_str());
-            if has_host {
-                builder
-            } else {
-                builder.header("host", self.addr.to_string())
-            }
+            if has_host { builder } else { builder.header("host", self.addr.to_string()) }
         };
         for (name, value) in &self.headers {
             builder = builder.header(name.as_str(), value.as_str());
@@ -586,9 +560,7 @@ impl Call {
             .body(Full::new(self.body.clone()))
             .map_err(|e| format!("could not build the request: {e}\nsent:\n{sent}"))?;
         match tokio::time::timeout(IO_TIMEOUT, roundtrip(self.addr, request, self.http2)).await {
-            Err(_) => Err(format!(
-                "no complete response within {IO_TIMEOUT:?}\nsent:\n{sent}"
-            )),
+            Err(_) => Err(format!("no complete response within {IO_TIMEOUT:?}\nsent:\n{sent}")),
             Ok(Err(e)) => Err(format!("transport error: {e:?}\nsent:\n{sent}")),
             Ok(Ok(response)) => {
                 let (parts, body) = response;
@@ -626,8 +598,7 @@ async fn roundtrip(
 ) -> Result<(http::response::Parts, Bytes), Box<dyn StdError + Send + Sync>> {
     let io = TokioIo::new(TcpStream::connect(addr).await?);
     let response = if http2 {
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
         tokio::spawn(conn);
         sender.send_request(request).await?
     } else {
@@ -683,28 +654,16 @@ impl fmt::Debug for Exchange {
 /// Checks a response keygate itself answered: status, JSON `{"error", "message"}` body with the
 /// right content-type, `www-authenticate` on 401, and no trace of the upstream.
 pub fn assert_error(exchange: &Exchange, status: u16, code: &str) {
-    assert_eq!(
-        exchange.status.as_u16(),
-        status,
-        "expected {status} {code}\n{exchange}"
-    );
+    assert_eq!(exchange.status.as_u16(), status, "expected {status} {code}\n{exchange}");
     let content_type = exchange.header("content-type").unwrap_or_default();
     assert!(
         content_type.starts_with("application/json"),
         "expected content-type application/json\n{exchange}"
     );
-    let body = exchange
-        .json()
-        .unwrap_or_else(|| panic!("expected a JSON body\n{exchange}"));
-    assert_eq!(
-        body.get("error").and_then(|v| v.as_str()),
-        Some(code),
-        "wrong error code\n{exchange}"
-    );
+    let body = exchange.json().unwrap_or_else(|| panic!("expected a JSON body\n{exchange}"));
+    assert_eq!(body.get("error").and_then(|v| v.as_str()), Some(code), "wrong error code\n{exchange}");
     assert!(
-        body.get("message")
-            .and_then(|v| v.as_str())
-            .is_some_and(|m| !m.is_empty()),
+        body.get("message").and_then(|v| v.as_str()).is_some_and(|m| !m.is_empty()),
         "expected a non-empty message\n{exchange}"
     );
     if status == 401 {
@@ -764,9 +723,7 @@ impl RawExchange {
     pub fn header(&self, name: &str) -> Option<String> {
         self.head().lines().skip(1).find_map(|line| {
             let (n, v) = line.split_once(':')?;
-            n.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_owned())
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
         })
     }
 
@@ -818,10 +775,7 @@ fn response_complete(received: &[u8]) -> bool {
     let body = &received[head_end..];
     for line in head.lines().skip(1) {
         if let Some(value) = line.strip_prefix("content-length:") {
-            return value
-                .trim()
-                .parse::<usize>()
-                .is_ok_and(|len| body.len() >= len);
+            return value.trim().parse::<usize>().is_ok_and(|len| body.len() >= len);
         }
         if line.starts_with("transfer-encoding:") && line.contains("chunked") {
             return body.ends_with(b"0\r\n\r\n");
@@ -835,11 +789,7 @@ fn response_complete(received: &[u8]) -> bool {
 /// [`IO_TIMEOUT`]. Requests should say `Connection: close`.
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawExchange {
     let deadline = Instant::now() + IO_TIMEOUT;
-    let mut exchange = RawExchange {
-        sent: request.to_vec(),
-        received: Vec::new(),
-        error: None,
-    };
+    let mut exchange = RawExchange { sent: request.to_vec(), received: Vec::new(), error: None };
     let mut stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => panic!("connect to {addr}: {e}"),

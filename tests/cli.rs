@@ -209,13 +209,15 @@ async fn assert_check_rejects(gateway: &str, keys: &str, file: &str, lines: Rang
 
 async fn assert_gateway_toml_rejected(from: &str, to: &str) {
     let broken = replace_first(GATEWAY_TOML, from, to);
-    let line = line_of(&broken, to, 1);
+    // The offending line is the last line of the replacement.
+    let line = line_of(&broken, to, 1) + to.trim_end().matches('\n').count();
     assert_check_rejects(&broken, &three_keys(), "keygate.toml", line..=line).await;
 }
 
 async fn assert_keys_toml_rejected(from: &str, to: &str) {
     let broken = replace_first(&three_keys(), from, to);
-    let line = line_of(&broken, to, 1);
+    // The offending line is the last line of the replacement.
+    let line = line_of(&broken, to, 1) + to.trim_end().matches('\n').count();
     assert_check_rejects(GATEWAY_TOML, &broken, "keys.toml", line..=line).await;
 }
 

@@ -182,7 +182,9 @@ impl Gateway {
 /// off heads beyond twice that, see the server.)
 fn check_head_size(parts: &Parts, max: usize) -> Result<(), GatewayError> {
     let headers: usize = parts.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
-    let line = parts.method.as_str().len() + parts.uri.to_string().len() + 12;
+    let target = parts.uri.authority().map_or(0, |a| a.as_str().len() + 8)
+        + parts.uri.path_and_query().map_or(1, |pq| pq.as_str().len());
+    let line = parts.method.as_str().len() + target + 12;
     if headers + line > max { Err(GatewayError::HeadersTooLarge) } else { Ok(()) }
 }
 

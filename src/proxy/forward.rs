@@ -66,6 +66,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
+    // hyper has already answered `Expect: 100-continue` towards the client when the body is
+    // read; passing it on would make the upstream wait for a continue that never comes.
+    headers.remove(header::EXPECT);
 }
 
 /// Whether a header claims to come from keygate, in any spelling a back end may fold to ours

@@ -4,10 +4,12 @@
 
 mod support;
 
+use std::time::Duration;
+
 use http::{Method, Version};
 use support::{
     GatewayConfig, Key, RecordingUpstream, Route, TestGateway, assert_error, assert_rejected, both, pattern,
-    raw_get,
+    raw_get, toml_datetime_from_now,
 };
 
 const ALICE: &str = "alice-secret-7f3k2m9qz";
@@ -60,6 +62,8 @@ async fn unknown_key_is_401_invalid_api_key() {
     let (upstream, gateway) = basic_gateway().await;
     let exchange = gateway.get("/private/items").header("x-api-key", UNKNOWN).send().await;
     assert_rejected(&exchange, &upstream, 401, "invalid_api_key");
+    let answered = format!("{:?}{}", exchange.headers, String::from_utf8_lossy(&exchange.body));
+    assert!(!answered.contains(UNKNOWN), "the error echoes the key\n{exchange}");
 }
 
 #[tokio::test]
@@ -116,6 +120,41 @@ async fn future_expiry_and_revocation_are_not_yet_in_effect() {
     let exchange = gateway.get("/x").header("x-api-key", "later-secret-55aa").send().await;
     assert_eq!(exchange.status, 200, "{exchange}");
     upstream.expect_received(&exchange);
+}
+
+#[tokio::test]
+async fn expiry_and_revocation_are_judged_at_each_request() {
+    let upstream = RecordingUpstream::start().await;
+    // Whole-second datetimes: these take effect between 1 and 2 seconds from now.
+    let soon = toml_datetime_from_now(2);
+    let gateway = GatewayConfig::new()
+        .route(Route::new("/", &upstream.url()))
+        .key(Key::new("expsoon1", "expiring", "expiring-secret", &["read"]).expires_at(&soon))
+        .key(Key::new("revsoon1", "revoking", "revoking-secret", &["read"]).revoked_at(&soon))
+        .start()
+        .await;
+
+    let keys = [("expiring-secret", "expired_api_key"), ("revoking-secret", "revoked_api_key")];
+    for (secret, _) in keys {
+        let before = gateway.get("/x").header("x-api-key", secret).send().await;
+        assert_eq!(before.status, 200, "before {soon}: {before}");
+    }
+    for (secret, code) in keys {
+        // Nothing reloads here: only the clock can turn the same snapshot's answer into a 401.
+        let mut rejected = None;
+        for _ in 0..50 {
+            let exchange = gateway.get("/x").header("x-api-key", secret).send().await;
+            if exchange.status == 401 {
+                rejected = Some(exchange);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let Some(after) = rejected else {
+            panic!("{secret} was still accepted 5 s after {soon}");
+        };
+        assert_rejected(&after, &upstream, 401, code);
+    }
 }
 
 #[tokio::test]
@@ -188,7 +227,9 @@ async fn header_source_matches_any_case_and_is_stripped() {
 async fn bearer_source_is_used_and_stripped() {
     let upstream = RecordingUpstream::start().await;
     let gateway = basic(&upstream).sources(&["authorization:Bearer"]).start().await;
-    let exchange = gateway.get("/private/a").header("authorization", &format!("Bearer {ALICE}")).send().await;
+    // Surrounding whitespace is trimmed.
+    let exchange =
+        gateway.get("/private/a").header("authorization", &format!("Bearer   {ALICE}  ")).send().await;
     assert_eq!(exchange.status, 200, "{exchange}");
     let seen = upstream.expect_received(&exchange);
     let ctx = both(&exchange, &seen);
@@ -304,6 +345,39 @@ async fn two_values_for_one_source_are_401_invalid_api_key() {
 
     let query = gateway.get(&format!("/private/a?api_key={ALICE}&api_key={ALICE}")).send().await;
     assert_rejected(&query, &upstream, 401, "invalid_api_key");
+
+    let gateway = basic(&upstream).sources(&["authorization:Bearer"]).start().await;
+    let bearer = format!("Bearer {ALICE}");
+    let authorization = gateway
+        .get("/private/a")
+        .header("authorization", &bearer)
+        .header("authorization", &bearer)
+        .send()
+        .await;
+    assert_rejected(&authorization, &upstream, 401, "invalid_api_key");
+}
+
+#[tokio::test]
+async fn credentials_are_stripped_on_public_routes_too() {
+    let upstream = RecordingUpstream::start().await;
+    let gateway = basic(&upstream)
+        .sources(&["header:x-api-key", "authorization:Bearer", "query:api_key"])
+        .start()
+        .await;
+    for key in [ALICE, UNKNOWN] {
+        let exchange = gateway
+            .get(&format!("/public/page?api_key={key}&keep=1"))
+            .header("x-api-key", key)
+            .header("authorization", &format!("Bearer {key}"))
+            .send()
+            .await;
+        assert_eq!(exchange.status, 200, "{exchange}");
+        let seen = upstream.expect_received(&exchange);
+        let ctx = both(&exchange, &seen);
+        assert_eq!(seen.uri, "/public/page?keep=1", "{ctx}");
+        assert_eq!(seen.header("x-api-key"), None, "{ctx}");
+        assert_eq!(seen.header("authorization"), None, "{ctx}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -427,11 +501,24 @@ async fn forwarding_headers_are_appended_or_replaced() {
     );
     assert_eq!(seen.header_all("x-real-ip"), ["127.0.0.1"], "{ctx}");
     assert_eq!(seen.header("forwarded"), None, "{ctx}");
+    // preserve_host defaults to false: the upstream sees its own authority.
+    assert_eq!(seen.header_all("host"), [upstream.addr().to_string()], "{ctx}");
 
     // With nothing sent, x-forwarded-for is just the client.
     let plain = gateway.get("/public/page").send().await;
     let seen = upstream.expect_received(&plain);
     assert_eq!(seen.header_all("x-forwarded-for"), ["127.0.0.1"], "{}", both(&plain, &seen));
+}
+
+#[tokio::test]
+async fn preserve_host_sends_the_clients_host() {
+    let upstream = RecordingUpstream::start().await;
+    let gateway =
+        GatewayConfig::new().route(Route::new("/", &upstream.url()).public().preserve_host()).start().await;
+    let exchange = gateway.get("/x").header("host", "api.example.com:8443").send().await;
+    assert_eq!(exchange.status, 200, "{exchange}");
+    let seen = upstream.expect_received(&exchange);
+    assert_eq!(seen.header_all("host"), ["api.example.com:8443"], "{}", both(&exchange, &seen));
 }
 
 #[tokio::test]
@@ -747,6 +834,31 @@ async fn path_tricks_never_reach_a_private_route_without_a_key() {
 }
 
 #[tokio::test]
+async fn path_tricks_over_http2_are_normalised_too() {
+    let (upstream, gateway) = basic_gateway().await;
+    for (target, status, code) in [
+        ("/public/../private/secret", 401, "missing_api_key"),
+        ("/public/%2e%2e/private/secret", 401, "missing_api_key"),
+        ("/public/..%2Fprivate/secret", 400, "bad_request"),
+        ("/public/..;/private/secret", 400, "bad_request"),
+    ] {
+        let exchange = gateway.get(target).http2().send().await;
+        assert_rejected(&exchange, &upstream, status, code);
+    }
+}
+
+#[tokio::test]
+async fn allow_encoded_slashes_forwards_them_still_encoded() {
+    let upstream = RecordingUpstream::start().await;
+    let gateway = basic(&upstream).server("allow_encoded_slashes", "true").start().await;
+    let exchange = gateway.get("/public/a%2Fb").send().await;
+    assert_eq!(exchange.status, 200, "{exchange}");
+    let seen = upstream.expect_received(&exchange);
+    // Still encoded: a decoded slash would make a different path from the one routed.
+    assert!(seen.uri.eq_ignore_ascii_case("/public/a%2Fb"), "{}", both(&exchange, &seen));
+}
+
+#[tokio::test]
 async fn upstream_receives_the_normalised_path() {
     let (upstream, gateway) = basic_gateway().await;
     let cases = [
@@ -880,6 +992,61 @@ async fn slow_upstream_is_504_upstream_timeout() {
 
     let quick = gateway.get("/quick").send().await;
     assert_eq!(quick.status, 200, "{quick}");
+}
+
+/// Accepts one connection, reads the request head, promises 1000 body bytes, sends 100 and
+/// closes: an upstream that dies mid-body.
+async fn upstream_dying_mid_body() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else { return };
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Bounded: a request head is far below 64 KiB, and the test's client times out anyway.
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65_536 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n").await;
+        let _ = stream.write_all(&[b'x'; 100]).await;
+        // Dropping the stream closes it 900 bytes short.
+    });
+    addr
+}
+
+#[tokio::test]
+async fn upstream_dying_mid_body_is_not_passed_off_as_complete() {
+    let dying = upstream_dying_mid_body().await;
+    let gateway =
+        GatewayConfig::new().route(Route::new("/", &format!("http://{dying}")).public()).start().await;
+    match gateway.get("/truncated").try_send().await {
+        // The client saw its response cut off: what the spec asks for.
+        Err(_) => {}
+        Ok(exchange) => panic!(
+            "a truncated upstream body reached the client as a complete response \
+             ({} of 1000 bytes)\n{exchange}",
+            exchange.body.len()
+        ),
+    }
+}
+
+#[tokio::test]
+async fn client_that_never_finishes_its_headers_is_dropped() {
+    let upstream = RecordingUpstream::start().await;
+    let gateway = basic(&upstream).server("header_read_timeout", "\"1s\"").start().await;
+    let started = tokio::time::Instant::now();
+    let raw = gateway.raw(b"GET /public/slow HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Partial: ").await;
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(5)
+            && raw.error.as_deref().is_none_or(|e| !e.contains("no complete response")),
+        "connection still open after {waited:?} with header_read_timeout = 1s\n{raw}"
+    );
+    assert_eq!(upstream.count(), 0, "{raw}");
 }
 
 #[tokio::test]

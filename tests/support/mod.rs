@@ -152,14 +152,16 @@ impl RecordingUpstream {
     }
 
     /// Like [`received`](Self::received) but fails the test, showing the exchange, if absent.
+    #[track_caller]
     pub fn expect_received(&self, exchange: &Exchange) -> Recorded {
-        self.received(exchange).unwrap_or_else(|| {
-            panic!(
+        match self.received(exchange) {
+            Some(seen) => seen,
+            None => panic!(
                 "the upstream never saw this request\n{exchange}\nupstream saw {} request(s): {:#?}",
                 self.count(),
                 self.requests()
-            )
-        })
+            ),
+        }
     }
 }
 
@@ -234,6 +236,7 @@ pub struct Route {
     upstream: String,
     public: bool,
     host: Option<String>,
+    preserve_host: bool,
     scopes: Vec<(String, Vec<String>)>,
 }
 
@@ -244,6 +247,7 @@ impl Route {
             upstream: upstream.to_owned(),
             public: false,
             host: None,
+            preserve_host: false,
             scopes: Vec::new(),
         }
     }
@@ -255,6 +259,11 @@ impl Route {
 
     pub fn host(mut self, host: &str) -> Self {
         self.host = Some(host.to_owned());
+        self
+    }
+
+    pub fn preserve_host(mut self) -> Self {
+        self.preserve_host = true;
         self
     }
 
@@ -273,6 +282,9 @@ impl Route {
         }
         if let Some(host) = &self.host {
             let _ = writeln!(out, "host = {}", toml_str(host));
+        }
+        if self.preserve_host {
+            out.push_str("preserve_host = true\n");
         }
         if !self.scopes.is_empty() {
             out.push_str("[routes.scopes]\n");
@@ -344,6 +356,32 @@ impl Key {
         }
         out
     }
+}
+
+/// A TOML datetime (UTC, whole seconds) `offset_secs` from now, e.g. `2026-01-31T12:00:02Z`.
+pub fn toml_datetime_from_now(offset_secs: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let at = i64::try_from(now).expect("seconds fit i64") + offset_secs;
+    let (days, second_of_day) = (at.div_euclid(86_400), at.rem_euclid(86_400));
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        second_of_day / 3_600,
+        second_of_day % 3_600 / 60,
+        second_of_day % 60
+    )
 }
 
 /// A keys.toml body holding these keys.
@@ -653,6 +691,7 @@ impl fmt::Debug for Exchange {
 
 /// Checks a response keygate itself answered: status, JSON `{"error", "message"}` body with the
 /// right content-type, `www-authenticate` on 401, and no trace of the upstream.
+#[track_caller]
 pub fn assert_error(exchange: &Exchange, status: u16, code: &str) {
     assert_eq!(exchange.status.as_u16(), status, "expected {status} {code}\n{exchange}");
     let content_type = exchange.header("content-type").unwrap_or_default();
@@ -660,7 +699,9 @@ pub fn assert_error(exchange: &Exchange, status: u16, code: &str) {
         content_type.starts_with("application/json"),
         "expected content-type application/json\n{exchange}"
     );
-    let body = exchange.json().unwrap_or_else(|| panic!("expected a JSON body\n{exchange}"));
+    let Some(body) = exchange.json() else {
+        panic!("expected a JSON body\n{exchange}");
+    };
     assert_eq!(body.get("error").and_then(|v| v.as_str()), Some(code), "wrong error code\n{exchange}");
     assert!(
         body.get("message").and_then(|v| v.as_str()).is_some_and(|m| !m.is_empty()),
@@ -679,6 +720,7 @@ pub fn assert_error(exchange: &Exchange, status: u16, code: &str) {
 }
 
 /// [`assert_error`] plus: the upstream never saw the request.
+#[track_caller]
 pub fn assert_rejected(exchange: &Exchange, upstream: &RecordingUpstream, status: u16, code: &str) {
     assert_error(exchange, status, code);
     if let Some(seen) = upstream.received(exchange) {

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config;
 use crate::proxy::Gateway;
-use crate::server;
+use crate::{reload, server};
 
 #[derive(Debug, Parser)]
 #[command(name = "keygate", version, about = "API-key authentication gateway in front of an HTTP API")]
@@ -82,6 +82,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
         let summary = snapshot.summary(SystemTime::now());
         tracing::info!(config = %snapshot.config_path.display(), "loaded {summary}");
         let gateway = Arc::new(Gateway::new(snapshot));
+        let _reloader = reload::spawn(Arc::clone(&gateway)).map_err(|e| format!("cannot watch the config files: {e}"))?;
         server::serve(listener, gateway, server::shutdown_signal()).await.map_err(|e| e.to_string())
     })
 }

@@ -104,7 +104,9 @@ HEAD = "read"
     println!("{key}");
     println!("curl -i -H 'x-api-key: {key}' http://{addr}/hello");
     eprintln!("without the key, or with POST (needs scope \"write\"), the gateway refuses. Ctrl-C stops.");
-    server::serve(listener, Arc::new(Gateway::new(snapshot)), server::shutdown_signal()).await?;
+    let gateway = Arc::new(Gateway::new(snapshot));
+    let _reloader = crate::reload::spawn(Arc::clone(&gateway))?;
+    server::serve(listener, gateway, server::shutdown_signal()).await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! - [`keys`]: the presented key as a secret type, the generated key format, the hashed key table.
 //! - [`proxy`]: the request pipeline: route → extract → verify → authorize → rewrite → forward.
 //! - [`ratelimit`]: per-key token buckets that outlive reloads.
+//! - [`reload`]: file events and SIGHUP → debounce → load → atomic swap; bad files change nothing.
 //! - [`error`]: every rejection keygate answers itself, and the one place it becomes HTTP.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 connections, graceful drain.
 //! - [`telemetry`]: tracing subscriber set-up and the access log event.
@@ -20,5 +21,6 @@ pub mod error;
 pub mod keys;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reload;
 pub mod server;
 pub mod telemetry;

@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::ratelimit::RateLimiter;
+use crate::reload::ReloadStatus;
 use crate::telemetry::AccessLog;
 use forward::{ClientInfo, UpstreamClient, X_REQUEST_ID};
 
@@ -33,6 +34,7 @@ pub struct Gateway {
     client: UpstreamClient,
     request_ids: RequestIds,
     rate_limiter: RateLimiter,
+    reload_status: ReloadStatus,
 }
 
 impl Gateway {
@@ -42,6 +44,7 @@ impl Gateway {
             client: forward::upstream_client(),
             request_ids: RequestIds::new(),
             rate_limiter: RateLimiter::default(),
+            reload_status: ReloadStatus::new(),
         }
     }
 
@@ -49,6 +52,10 @@ impl Gateway {
     /// never sees half of one configuration and half of another.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
+    }
+
+    pub fn reload_status(&self) -> &ReloadStatus {
+        &self.reload_status
     }
 
     /// Replaces the snapshot atomically; requests already running finish on the old one.

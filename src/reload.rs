@@ -1,0 +1,288 @@
+//! Hot reload: file events (and SIGHUP) → debounce → [`config::load`] off the request path →
+//! atomic swap. An invalid configuration leaves the running snapshot in place.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::config::{self, Snapshot};
+use crate::proxy::Gateway;
+
+/// After an event, wait for this much quiet before reading: editors and `keygate keys` write in
+/// bursts (temp file, rename, chmod), and a burst should cost one reload, not five.
+const QUIET: Duration = Duration::from_millis(75);
+/// ... but never wait longer than this after the first event of a burst, so a file that is
+/// rewritten non-stop is still picked up well within a second.
+const MAX_DELAY: Duration = Duration::from_millis(400);
+
+/// The outcome of reloads so far, for `/status`, metrics and tests.
+#[derive(Debug)]
+pub struct ReloadStatus {
+    inner: Mutex<StatusInner>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct StatusInner {
+    generation: u64,
+    successes: u64,
+    failures: u64,
+    last_error: Option<String>,
+}
+
+/// A copy of the reload status at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusView {
+    pub generation: u64,
+    pub successes: u64,
+    pub failures: u64,
+    pub last_error: Option<String>,
+}
+
+impl ReloadStatus {
+    /// Generation 1 is the configuration loaded at start.
+    pub fn new() -> Self {
+        Self { inner: Mutex::new(StatusInner { generation: 1, ..StatusInner::default() }) }
+    }
+
+    pub fn view(&self) -> StatusView {
+        let inner = self.inner.lock().map(|g| g.clone()).unwrap_or_default();
+        StatusView {
+            generation: inner.generation,
+            successes: inner.successes,
+            failures: inner.failures,
+            last_error: inner.last_error,
+        }
+    }
+
+    fn record(&self, result: Result<(), String>) {
+        // A poisoned lock only means another thread panicked mid-update of plain counters.
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(()) => {
+                inner.generation += 1;
+                inner.successes += 1;
+                inner.last_error = None;
+            }
+            Err(error) => {
+                inner.failures += 1;
+                inner.last_error = Some(error);
+            }
+        }
+    }
+}
+
+/// Loads the configuration again from the running snapshot's path and swaps it in if valid.
+/// Blocking: call it from a blocking thread.
+pub fn reload_now(gateway: &Gateway) -> Result<(), config::ConfigErrors> {
+    let current = gateway.snapshot();
+    let started = Instant::now();
+    let result = config::load(&current.config_path);
+    match result {
+        Ok(snapshot) => {
+            warn_about_restart(&current, &snapshot);
+            let summary = snapshot.summary(SystemTime::now());
+            gateway.replace(snapshot);
+            gateway.reload_status().record(Ok(()));
+            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "configuration reloaded: {summary}");
+            Ok(())
+        }
+        Err(errors) => {
+            for error in &errors.0 {
+                tracing::error!("reload failed, keeping the running configuration: {error}");
+            }
+            gateway.reload_status().record(Err(errors.to_string()));
+            Err(errors)
+        }
+    }
+}
+
+fn warn_about_restart(old: &Snapshot, new: &Snapshot) {
+    if old.server.listen != new.server.listen {
+        tracing::warn!(
+            running = %old.server.listen,
+            configured = %new.server.listen,
+            "listen address changed: it takes effect only after a restart"
+        );
+    }
+    if old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
+        tracing::warn!("admin listen address changed: it takes effect only after a restart");
+    }
+}
+
+/// The files a snapshot depends on, and how to recognise events about them.
+#[derive(Debug, PartialEq, Eq)]
+struct WatchSet {
+    dirs: BTreeSet<PathBuf>,
+    names: BTreeSet<OsString>,
+}
+
+impl WatchSet {
+    /// Folders, not files, are watched: editors and `mv` replace a file's inode, and Kubernetes
+    /// swaps a `..data` symlink next to it. Both the path as configured and the file it
+    /// resolves to (through symlinks) are covered.
+    fn for_snapshot(snapshot: &Snapshot) -> Self {
+        let mut set = Self { dirs: BTreeSet::new(), names: BTreeSet::new() };
+        for path in [&snapshot.config_path, &snapshot.keys_path] {
+            set.add(path);
+            if let Ok(real) = std::fs::canonicalize(path) {
+                set.add(&real);
+            }
+        }
+        set
+    }
+
+    fn add(&mut self, path: &Path) {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        self.dirs.insert(dir);
+        if let Some(name) = path.file_name() {
+            self.names.insert(name.to_os_string());
+        }
+    }
+
+    fn concerns(&self, event: &notify::Event) -> bool {
+        // Reading the files ourselves produces access events: reacting to them would loop.
+        if matches!(event.kind, notify::EventKind::Access(_)) {
+            return false;
+        }
+        event.paths.iter().any(|p| {
+            p.file_name().is_some_and(|name| {
+                // `..data`, `..2026_11_22_…`: the Kubernetes atomic-writer's swap.
+                self.names.contains(name) || name.to_string_lossy().starts_with("..")
+            })
+        })
+    }
+}
+
+/// Keeps the file watcher alive; dropping it stops watching.
+pub struct ReloadHandle {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ReloadHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts watching the gateway's files and listening for SIGHUP; reloads on either.
+pub fn spawn(gateway: Arc<Gateway>) -> Result<ReloadHandle, notify::Error> {
+    let (tx, rx) = mpsc::unbounded_channel::<notify::Event>();
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+        Ok(event) => {
+            let _ = tx.send(event);
+        }
+        Err(error) => tracing::warn!(%error, "file watch error"),
+    })?;
+    let mut watching = Watching { watcher, set: None };
+    watching.update(&gateway.snapshot());
+    let task = tokio::spawn(run(gateway, rx, watching));
+    Ok(ReloadHandle { task })
+}
+
+struct Watching {
+    watcher: RecommendedWatcher,
+    set: Option<WatchSet>,
+}
+
+impl Watching {
+    /// Watches the folders the snapshot's files live in now; called before every reload so a
+    /// change made while loading is still seen.
+    fn update(&mut self, snapshot: &Snapshot) {
+        let set = WatchSet::for_snapshot(snapshot);
+        if self.set.as_ref() == Some(&set) {
+            return;
+        }
+        if let Some(old) = &self.set {
+            for dir in old.dirs.difference(&set.dirs) {
+                let _ = self.watcher.unwatch(dir);
+            }
+        }
+        for dir in &set.dirs {
+            if self.set.as_ref().is_some_and(|old| old.dirs.contains(dir)) {
+                continue;
+            }
+            if let Err(error) = self.watcher.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), %error, "cannot watch folder; use SIGHUP to reload");
+            }
+        }
+        self.set = Some(set);
+    }
+}
+
+async fn run(gateway: Arc<Gateway>, mut events: mpsc::UnboundedReceiver<notify::Event>, mut watching: Watching) {
+    let mut hangups = hangup_signals();
+    loop {
+        let triggered = tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => watching.set.as_ref().is_some_and(|s| s.concerns(&event)),
+                None => return,
+            },
+            () = next_hangup(&mut hangups) => {
+                tracing::info!("SIGHUP: reloading");
+                true
+            }
+        };
+        if !triggered {
+            continue;
+        }
+        debounce(&mut events).await;
+        // Re-watch first (a symlink may now resolve elsewhere), then load: any write after
+        // this point produces a new event and another reload.
+        watching.update(&gateway.snapshot());
+        let reloading = Arc::clone(&gateway);
+        let _ = tokio::task::spawn_blocking(move || reload_now(&reloading)).await;
+        watching.update(&gateway.snapshot());
+    }
+}
+
+/// Waits until no event has arrived for [`QUIET`], or [`MAX_DELAY`] has passed.
+async fn debounce(events: &mut mpsc::UnboundedReceiver<notify::Event>) {
+    let deadline = tokio::time::Instant::now() + MAX_DELAY;
+    loop {
+        let quiet_until = (tokio::time::Instant::now() + QUIET).min(deadline);
+        match tokio::time::timeout_at(quiet_until, events.recv()).await {
+            Ok(Some(_)) if tokio::time::Instant::now() < deadline => continue,
+            _ => return,
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = Option<()>;
+
+fn hangup_signals() -> Hangups {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(signal) => Some(signal),
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGHUP");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+async fn next_hangup(hangups: &mut Hangups) {
+    #[cfg(unix)]
+    if let Some(signal) = hangups {
+        if signal.recv().await.is_some() {
+            return;
+        }
+    }
+    let _ = hangups;
+    std::future::pending::<()>().await
+}

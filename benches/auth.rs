@@ -16,12 +16,13 @@ use keygate::proxy::route::ScopeRule;
 fn table(n: usize) -> (KeyTable, Vec<String>) {
     let scopes = Arc::new(ScopeSet::new(vec!["read".into(), "write".into()]).unwrap());
     let expires_at = Some(SystemTime::now() + Duration::from_secs(86_400));
-    let mut table = KeyTable::with_capacity(n);
+    let mut entries = Vec::with_capacity(n);
     let mut probes = Vec::new();
     for i in 0..n {
         // Cheap stand-ins with the generated keys' length; checksums are checked separately.
         let key = format!("legacy_{i:038}");
         let entry = KeyEntry {
+            hash: KeyHash::of(&key),
             id: HeaderValue::from_str(&format!("{i:08x}")).unwrap(),
             name: HeaderValue::from_static("bench"),
             scopes: Arc::clone(&scopes),
@@ -29,11 +30,13 @@ fn table(n: usize) -> (KeyTable, Vec<String>) {
             revoked_at: None,
             rate_limit: None,
         };
-        assert!(table.insert(KeyHash::of(&key), entry));
+        entries.push(entry);
         if i % (n / 10).max(1) == 0 {
             probes.push(key);
         }
     }
+    let (table, duplicates) = KeyTable::build(entries);
+    assert!(duplicates.is_empty());
     (table, probes)
 }
 

@@ -78,12 +78,16 @@ fn serve(path: &std::path::Path) -> ExitCode {
     let workers = snapshot.server.workers;
     let listen = snapshot.server.listen;
     block_on(workers, async move {
-        let listener = server::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let summary = snapshot.summary(SystemTime::now());
         tracing::info!(config = %snapshot.config_path.display(), "loaded {summary}");
         let gateway = Arc::new(Gateway::new(snapshot));
-        let _reloader = reload::spawn(Arc::clone(&gateway)).map_err(|e| format!("cannot watch the config files: {e}"))?;
-        server::serve(listener, gateway, server::shutdown_signal()).await.map_err(|e| e.to_string())
+        // Signal handlers first: once "listening on" is logged, SIGHUP and SIGTERM must already
+        // mean reload and drain, never the default of killing the process.
+        let shutdown = server::shutdown_signal();
+        let _reloader =
+            reload::spawn(Arc::clone(&gateway)).map_err(|e| format!("cannot watch the config files: {e}"))?;
+        let listener = server::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        server::serve(listener, gateway, shutdown).await.map_err(|e| e.to_string())
     })
 }
 

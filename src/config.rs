@@ -3,6 +3,7 @@
 
 mod error;
 mod file;
+mod keyfile;
 mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,7 +20,7 @@ use toml::Spanned;
 pub use error::{ConfigError, ConfigErrors};
 pub use snapshot::{AdminSettings, ServerSettings, Snapshot, Summary};
 
-use crate::keys::{KeyEntry, KeyHash, KeyTable, RateLimit, ScopeSet};
+use crate::keys::{Duplicate, KeyEntry, KeyHash, KeyTable, RateLimit, ScopeSet};
 use crate::proxy::auth::{AuthSettings, Source};
 use crate::proxy::path::normalize;
 use crate::proxy::route::{Route, RouteTable, ScopeRule, Upstream};
@@ -45,14 +46,7 @@ pub fn load(config_path: &Path) -> Result<Snapshot, ConfigErrors> {
     let keys = match read(&keys_path) {
         Ok(keys_text) => {
             let mut keys_source = SourceFile::new(&keys_path, &keys_text);
-            let table = match toml::from_str::<KeysFile>(&keys_text) {
-                Ok(keys_file) => Some(build_keys(&mut keys_source, keys_file)),
-                Err(e) => {
-                    let error = keys_source.toml_error(&e);
-                    keys_source.errors.push(error);
-                    None
-                }
-            };
+            let table = load_keys(&mut keys_source);
             errors.extend(keys_source.errors);
             table
         }
@@ -344,10 +338,20 @@ fn build_scope_rule(
 }
 
 fn datetime(value: &toml::value::Datetime) -> Result<SystemTime, String> {
-    let text = value.to_string();
-    time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
-        .map(SystemTime::from)
-        .map_err(|_| format!("{text} must be a full date-time with an offset, like 2027-02-20T10:00:00Z"))
+    use time::{Date, Month, PrimitiveDateTime, Time, UtcOffset};
+    let bad = || format!("{value} must be a full date-time with an offset, like 2027-02-20T10:00:00Z");
+    let (Some(d), Some(t), Some(offset)) = (value.date, value.time, value.offset) else { return Err(bad()) };
+    let month = Month::try_from(d.month).map_err(|_| bad())?;
+    let date = Date::from_calendar_date(i32::from(d.year), month, d.day).map_err(|_| bad())?;
+    let clock = Time::from_hms_nano(t.hour, t.minute, t.second.unwrap_or(0), t.nanosecond.unwrap_or(0))
+        .map_err(|_| bad())?;
+    let offset = match offset {
+        toml::value::Offset::Z => UtcOffset::UTC,
+        toml::value::Offset::Custom { minutes } => {
+            UtcOffset::from_whole_seconds(i32::from(minutes) * 60).map_err(|_| bad())?
+        }
+    };
+    Ok(PrimitiveDateTime::new(date, clock).assume_offset(offset).into())
 }
 
 fn optional_datetime(
@@ -370,12 +374,146 @@ fn header_text(what: &str) -> impl Fn(&String) -> Result<HeaderValue, String> + 
     }
 }
 
-fn build_keys(source: &mut SourceFile, file: KeysFile) -> KeyTable {
-    let mut table = KeyTable::with_capacity(file.keys.len());
-    let mut ids: HashMap<String, Range<usize>> = HashMap::with_capacity(file.keys.len());
-    let mut scope_sets: HashMap<Vec<String>, Arc<ScopeSet>> = HashMap::new();
-    for key in file.keys {
-        let key: KeyFile = key.into_inner();
+/// Files above this size are read by several threads, each taking a run of whole entries.
+const PARALLEL_ABOVE: usize = 4 << 20;
+
+/// Reads the key file: the fast reader for the plain form, else the full TOML parser.
+fn load_keys(source: &mut SourceFile) -> Option<KeyTable> {
+    let text = source.text;
+    let path = source.path;
+    let threads = if text.len() > PARALLEL_ABOVE {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+    } else {
+        1
+    };
+    let parts = split_at_entries(text, threads);
+    let read_part = |range: Range<usize>| {
+        let mut local = SourceFile::new(path, text);
+        let mut validator = KeyValidator::default();
+        let mut keys = Vec::new();
+        let result = keyfile::read(text, range, |key| keys.extend(validator.validate(&mut local, key)));
+        (keys, local.errors, result)
+    };
+    let results: Vec<_> = if parts.len() == 1 {
+        parts.into_iter().map(read_part).collect()
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> =
+                parts.into_iter().map(|range| scope.spawn(move || read_part(range))).collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        })
+    };
+    let mut keys = Vec::new();
+    let mut not_plain = None;
+    for (part_keys, errors, result) in results {
+        if let Err(e) = result {
+            not_plain = not_plain.or(Some(e));
+        }
+        keys.extend(part_keys);
+        source.errors.extend(errors);
+    }
+    match not_plain {
+        None => finish_keys(source, keys),
+        Some(not_plain) => {
+            drop(keys);
+            source.errors.clear();
+            load_keys_with_toml(source, not_plain)
+        }
+    }
+}
+
+/// Splits `text` into about `n` ranges that each start at a `[[keys]]` line (or the start).
+fn split_at_entries(text: &str, n: usize) -> Vec<Range<usize>> {
+    let mut starts = vec![0];
+    for i in 1..n {
+        let mut guess = text.len() * i / n;
+        while !text.is_char_boundary(guess) {
+            guess += 1;
+        }
+        let last = starts.last().copied().unwrap_or(0);
+        if let Some(found) = text[guess.max(last)..].find("\n[[keys]]") {
+            starts.push(guess.max(last) + found + 1);
+        }
+    }
+    starts.dedup();
+    let ends = starts.iter().skip(1).copied().chain([text.len()]);
+    starts.iter().copied().zip(ends).map(|(start, end)| start..end).collect()
+}
+
+/// The general path, for files outside the plain form.
+fn load_keys_with_toml(source: &mut SourceFile, not_plain: keyfile::NotPlain) -> Option<KeyTable> {
+    let text = source.text;
+    // Most often the entry that left the plain form is simply broken (a half-written file, a
+    // typo): parse just that entry to report it, instead of the whole, possibly huge, file.
+    // Only an entry that is valid TOML on its own needs the whole file parsed.
+    let start = not_plain.entry_start;
+    // The entry's own header is not preceded by a newline inside the slice, so this finds the next.
+    let end = text[start..].find("\n[[keys]]").map_or(text.len(), |i| start + i + 1);
+    let entry = &text[start..end];
+    if !entry.contains("\"\"\"")
+        && !entry.contains("'''")
+        && let Err(error) = toml::from_str::<KeysFile>(entry)
+    {
+        let located = match error.span() {
+            Some(span) => source.error_at(span.start + start..span.end + start, error.message().trim()),
+            None => source.toml_error(&error),
+        };
+        source.errors.push(located);
+        return None;
+    }
+    match toml::from_str::<KeysFile>(text) {
+        Ok(file) => {
+            let mut validator = KeyValidator::default();
+            let keys: Vec<ParsedKey> = file
+                .keys
+                .into_iter()
+                .filter_map(|key| validator.validate(source, key.into_inner()))
+                .collect();
+            finish_keys(source, keys)
+        }
+        Err(error) => {
+            let located = source.toml_error(&error);
+            source.errors.push(located);
+            None
+        }
+    }
+}
+
+/// Indexes validated entries, reporting duplicate ids and hashes where they are written.
+fn finish_keys(source: &mut SourceFile, keys: Vec<ParsedKey>) -> Option<KeyTable> {
+    let spans: Vec<(Range<usize>, Range<usize>)> =
+        keys.iter().map(|k| (k.id_span.clone(), k.hash_span.clone())).collect();
+    let (table, duplicates) = KeyTable::build(keys.into_iter().map(|k| k.entry).collect());
+    for duplicate in duplicates {
+        let (later, earlier, what) = match duplicate {
+            Duplicate::Id(later, earlier) => (&spans[later].0, &spans[earlier].0, "key id"),
+            Duplicate::Hash(later, earlier) => {
+                (&spans[later].1, &spans[earlier].1, "hash (the same key twice)")
+            }
+        };
+        let first = source.error_at(earlier.clone(), "").line;
+        source.push(later.clone(), format!("duplicate {what}: first at line {first}"));
+    }
+    source.errors.sort_by_key(|e| (e.line, e.column));
+    source.errors.is_empty().then_some(table)
+}
+
+/// One validated entry and where its id and hash are written, for duplicate errors.
+struct ParsedKey {
+    entry: KeyEntry,
+    id_span: Range<usize>,
+    hash_span: Range<usize>,
+}
+
+/// Validates key entries one by one; keys with the same scopes share one set, which at a
+/// million keys is most of them.
+#[derive(Default)]
+struct KeyValidator {
+    scope_sets: HashMap<Vec<String>, Arc<ScopeSet>>,
+}
+
+impl KeyValidator {
+    fn validate(&mut self, source: &mut SourceFile, key: KeyFile) -> Option<ParsedKey> {
         let id = check(source, &key.id, |id| {
             if id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)) {
                 header_text("id")(id)
@@ -383,15 +521,6 @@ fn build_keys(source: &mut SourceFile, file: KeysFile) -> KeyTable {
                 Err("id must be 1 to 64 letters, digits, '.', '_', ':' or '-'".to_string())
             }
         });
-        if let Some(previous) = ids.get(key.id.get_ref()) {
-            let first = source.error_at(previous.clone(), "");
-            source.push(
-                key.id.span(),
-                format!("duplicate key id {:?} (first at line {})", key.id.get_ref(), first.line),
-            );
-        } else {
-            ids.insert(key.id.get_ref().clone(), key.id.span());
-        }
         let name = check(source, &key.name, header_text("name"));
         let hash = check(source, &key.hash, |h| {
             KeyHash::parse(h)
@@ -424,36 +553,26 @@ fn build_keys(source: &mut SourceFile, file: KeysFile) -> KeyTable {
             .map(Some),
             None => Some(None),
         };
-        let scope_set = match scope_sets.get(&scopes) {
+        let scopes = match self.scope_sets.get(&scopes) {
             Some(set) => Some(Arc::clone(set)),
-            None => match ScopeSet::new(scopes.clone()) {
-                Ok(set) => {
-                    let set = Arc::new(set);
-                    scope_sets.insert(scopes, Arc::clone(&set));
-                    Some(set)
-                }
-                Err(_) => None,
-            },
+            None => ScopeSet::new(scopes.clone()).ok().map(|set| {
+                let set = Arc::new(set);
+                self.scope_sets.insert(scopes, Arc::clone(&set));
+                set
+            }),
         };
-        let (
-            Some(id),
-            Some(name),
-            Some(hash),
-            Some(_),
-            Some(expires_at),
-            Some(revoked_at),
-            Some(rate_limit),
-            Some(scopes),
-        ) = (id, name, hash, created, expires_at, revoked_at, rate_limit, scope_set)
-        else {
-            continue;
+        let entry = KeyEntry {
+            hash: hash?,
+            id: id?,
+            name: name?,
+            scopes: scopes?,
+            expires_at: expires_at?,
+            revoked_at: revoked_at?,
+            rate_limit: rate_limit?,
         };
-        let entry = KeyEntry { id, name, scopes, expires_at, revoked_at, rate_limit };
-        if !table.insert(hash, entry) {
-            source.push(key.hash.span(), "duplicate hash: this key is already in the file");
-        }
+        created?;
+        Some(ParsedKey { entry, id_span: key.id.span(), hash_span: key.hash.span() })
     }
-    table
 }
 
 #[cfg(test)]
@@ -549,6 +668,54 @@ GET = "read"
             let errors = load_pair(&gateway, &keys).unwrap_err().to_string();
             assert!(errors.contains(want), "want {want:?} in {errors}");
         }
+    }
+
+    #[test]
+    fn keys_outside_the_plain_form_still_load_through_toml() {
+        let escaped = key("a", "k1").replace("name = \"n\"", "name = \"caf\\u00e9\"");
+        let snapshot = load_pair(GATEWAY, &(key("z", "k0") + &escaped)).unwrap();
+        assert_eq!(snapshot.keys.get(&KeyHash::of("k1")).unwrap().name.as_bytes(), "café".as_bytes());
+        let inline = "keys = [{ id = \"a\", name = \"n\", hash = \"".to_string()
+            + &crate::keys::hash_key("k")
+            + "\" }]\n";
+        assert_eq!(load_pair(GATEWAY, &inline).unwrap().keys.len(), 1);
+    }
+
+    #[test]
+    fn a_half_written_key_file_is_an_error_at_the_cut() {
+        let full = key("a", "k1") + &key("b", "k2");
+        let cut = &full[..full.len() - 20];
+        let errors = load_pair(GATEWAY, cut).unwrap_err().to_string();
+        assert!(errors.contains("keys.toml:9:"), "{errors}");
+    }
+
+    #[test]
+    fn split_parts_start_at_entries_and_cover_the_text() {
+        let text = key("a", "1") + &key("b", "2") + &key("c", "3");
+        for n in 1..6 {
+            let parts = split_at_entries(&text, n);
+            assert_eq!(parts.first().map(|r| r.start), Some(0));
+            assert_eq!(parts.last().map(|r| r.end), Some(text.len()));
+            for pair in parts.windows(2) {
+                assert_eq!(pair[0].end, pair[1].start);
+                assert!(text[pair[1].clone()].starts_with("[[keys]]"));
+            }
+        }
+    }
+
+    #[test]
+    fn large_files_are_read_in_parallel_parts_with_duplicates_across_parts_found() {
+        let mut text = String::new();
+        let mut i = 0;
+        while text.len() <= PARALLEL_ABOVE + 1024 {
+            text += &key(&format!("id{i}"), &format!("k{i}"));
+            i += 1;
+        }
+        assert_eq!(load_pair(GATEWAY, &text).unwrap().keys.len(), i);
+        text += &key("id0", "another");
+        let errors = load_pair(GATEWAY, &text).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].message.contains("duplicate key id: first at line 2"), "{errors:?}");
     }
 
     #[test]

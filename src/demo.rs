@@ -97,6 +97,9 @@ HEAD = "read"
         ),
     )?;
     let snapshot = config::load(&config_path)?;
+    let gateway = Arc::new(Gateway::new(snapshot));
+    let shutdown = server::shutdown_signal();
+    let _reloader = crate::reload::spawn(Arc::clone(&gateway))?;
     let listener = server::bind(listen).await?;
     let addr = listener.local_addr()?;
     eprintln!("keygate demo: gateway on http://{addr} in front of an echo upstream on http://{echo_addr}");
@@ -104,9 +107,7 @@ HEAD = "read"
     println!("{key}");
     println!("curl -i -H 'x-api-key: {key}' http://{addr}/hello");
     eprintln!("without the key, or with POST (needs scope \"write\"), the gateway refuses. Ctrl-C stops.");
-    let gateway = Arc::new(Gateway::new(snapshot));
-    let _reloader = crate::reload::spawn(Arc::clone(&gateway))?;
-    server::serve(listener, gateway, server::shutdown_signal()).await?;
+    server::serve(listener, gateway, shutdown).await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

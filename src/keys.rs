@@ -1,11 +1,11 @@
 //! API keys: the presented key as a secret, the generated key format, and the hashed key table.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use hashbrown::HashTable;
 use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
@@ -78,36 +78,6 @@ impl fmt::Display for KeyHash {
 impl fmt::Debug for KeyHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
-    }
-}
-
-impl Hash for KeyHash {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        // A SHA-256 output is already uniformly distributed, so eight of its bytes are a
-        // perfect table hash. Lookups of attacker-chosen hashes cannot lengthen probe
-        // sequences: those depend only on the stored keys, which come from the key file.
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&self.0[..8]);
-        state.write_u64(u64::from_le_bytes(first));
-    }
-}
-
-/// The hasher for [`KeyHash`]: passes its eight bytes through.
-#[derive(Default)]
-pub struct PassThroughHasher(u64);
-
-impl Hasher for PassThroughHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only reached if something other than KeyHash is hashed; stay correct anyway.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
     }
 }
 
@@ -244,6 +214,7 @@ impl RateLimit {
 /// One key of the table: everything the request path needs, already in its final form.
 #[derive(Debug)]
 pub struct KeyEntry {
+    pub hash: KeyHash,
     pub id: HeaderValue,
     pub name: HeaderValue,
     pub scopes: Arc<ScopeSet>,
@@ -278,41 +249,90 @@ impl KeyEntry {
 }
 
 /// The in-memory key table, keyed by SHA-256.
+///
+/// Entries live in one vector (each holding its own hash) and the hash table holds only a
+/// `u32` index per slot: at a million keys the table's spare slots then cost 4 bytes each
+/// instead of a whole entry.
 #[derive(Debug, Default)]
 pub struct KeyTable {
-    by_hash: HashMap<KeyHash, KeyEntry, BuildHasherDefault<PassThroughHasher>>,
+    entries: Vec<KeyEntry>,
+    index: HashTable<u32>,
+}
+
+/// Eight bytes of a SHA-256 output are already uniformly distributed: a perfect table hash.
+/// Lookups of attacker-chosen hashes cannot lengthen probe sequences, which depend only on
+/// the stored keys, and those come from the key file.
+fn slot_hash(hash: &KeyHash) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.0[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// Two entries of a key table that may not coexist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Duplicate {
+    /// (later, earlier) positions with the same hash.
+    Hash(usize, usize),
+    /// (later, earlier) positions with the same id.
+    Id(usize, usize),
 }
 
 impl KeyTable {
     pub fn with_capacity(n: usize) -> Self {
-        Self { by_hash: HashMap::with_capacity_and_hasher(n, Default::default()) }
+        Self { entries: Vec::with_capacity(n), index: HashTable::with_capacity(n) }
     }
 
-    /// Adds a key; `false` (and nothing changed) if its hash is already present.
-    pub fn insert(&mut self, hash: KeyHash, entry: KeyEntry) -> bool {
-        match self.by_hash.entry(hash) {
-            std::collections::hash_map::Entry::Occupied(_) => false,
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(entry);
-                true
+    /// Builds a table from entries in file order; duplicated hashes or ids are reported with
+    /// their positions and left out.
+    pub fn build(entries: Vec<KeyEntry>) -> (Self, Vec<Duplicate>) {
+        let mut duplicates = Vec::new();
+        // Ids must be unique too; checked with a throw-away index over the same entries.
+        let mut ids: HashTable<u32> = HashTable::with_capacity(entries.len());
+        let id_hash = |id: &[u8]| {
+            let mut hasher = std::hash::DefaultHasher::new();
+            id.hash(&mut hasher);
+            hasher.finish()
+        };
+        let mut table = Self::with_capacity(entries.len());
+        for (position, entry) in entries.into_iter().enumerate() {
+            let id_slot = id_hash(entry.id.as_bytes());
+            let same_id = ids.find(id_slot, |&i| table.entries[i as usize].id == entry.id).copied();
+            if let Some(earlier) = same_id {
+                duplicates.push(Duplicate::Id(position, earlier as usize));
+                continue;
             }
+            let same_hash =
+                table.index.find(slot_hash(&entry.hash), |&i| table.entries[i as usize].hash == entry.hash);
+            if let Some(&earlier) = same_hash {
+                duplicates.push(Duplicate::Hash(position, earlier as usize));
+                continue;
+            }
+            let Ok(at) = u32::try_from(table.entries.len()) else { break };
+            let entries = &table.entries;
+            table.index.insert_unique(slot_hash(&entry.hash), at, |&i| slot_hash(&entries[i as usize].hash));
+            ids.insert_unique(id_slot, at, |&i| id_hash(entries[i as usize].id.as_bytes()));
+            table.entries.push(entry);
         }
+        (table, duplicates)
     }
 
     pub fn get(&self, hash: &KeyHash) -> Option<&KeyEntry> {
-        self.by_hash.get(hash)
+        let found = self
+            .index
+            .find(slot_hash(hash), |&i| self.entries.get(i as usize).is_some_and(|e| e.hash == *hash));
+        found.and_then(|&i| self.entries.get(i as usize))
     }
 
     pub fn len(&self) -> usize {
-        self.by_hash.len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
+        self.entries.is_empty()
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &KeyEntry> {
-        self.by_hash.values()
+        self.entries.iter()
     }
 }
 

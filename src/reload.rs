@@ -43,10 +43,16 @@ pub struct StatusView {
     pub last_error: Option<String>,
 }
 
+impl Default for ReloadStatus {
+    fn default() -> Self {
+        Self { inner: Mutex::new(StatusInner { generation: 1, ..StatusInner::default() }) }
+    }
+}
+
 impl ReloadStatus {
     /// Generation 1 is the configuration loaded at start.
     pub fn new() -> Self {
-        Self { inner: Mutex::new(StatusInner { generation: 1, ..StatusInner::default() }) }
+        Self::default()
     }
 
     pub fn view(&self) -> StatusView {
@@ -88,7 +94,10 @@ pub fn reload_now(gateway: &Gateway) -> Result<(), config::ConfigErrors> {
             let summary = snapshot.summary(SystemTime::now());
             gateway.replace(snapshot);
             gateway.reload_status().record(Ok(()));
-            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "configuration reloaded: {summary}");
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "configuration reloaded: {summary}"
+            );
             Ok(())
         }
         Err(errors) => {
@@ -183,7 +192,9 @@ pub fn spawn(gateway: Arc<Gateway>) -> Result<ReloadHandle, notify::Error> {
     })?;
     let mut watching = Watching { watcher, set: None };
     watching.update(&gateway.snapshot());
-    let task = tokio::spawn(run(gateway, rx, watching));
+    // Installed now, not inside the task, so a SIGHUP right after start-up is never fatal.
+    let hangups = hangup_signals();
+    let task = tokio::spawn(run(gateway, rx, watching, hangups));
     Ok(ReloadHandle { task })
 }
 
@@ -217,8 +228,12 @@ impl Watching {
     }
 }
 
-async fn run(gateway: Arc<Gateway>, mut events: mpsc::UnboundedReceiver<notify::Event>, mut watching: Watching) {
-    let mut hangups = hangup_signals();
+async fn run(
+    gateway: Arc<Gateway>,
+    mut events: mpsc::UnboundedReceiver<notify::Event>,
+    mut watching: Watching,
+    mut hangups: Hangups,
+) {
     loop {
         let triggered = tokio::select! {
             event = events.recv() => match event {
@@ -278,10 +293,10 @@ fn hangup_signals() -> Hangups {
 
 async fn next_hangup(hangups: &mut Hangups) {
     #[cfg(unix)]
-    if let Some(signal) = hangups {
-        if signal.recv().await.is_some() {
-            return;
-        }
+    if let Some(signal) = hangups
+        && signal.recv().await.is_some()
+    {
+        return;
     }
     let _ = hangups;
     std::future::pending::<()>().await

@@ -103,28 +103,53 @@ pub async fn serve(
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C): the signals that begin a graceful drain.
-pub async fn shutdown_signal() {
+///
+/// The handlers are installed when this is called, not when the future is first polled, so a
+/// signal that arrives right after start-up is never the default "terminate now".
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    {
+    let term = {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        signal(SignalKind::terminate())
+            .map_err(
+                |error| tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C will stop keygate"),
+            )
+            .ok()
+    };
+    #[cfg(unix)]
+    let interrupt = {
+        use tokio::signal::unix::{SignalKind, signal};
+        signal(SignalKind::interrupt())
+            .map_err(|error| tracing::warn!(%error, "cannot listen for SIGINT"))
+            .ok()
+    };
+    async move {
+        #[cfg(unix)]
+        {
+            let (mut term, mut interrupt) = (term, interrupt);
+            let term = async move {
+                match term.as_mut() {
+                    Some(term) => term.recv().await,
+                    None => std::future::pending().await,
                 }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C will stop keygate");
-                let _ = tokio::signal::ctrl_c().await;
+            };
+            let interrupt = async move {
+                match interrupt.as_mut() {
+                    Some(interrupt) => interrupt.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = term => {}
+                _ = interrupt => {}
             }
         }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutting down: draining in-flight requests");
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    tracing::info!("shutting down: draining in-flight requests");
 }
 
 /// Binds `addr` and logs the address actually bound (port 0 picks a free one).

@@ -87,7 +87,21 @@ impl ReloadStatus {
 pub fn reload_now(gateway: &Gateway) -> Result<(), config::ConfigErrors> {
     let current = gateway.snapshot();
     let started = Instant::now();
-    let result = config::load(&current.config_path);
+    // A file that changed while it was being read may have been read half-written, and half a
+    // key file can be valid TOML that merely lacks keys: read until a read sees files at rest.
+    let mut attempts = 0;
+    let result = loop {
+        let before = fingerprint(&current.config_path, &current.keys_path);
+        let result = config::load(&current.config_path);
+        let keys_path = result.as_ref().map_or(&current.keys_path, |new| &new.keys_path);
+        let moved = *keys_path != current.keys_path;
+        if moved || attempts == 20 || before == fingerprint(&current.config_path, keys_path) {
+            break result;
+        }
+        attempts += 1;
+        std::thread::sleep(QUIET);
+    };
+    let result = result.and_then(|new| refuse_truncated(&current, new));
     match result {
         Ok(snapshot) => {
             warn_about_restart(&current, &snapshot);
@@ -108,6 +122,40 @@ pub fn reload_now(gateway: &Gateway) -> Result<(), config::ConfigErrors> {
             Err(errors)
         }
     }
+}
+
+/// An empty key file where keys were is far more likely a writer caught between truncate and
+/// write than an operator revoking everything at once; refuse it rather than reject every key.
+/// A file with any content (`# no keys`) removes all keys deliberately.
+fn refuse_truncated(current: &Snapshot, new: Snapshot) -> Result<Snapshot, config::ConfigErrors> {
+    let empty = std::fs::metadata(&new.keys_path).is_ok_and(|m| m.len() == 0);
+    if empty && new.keys.is_empty() && !current.keys.is_empty() {
+        return Err(config::ConfigError {
+            file: new.keys_path.clone(),
+            line: 0,
+            column: 0,
+            message: "the key file is empty (a write in progress?); keeping the running keys. \
+                      Write a comment such as '# no keys' to remove every key on purpose"
+                .to_string(),
+        }
+        .into());
+    }
+    Ok(new)
+}
+
+/// What identifies a file's content cheaply: size, modification time, inode (following links).
+type Fingerprint = [Option<(u64, Option<SystemTime>, u64)>; 2];
+
+fn fingerprint(config: &Path, keys: &Path) -> Fingerprint {
+    let stat = |path: &Path| {
+        let meta = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some((meta.len(), meta.modified().ok(), inode))
+    };
+    [stat(config), stat(keys)]
 }
 
 fn warn_about_restart(old: &Snapshot, new: &Snapshot) {
@@ -300,4 +348,60 @@ async fn next_hangup(hangups: &mut Hangups) {
     }
     let _ = hangups;
     std::future::pending::<()>().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(keys: &str) -> (tempfile::TempDir, Gateway) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = "[server]\nlisten = \"127.0.0.1:0\"\n[auth]\nkeys_file = \"keys.toml\"\n";
+        std::fs::write(dir.path().join("keygate.toml"), config).unwrap();
+        std::fs::write(dir.path().join("keys.toml"), keys).unwrap();
+        let gateway = Gateway::new(config::load(&dir.path().join("keygate.toml")).unwrap());
+        (dir, gateway)
+    }
+
+    const ONE_KEY: &str = "[[keys]]\nid = \"a\"\nname = \"n\"\nhash = \"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n";
+
+    #[test]
+    fn a_truncated_key_file_keeps_the_running_keys_but_a_commented_one_empties_them() {
+        let (dir, gateway) = setup(ONE_KEY);
+        std::fs::write(dir.path().join("keys.toml"), "").unwrap();
+        let error = reload_now(&gateway).unwrap_err().to_string();
+        assert!(error.contains("empty"), "{error}");
+        assert_eq!(gateway.snapshot().keys.len(), 1);
+        let status = gateway.reload_status().view();
+        assert_eq!((status.generation, status.failures), (1, 1));
+
+        std::fs::write(dir.path().join("keys.toml"), "# no keys\n").unwrap();
+        reload_now(&gateway).unwrap();
+        assert_eq!(gateway.snapshot().keys.len(), 0);
+        let status = gateway.reload_status().view();
+        assert_eq!((status.generation, status.successes, status.last_error), (2, 1, None));
+    }
+
+    #[test]
+    fn invalid_files_keep_the_snapshot_and_record_the_error() {
+        let (dir, gateway) = setup(ONE_KEY);
+        std::fs::write(dir.path().join("keys.toml"), format!("{ONE_KEY}oops\n")).unwrap();
+        assert!(reload_now(&gateway).is_err());
+        assert_eq!(gateway.snapshot().keys.len(), 1);
+        let error = gateway.reload_status().view().last_error.unwrap();
+        assert!(error.contains("keys.toml:5:"), "{error}");
+    }
+
+    #[test]
+    fn events_are_recognised_by_file_name_or_kubernetes_prefix() {
+        let (dir, gateway) = setup(ONE_KEY);
+        let set = WatchSet::for_snapshot(&gateway.snapshot());
+        let event = |kind, name: &str| notify::Event::new(kind).add_path(dir.path().join(name));
+        let modify = notify::EventKind::Modify(notify::event::ModifyKind::Any);
+        assert!(set.concerns(&event(modify, "keys.toml")));
+        assert!(set.concerns(&event(modify, "..data")));
+        assert!(!set.concerns(&event(modify, "other.toml")));
+        let access = notify::EventKind::Access(notify::event::AccessKind::Any);
+        assert!(!set.concerns(&event(access, "keys.toml")), "our own reads must not trigger reloads");
+    }
 }

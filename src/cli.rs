@@ -1,5 +1,7 @@
 //! The command line: flags parsed by clap, then each command run to an exit code.
 
+mod keys;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +30,11 @@ pub enum Command {
     Serve,
     /// Validate keygate.toml and the key file, print a summary
     Check,
+    /// Manage keys in the key file (a running gateway picks changes up within a second)
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
     /// Start an echo upstream and a gateway with a fresh key, for a first try
     Demo {
         /// Where the demo gateway listens
@@ -44,11 +51,18 @@ impl Cli {
 
 /// Runs a parsed command; errors are printed here, so `main` only turns them into an exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    match &cli.command {
-        Command::Check => check(&cli.config_path()),
-        Command::Serve => serve(&cli.config_path()),
+    let config_path = cli.config_path();
+    match cli.command {
+        Command::Check => check(&config_path),
+        Command::Serve => serve(&config_path),
+        Command::Keys { command } => match keys::run(&config_path, command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("keygate: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Demo { listen } => {
-            let listen = *listen;
             block_on(None, async move { crate::demo::run(listen).await.map_err(|e| e.to_string()) })
         }
     }

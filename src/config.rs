@@ -43,13 +43,8 @@ pub fn load(config_path: &Path) -> Result<Snapshot, ConfigErrors> {
     let mut errors = source.errors;
 
     // The key file is checked even when keygate.toml has problems, so one run shows all.
-    let keys = match read(&keys_path) {
-        Ok(keys_text) => {
-            let mut keys_source = SourceFile::new(&keys_path, &keys_text);
-            let table = load_keys(&mut keys_source);
-            errors.extend(keys_source.errors);
-            table
-        }
+    let keys = match read(&keys_path).and_then(|text| check_keys(&keys_path, &text)) {
+        Ok(table) => Some(table),
         Err(ConfigErrors(e)) => {
             errors.extend(e);
             None
@@ -68,6 +63,35 @@ pub fn load(config_path: &Path) -> Result<Snapshot, ConfigErrors> {
         }),
         _ => Err(ConfigErrors(errors)),
     }
+}
+
+/// Validates a key file's text (as `path`) completely: what `keygate keys` checks before it
+/// writes, so it never leaves a file the gateway would refuse.
+pub fn check_keys(path: &Path, text: &str) -> Result<KeyTable, ConfigErrors> {
+    let mut source = SourceFile::new(path, text);
+    match load_keys(&mut source) {
+        Some(table) if source.errors.is_empty() => Ok(table),
+        _ => Err(ConfigErrors(source.errors)),
+    }
+}
+
+/// Where the key file is and which prefix generated keys get, from a valid `keygate.toml`;
+/// the key file itself is not read.
+pub fn key_file_of(config_path: &Path) -> Result<(PathBuf, String), ConfigErrors> {
+    let text = read(config_path)?;
+    let mut source = SourceFile::new(config_path, &text);
+    let file: GatewayFile = toml::from_str(&text).map_err(|e| source.toml_error(&e))?;
+    let base = config_path.parent().unwrap_or(Path::new(""));
+    let keys_path = base.join(file.auth.keys_file.get_ref());
+    match build_gateway(&mut source, file) {
+        Some(gateway) if source.errors.is_empty() => Ok((keys_path, gateway.auth.key_prefix)),
+        _ => Err(ConfigErrors(source.errors)),
+    }
+}
+
+/// Parses a duration as the config files write them (`500ms`, `30s`, `90d`).
+pub fn parse_duration_text(text: &str) -> Result<Duration, String> {
+    parse_duration(&text.to_string())
 }
 
 fn read(path: &Path) -> Result<String, ConfigErrors> {

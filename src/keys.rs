@@ -1,5 +1,8 @@
 //! API keys: the presented key as a secret, the generated key format, and the hashed key table.
 
+pub mod lifecycle;
+pub mod store;
+
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;

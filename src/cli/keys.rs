@@ -1,0 +1,285 @@
+//! `keygate keys …`: the key lifecycle from the command line. Keys go to stdout alone (so
+//! `KEY=$(keygate keys create …)` works); everything meant for people goes to stderr.
+
+use std::io::Read;
+use std::path::Path;
+
+use clap::Subcommand;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::config;
+use crate::keys::lifecycle::{self, Grant, KeyView};
+use crate::keys::store::KeyStore;
+use crate::keys::{self, RateLimit};
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a key, add its hash to the key file, print the key: the only time it is shown
+    Create {
+        #[arg(long)]
+        name: String,
+        /// A scope the key holds (repeatable); "*" holds every scope
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<String>,
+        /// A duration from now (90d, 12h), an RFC 3339 instant, or "never"
+        #[arg(long, value_name = "WHEN")]
+        expires: Option<String>,
+        /// N/s, N/m or N/h
+        #[arg(long = "rate-limit", value_name = "RATE")]
+        rate_limit: Option<String>,
+    },
+    /// Store the hash of an existing key read from stdin; print its new id
+    Import {
+        #[arg(long)]
+        name: String,
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<String>,
+        #[arg(long, value_name = "WHEN")]
+        expires: Option<String>,
+        #[arg(long = "rate-limit", value_name = "RATE")]
+        rate_limit: Option<String>,
+    },
+    /// List keys: id, name, tail, scopes, created, expires, status
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key now (SELECTOR: id, else name, else tail)
+    Revoke { selector: String },
+    /// Remove a key from the file
+    Delete { selector: String },
+    /// Make a successor key (same name, scopes, rate limit); the old one expires after the grace
+    Rotate {
+        selector: String,
+        #[arg(long, default_value = "24h", value_name = "DURATION")]
+        grace: String,
+        /// The new key's expiry; default: the old key's lifetime, counted from now
+        #[arg(long, value_name = "WHEN")]
+        expires: Option<String>,
+    },
+    /// Read a key on stdin, print sha256:<hex>
+    Hash,
+}
+
+type Outcome = Result<(), String>;
+
+pub fn run(config_path: &Path, command: KeysCommand) -> Outcome {
+    let now = OffsetDateTime::now_utc();
+    match command {
+        KeysCommand::Create { name, scopes, expires, rate_limit } => {
+            let grant = grant(name, scopes, expires.as_deref(), rate_limit, now)?;
+            let (id, key) = edit(config_path, |doc, prefix| {
+                let (id, key) = unused_key(doc, prefix)?;
+                lifecycle::append(doc, &id, &keys::hash_key(&key), keys::tail(&key), &grant, now)
+                    .map_err(|e| e.to_string())?;
+                Ok((id, key))
+            })?;
+            eprintln!("created key {id} ({}) {}; it is shown only this once", grant.name, describe(&grant));
+            println!("{key}");
+        }
+        KeysCommand::Import { name, scopes, expires, rate_limit } => {
+            let grant = grant(name, scopes, expires.as_deref(), rate_limit, now)?;
+            let key = read_stdin_key()?;
+            let hash = keys::hash_key(&key);
+            let id = edit(config_path, |doc, _| {
+                if let Some(existing) = lifecycle::id_of_hash(doc, &hash) {
+                    return Err(lifecycle::LifecycleError::AlreadyPresent(existing).to_string());
+                }
+                let id = unused_id(doc)?;
+                lifecycle::append(doc, &id, &hash, keys::tail(&key), &grant, now)
+                    .map_err(|e| e.to_string())?;
+                Ok(id)
+            })?;
+            eprintln!("imported key {id} ({}) {}", grant.name, describe(&grant));
+            println!("{id}");
+        }
+        KeysCommand::List { json } => {
+            let (keys_path, _) = config::key_file_of(config_path).map_err(|e| e.to_string())?;
+            let doc = KeyStore::lock(&keys_path).and_then(|s| s.read()).map_err(|e| e.to_string())?;
+            let views = lifecycle::views(&doc, now);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&views).map_err(|e| e.to_string())?);
+            } else {
+                print!("{}", table(&views));
+            }
+        }
+        KeysCommand::Revoke { selector } => {
+            let (id, changed) = edit(config_path, |doc, _| {
+                let index = lifecycle::select(doc, &selector).map_err(|e| e.to_string())?;
+                let id = lifecycle::views(doc, now).swap_remove(index).id;
+                Ok((id, lifecycle::revoke(doc, index, now).map_err(|e| e.to_string())?))
+            })?;
+            if changed {
+                eprintln!("revoked key {id}");
+            } else {
+                eprintln!("key {id} was already revoked");
+            }
+        }
+        KeysCommand::Delete { selector } => {
+            let (id, name) = edit(config_path, |doc, _| {
+                let index = lifecycle::select(doc, &selector).map_err(|e| e.to_string())?;
+                lifecycle::remove(doc, index).map_err(|e| e.to_string())
+            })?;
+            eprintln!("deleted key {id} ({name})");
+        }
+        KeysCommand::Rotate { selector, grace, expires } => {
+            let grace = config::parse_duration_text(&grace).or_else(|e| match grace.trim() {
+                "0" | "0s" => Ok(std::time::Duration::ZERO),
+                _ => Err(format!("--grace: {e}")),
+            })?;
+            let new_expiry = expires.as_deref().map(|e| parse_expiry(e, now)).transpose()?;
+            let (old_id, old_end, new_id, key) = edit(config_path, |doc, prefix| {
+                let index = lifecycle::select(doc, &selector).map_err(|e| e.to_string())?;
+                let old_id = lifecycle::views(doc, now).swap_remove(index).id;
+                let mut grant = lifecycle::successor_grant(doc, index, now).map_err(|e| e.to_string())?;
+                if let Some(expiry) = new_expiry {
+                    grant.expires_at = expiry;
+                }
+                let end = lifecycle::expire(doc, index, now + grace).map_err(|e| e.to_string())?;
+                let (new_id, key) = unused_key(doc, prefix)?;
+                lifecycle::append(doc, &new_id, &keys::hash_key(&key), keys::tail(&key), &grant, now)
+                    .map_err(|e| e.to_string())?;
+                Ok((old_id, end, new_id, key))
+            })?;
+            eprintln!(
+                "rotated: new key {new_id}; old key {old_id} ends at {}; the new key is shown only this once",
+                lifecycle::timestamp(old_end)
+            );
+            println!("{key}");
+        }
+        KeysCommand::Hash => println!("{}", keys::hash_key(&read_stdin_key()?)),
+    }
+    Ok(())
+}
+
+/// Locks the key file, applies `change`, checks the result as the gateway would load it, and
+/// only then writes it (atomically). A failure anywhere leaves the file as it was.
+fn edit<T>(
+    config_path: &Path,
+    change: impl FnOnce(&mut toml_edit::DocumentMut, &str) -> Result<T, String>,
+) -> Result<T, String> {
+    let (keys_path, prefix) = config::key_file_of(config_path).map_err(|e| e.to_string())?;
+    let store = KeyStore::lock(&keys_path).map_err(|e| e.to_string())?;
+    let mut doc = store.read().map_err(|e| e.to_string())?;
+    let out = change(&mut doc, &prefix)?;
+    let text = doc.to_string();
+    config::check_keys(store.path(), &text)
+        .map_err(|e| format!("the change would make the key file invalid, so nothing was written:\n{e}"))?;
+    store.write(&text).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+fn unused_id(doc: &toml_edit::DocumentMut) -> Result<String, String> {
+    let taken = lifecycle::ids(doc);
+    for _ in 0..16 {
+        let id = keys::generate_id().map_err(|e| format!("no OS randomness: {e}"))?;
+        if !taken.contains(&id) {
+            return Ok(id);
+        }
+    }
+    Err("could not find an unused key id".to_string())
+}
+
+fn unused_key(doc: &toml_edit::DocumentMut, prefix: &str) -> Result<(String, String), String> {
+    let taken = lifecycle::ids(doc);
+    for _ in 0..16 {
+        let (id, key) = keys::generate(prefix).map_err(|e| format!("no OS randomness: {e}"))?;
+        if !taken.contains(&id) {
+            return Ok((id, key));
+        }
+    }
+    Err("could not find an unused key id".to_string())
+}
+
+fn grant(
+    name: String,
+    scopes: Vec<String>,
+    expires: Option<&str>,
+    rate_limit: Option<String>,
+    now: OffsetDateTime,
+) -> Result<Grant, String> {
+    if name.trim().is_empty() || name.chars().any(char::is_control) {
+        return Err("--name must be non-empty text without control characters".to_string());
+    }
+    for scope in &scopes {
+        if scope.is_empty() || !scope.bytes().all(|b| b.is_ascii_graphic() && b != b',' && b != b'"') {
+            return Err(format!("--scope {scope:?} must be a name without spaces, commas or quotes"));
+        }
+    }
+    if let Some(rate) = &rate_limit
+        && RateLimit::parse(rate).is_none()
+    {
+        return Err(format!("--rate-limit {rate:?} must be N/s, N/m or N/h with N > 0"));
+    }
+    let expires_at = expires.map(|e| parse_expiry(e, now)).transpose()?.flatten();
+    Ok(Grant { name, scopes, expires_at, rate_limit })
+}
+
+/// `never`, a duration from now, or an RFC 3339 instant.
+fn parse_expiry(text: &str, now: OffsetDateTime) -> Result<Option<OffsetDateTime>, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("never") {
+        return Ok(None);
+    }
+    if let Ok(after) = config::parse_duration_text(text) {
+        let after =
+            time::Duration::try_from(after).map_err(|_| format!("--expires {text:?} is too far away"))?;
+        return Ok(Some(now + after));
+    }
+    OffsetDateTime::parse(text, &Rfc3339)
+        .map(Some)
+        .map_err(|_| format!("--expires {text:?} must be a duration (90d), an RFC 3339 instant, or never"))
+}
+
+fn read_stdin_key() -> Result<String, String> {
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| format!("cannot read the key from stdin: {e}"))?;
+    let key = input.trim();
+    if key.is_empty() {
+        return Err("no key on stdin".to_string());
+    }
+    Ok(key.to_string())
+}
+
+fn describe(grant: &Grant) -> String {
+    let scopes = if grant.scopes.is_empty() { "no scopes".to_string() } else { grant.scopes.join(",") };
+    let expires = grant
+        .expires_at
+        .map_or("never expires".to_string(), |at| format!("expires {}", lifecycle::timestamp(at)));
+    format!("[{scopes}], {expires}")
+}
+
+/// An aligned table, one key a line.
+fn table(views: &[KeyView]) -> String {
+    let header = ["ID", "NAME", "TAIL", "SCOPES", "CREATED", "EXPIRES", "STATUS"].map(String::from);
+    let rows: Vec<[String; 7]> = views
+        .iter()
+        .map(|v| {
+            [
+                v.id.clone(),
+                v.name.clone(),
+                v.tail.clone(),
+                v.scopes.join(","),
+                v.created.clone().unwrap_or_else(|| "-".into()),
+                v.expires.clone().unwrap_or_else(|| "never".into()),
+                v.status.to_string(),
+            ]
+        })
+        .collect();
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,298 @@
+//! What `keygate keys` does to the key file's entries: add, find, revoke, expire, remove and
+//! describe them, on a toml_edit document so everything else in the file stays as written.
+
+use std::str::FromStr;
+
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table, value};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LifecycleError {
+    #[error("no key matches {0:?} (by id, name or tail)")]
+    NotFound(String),
+    #[error("{selector:?} matches {} keys; use the id:\n{}", candidates.len(), candidates.join("\n"))]
+    Ambiguous { selector: String, candidates: Vec<String> },
+    #[error("the key file must list keys as [[keys]] tables to be edited")]
+    Layout,
+    #[error("this key is already in the key file, as id {0}")]
+    AlreadyPresent(String),
+}
+
+/// A key's state as `keys list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyView {
+    pub id: String,
+    pub name: String,
+    pub tail: String,
+    pub scopes: Vec<String>,
+    pub created: Option<String>,
+    pub expires: Option<String>,
+    pub status: &'static str,
+}
+
+/// What a new key holds besides its secret.
+#[derive(Debug, Clone, Default)]
+pub struct Grant {
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub expires_at: Option<OffsetDateTime>,
+    pub rate_limit: Option<String>,
+}
+
+/// A time as the key file writes it: RFC 3339, whole seconds, UTC.
+pub fn timestamp(at: OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC).replace_nanosecond(0).unwrap_or(at);
+    at.format(&Rfc3339).unwrap_or_default()
+}
+
+fn datetime_item(at: OffsetDateTime) -> Item {
+    match toml_edit::Datetime::from_str(&timestamp(at)) {
+        Ok(datetime) => value(datetime),
+        Err(_) => value(timestamp(at)),
+    }
+}
+
+fn keys(doc: &DocumentMut) -> Option<&ArrayOfTables> {
+    doc.get("keys").and_then(Item::as_array_of_tables)
+}
+
+fn keys_mut(doc: &mut DocumentMut) -> Result<&mut ArrayOfTables, LifecycleError> {
+    if !doc.contains_key("keys") {
+        doc.insert("keys", Item::ArrayOfTables(ArrayOfTables::new()));
+    }
+    doc.get_mut("keys").and_then(Item::as_array_of_tables_mut).ok_or(LifecycleError::Layout)
+}
+
+fn text<'t>(table: &'t Table, field: &str) -> &'t str {
+    table.get(field).and_then(Item::as_str).unwrap_or("")
+}
+
+fn instant(table: &Table, field: &str) -> Option<OffsetDateTime> {
+    let datetime = table.get(field)?.as_datetime()?;
+    OffsetDateTime::parse(&datetime.to_string(), &Rfc3339).ok()
+}
+
+/// The ids already in the file, so a new one can be checked against them.
+pub fn ids(doc: &DocumentMut) -> Vec<String> {
+    keys(doc).map(|k| k.iter().map(|t| text(t, "id").to_string()).collect()).unwrap_or_default()
+}
+
+/// The id of the entry with this hash, if any.
+pub fn id_of_hash(doc: &DocumentMut, hash: &str) -> Option<String> {
+    keys(doc)?.iter().find(|t| text(t, "hash") == hash).map(|t| text(t, "id").to_string())
+}
+
+/// Finds one entry: by id, else by name, else by tail. Several matches at the first level
+/// that has any is an error listing them, so nothing is changed by mistake.
+pub fn select(doc: &DocumentMut, selector: &str) -> Result<usize, LifecycleError> {
+    let tables: Vec<&Table> = keys(doc).map(|k| k.iter().collect()).unwrap_or_default();
+    for field in ["id", "name", "tail"] {
+        let matches: Vec<usize> = (0..tables.len()).filter(|&i| text(tables[i], field) == selector).collect();
+        match matches.as_slice() {
+            [] => continue,
+            [one] => return Ok(*one),
+            many => {
+                let candidates = many
+                    .iter()
+                    .map(|&i| {
+                        let t = tables[i];
+                        format!("  id={} name={} tail={}", text(t, "id"), text(t, "name"), text(t, "tail"))
+                    })
+                    .collect();
+                return Err(LifecycleError::Ambiguous { selector: selector.to_string(), candidates });
+            }
+        }
+    }
+    Err(LifecycleError::NotFound(selector.to_string()))
+}
+
+/// Appends a key entry (hash only: the key itself is never written).
+pub fn append(
+    doc: &mut DocumentMut,
+    id: &str,
+    hash: &str,
+    tail: &str,
+    grant: &Grant,
+    now: OffsetDateTime,
+) -> Result<(), LifecycleError> {
+    let mut table = Table::new();
+    table.insert("id", value(id));
+    table.insert("name", value(grant.name.as_str()));
+    table.insert("hash", value(hash));
+    table.insert("tail", value(tail));
+    let mut scopes = Array::new();
+    for scope in &grant.scopes {
+        scopes.push(scope.as_str());
+    }
+    table.insert("scopes", value(scopes));
+    table.insert("created_at", datetime_item(now));
+    if let Some(at) = grant.expires_at {
+        table.insert("expires_at", datetime_item(at));
+    }
+    if let Some(rate) = &grant.rate_limit {
+        table.insert("rate_limit", value(rate.as_str()));
+    }
+    // Comments in a file with no entries yet are the document's trailing text; they belong
+    // above the first entry, not below it.
+    let leading = doc.trailing().as_str().unwrap_or("").to_string();
+    let keys = keys_mut(doc)?;
+    let first = keys.is_empty();
+    // Later entries get a blank line before them, as a person would write them.
+    table.decor_mut().set_prefix(if first { leading } else { "\n".to_string() });
+    keys.push(table);
+    if first {
+        doc.set_trailing("");
+    }
+    Ok(())
+}
+
+fn table_mut(doc: &mut DocumentMut, index: usize) -> Result<&mut Table, LifecycleError> {
+    keys_mut(doc)?.get_mut(index).ok_or(LifecycleError::Layout)
+}
+
+/// Sets `revoked_at = now`; an entry revoked earlier keeps its first revocation time.
+pub fn revoke(doc: &mut DocumentMut, index: usize, now: OffsetDateTime) -> Result<bool, LifecycleError> {
+    let table = table_mut(doc, index)?;
+    if instant(table, "revoked_at").is_some_and(|at| at <= now) {
+        return Ok(false);
+    }
+    table.insert("revoked_at", datetime_item(now));
+    Ok(true)
+}
+
+/// Ends a key at `at` (keeping an earlier end it already had); returns the end in force.
+pub fn expire(
+    doc: &mut DocumentMut,
+    index: usize,
+    at: OffsetDateTime,
+) -> Result<OffsetDateTime, LifecycleError> {
+    let table = table_mut(doc, index)?;
+    let end = instant(table, "expires_at").map_or(at, |current| current.min(at));
+    table.insert("expires_at", datetime_item(end));
+    Ok(end)
+}
+
+pub fn remove(doc: &mut DocumentMut, index: usize) -> Result<(String, String), LifecycleError> {
+    let keys = keys_mut(doc)?;
+    if index >= keys.len() {
+        return Err(LifecycleError::Layout);
+    }
+    let table = keys.remove(index);
+    Ok((text(&table, "id").to_string(), text(&table, "name").to_string()))
+}
+
+/// What a rotation carries over: name, scopes, rate limit, and the old key's lifetime
+/// (created → expires) applied from now, when it had one.
+pub fn successor_grant(
+    doc: &DocumentMut,
+    index: usize,
+    now: OffsetDateTime,
+) -> Result<Grant, LifecycleError> {
+    let table = keys(doc).and_then(|k| k.get(index)).ok_or(LifecycleError::Layout)?;
+    let scopes = table
+        .get("scopes")
+        .and_then(Item::as_array)
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let lifetime = match (instant(table, "created_at"), instant(table, "expires_at")) {
+        (Some(created), Some(expires)) if expires > created => Some(expires - created),
+        _ => None,
+    };
+    Ok(Grant {
+        name: text(table, "name").to_string(),
+        scopes,
+        expires_at: lifetime.map(|l| now + l),
+        rate_limit: table.get("rate_limit").and_then(Item::as_str).map(str::to_string),
+    })
+}
+
+/// Every entry as `keys list` shows it, in file order.
+pub fn views(doc: &DocumentMut, now: OffsetDateTime) -> Vec<KeyView> {
+    let Some(keys) = keys(doc) else { return Vec::new() };
+    keys.iter()
+        .map(|t| {
+            let revoked = instant(t, "revoked_at").is_some_and(|at| at <= now);
+            let expired = instant(t, "expires_at").is_some_and(|at| at <= now);
+            let scopes = t
+                .get("scopes")
+                .and_then(Item::as_array)
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                .unwrap_or_default();
+            KeyView {
+                id: text(t, "id").to_string(),
+                name: text(t, "name").to_string(),
+                tail: text(t, "tail").to_string(),
+                scopes,
+                created: instant(t, "created_at").map(timestamp),
+                expires: instant(t, "expires_at").map(timestamp),
+                status: if revoked {
+                    "revoked"
+                } else if expired {
+                    "expired"
+                } else {
+                    "active"
+                },
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2026-11-22 10:00:00 UTC);
+
+    fn doc_with(names: &[(&str, &str, &str)]) -> DocumentMut {
+        let mut doc: DocumentMut = "# my keys\n".parse().unwrap();
+        for (id, name, tail) in names {
+            let grant = Grant { name: name.to_string(), scopes: vec!["read".into()], ..Grant::default() };
+            append(&mut doc, id, "sha256:00", tail, &grant, NOW).unwrap();
+        }
+        doc
+    }
+
+    #[test]
+    fn selectors_go_id_then_name_then_tail_and_refuse_ambiguity() {
+        let doc = doc_with(&[("a1", "sync", "AAAAAA"), ("b2", "sync", "BBBBBB"), ("c3", "a1x", "a1")]);
+        assert_eq!(select(&doc, "a1"), Ok(0), "an id wins over a tail");
+        assert_eq!(select(&doc, "BBBBBB"), Ok(1));
+        assert_eq!(select(&doc, "a1x"), Ok(2));
+        match select(&doc, "sync") {
+            Err(LifecycleError::Ambiguous { candidates, .. }) => assert_eq!(candidates.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(select(&doc, "nope"), Err(LifecycleError::NotFound("nope".into())));
+    }
+
+    #[test]
+    fn appended_entries_keep_the_file_and_read_back() {
+        let doc = doc_with(&[("a1", "sync", "AAAAAA")]);
+        let text = doc.to_string();
+        assert!(text.starts_with("# my keys\n[[keys]]\nid = \"a1\""), "{text}");
+        assert!(text.contains("created_at = 2026-11-22T10:00:00Z"), "{text}");
+        let views = views(&doc, NOW);
+        assert_eq!(views[0].status, "active");
+        assert_eq!(views[0].scopes, ["read"]);
+    }
+
+    #[test]
+    fn revoke_expire_and_rotation_grants() {
+        let mut doc = doc_with(&[("a1", "sync", "AAAAAA")]);
+        assert!(revoke(&mut doc, 0, NOW).unwrap());
+        assert!(!revoke(&mut doc, 0, NOW + time::Duration::hours(1)).unwrap(), "first revocation stands");
+        assert_eq!(views(&doc, NOW)[0].status, "revoked");
+
+        let mut doc = doc_with(&[("a1", "sync", "AAAAAA")]);
+        let later = NOW + time::Duration::days(1);
+        assert_eq!(expire(&mut doc, 0, later).unwrap(), later);
+        assert_eq!(expire(&mut doc, 0, later + time::Duration::days(1)).unwrap(), later, "earlier end kept");
+        let grant = successor_grant(&doc, 0, later).unwrap();
+        assert_eq!(grant.name, "sync");
+        assert_eq!(grant.expires_at, Some(later + time::Duration::days(1)), "same lifetime from now");
+        assert_eq!(remove(&mut doc, 0).unwrap(), ("a1".to_string(), "sync".to_string()));
+        assert!(views(&doc, NOW).is_empty());
+    }
+}

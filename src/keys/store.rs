@@ -1,0 +1,121 @@
+//! The key file as `keygate keys` edits it: one writer at a time (an advisory lock beside the
+//! file), edits through toml_edit so comments and order survive, and a write that a running
+//! gateway can never see half done (temporary file in the same folder, fsync, rename).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use toml_edit::DocumentMut;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {action}: {source}")]
+    Io { path: PathBuf, action: &'static str, source: std::io::Error },
+    #[error("{path}: not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+}
+
+fn io<'p>(path: &'p Path, action: &'static str) -> impl FnOnce(std::io::Error) -> StoreError + 'p {
+    move |source| StoreError::Io { path: path.to_path_buf(), action, source }
+}
+
+/// The key file, locked against other `keygate keys` runs for as long as this lives.
+pub struct KeyStore {
+    path: PathBuf,
+    // Held for its lock; released when dropped (or when the process ends, however it ends).
+    _lock: File,
+}
+
+impl KeyStore {
+    /// Waits for the lock on `<folder>/.<name>.lock`. The lock is not on the key file itself:
+    /// that file is replaced by rename, and a lock on a replaced inode guards nothing.
+    pub fn lock(path: &Path) -> Result<Self, StoreError> {
+        let name = path.file_name().map_or_else(|| "keys".into(), |n| n.to_string_lossy().into_owned());
+        let lock_path = path.with_file_name(format!(".{name}.lock"));
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path, "cannot open the lock file"))?;
+        lock.lock().map_err(io(&lock_path, "cannot lock"))?;
+        Ok(Self { path: path.to_path_buf(), _lock: lock })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file as an editable document; a missing file is an empty one.
+    pub fn read(&self) -> Result<DocumentMut, StoreError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io(&self.path, "cannot read")(e)),
+        };
+        text.parse::<DocumentMut>()
+            .map_err(|e| StoreError::Syntax { path: self.path.clone(), message: e.to_string() })
+    }
+
+    /// Replaces the file with `text` atomically, keeping its permissions.
+    pub fn write(&self, text: &str) -> Result<(), StoreError> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = self.path.file_name().map_or_else(|| "keys".into(), |n| n.to_string_lossy().into_owned());
+        // A leading single dot: not the watched name, and not the `..` of a Kubernetes swap.
+        let temp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let result = (|| {
+            let mut file = File::create(&temp).map_err(io(&temp, "cannot create"))?;
+            if let Ok(meta) = std::fs::metadata(&self.path) {
+                file.set_permissions(meta.permissions()).map_err(io(&temp, "cannot set permissions"))?;
+            }
+            file.write_all(text.as_bytes()).map_err(io(&temp, "cannot write"))?;
+            file.sync_all().map_err(io(&temp, "cannot sync"))?;
+            std::fs::rename(&temp, &self.path).map_err(io(&self.path, "cannot replace"))?;
+            // The rename itself is durable only once the folder is synced.
+            if let Ok(folder) = File::open(&dir) {
+                let _ = folder.sync_all();
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_replaces_atomically_and_keeps_comments_through_a_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, "# top comment\n[[keys]] # trailing\nid = \"a\"  # why\n").unwrap();
+        let store = KeyStore::lock(&path).unwrap();
+        let doc = store.read().unwrap();
+        store.write(&doc.to_string()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "# top comment\n[[keys]] # trailing\nid = \"a\"  # why\n"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_missing_file_reads_as_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KeyStore::lock(&dir.path().join("keys.toml")).unwrap();
+        assert_eq!(store.read().unwrap().to_string(), "");
+    }
+}

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
 
 use crate::config;
 use crate::proxy::Gateway;
@@ -91,6 +92,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
     };
     let workers = snapshot.server.workers;
     let listen = snapshot.server.listen;
+    let admin = snapshot.admin.as_ref().map(|a| a.listen);
     block_on(workers, async move {
         let summary = snapshot.summary(SystemTime::now());
         tracing::info!(config = %snapshot.config_path.display(), "loaded {summary}");
@@ -101,7 +103,23 @@ fn serve(path: &std::path::Path) -> ExitCode {
         let _reloader =
             reload::spawn(Arc::clone(&gateway)).map_err(|e| format!("cannot watch the config files: {e}"))?;
         let listener = server::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        server::serve(listener, gateway, shutdown).await.map_err(|e| e.to_string())
+        let admin = match admin {
+            Some(addr) => {
+                let admin_listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen on {addr} (admin): {e}"))?;
+                let bound = admin_listener.local_addr().map_err(|e| e.to_string())?;
+                tracing::info!(addr = %bound, "admin listening on {bound}");
+                Some(tokio::spawn(crate::admin::serve(admin_listener, Arc::clone(&gateway))))
+            }
+            None => None,
+        };
+        let served = server::serve(listener, gateway, shutdown).await.map_err(|e| e.to_string());
+        // The admin listener outlives the drain so `/readyz` can say 503 meanwhile.
+        if let Some(admin) = admin {
+            admin.abort();
+        }
+        served
     })
 }
 

@@ -284,7 +284,7 @@ fn build_route(source: &mut SourceFile, file: RouteFile) -> Option<Route> {
     }
     let (prefix, host) = (prefix?, host?);
     Some(Route {
-        label: format!("{}{prefix}", host.as_deref().unwrap_or("")),
+        label: crate::metrics::LabelText(format!("{}{prefix}", host.as_deref().unwrap_or("")).into()),
         host,
         prefix,
         upstream: upstream?,

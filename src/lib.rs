@@ -8,17 +8,21 @@
 //! - [`reload`]: file events and SIGHUP → debounce → load → atomic swap; bad files change nothing.
 //! - [`error`]: every rejection keygate answers itself, and the one place it becomes HTTP.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 connections, graceful drain.
+//! - [`metrics`]: Prometheus counters and histograms, rendered for the admin listener.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/status` on their own listener.
 //! - [`telemetry`]: tracing subscriber set-up and the access log event.
 //! - [`demo`]: an echo upstream and a gateway with a fresh key, for a first run.
 //! - [`cli`]: the command line, parsed into ready commands.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod keys;
+pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;

@@ -7,7 +7,7 @@ pub mod path;
 pub mod route;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 
 use crate::config::Snapshot;
 use crate::error::GatewayError;
+use crate::metrics::{LabelText, Metrics, Observation};
 use crate::ratelimit::RateLimiter;
 use crate::reload::ReloadStatus;
 use crate::telemetry::AccessLog;
@@ -35,6 +36,11 @@ pub struct Gateway {
     request_ids: RequestIds,
     rate_limiter: RateLimiter,
     reload_status: ReloadStatus,
+    metrics: Metrics,
+    /// Set when shutdown begins: `/readyz` then answers 503.
+    draining: AtomicBool,
+    /// The route label of requests that matched no route.
+    no_route: LabelText,
 }
 
 impl Gateway {
@@ -45,6 +51,9 @@ impl Gateway {
             request_ids: RequestIds::new(),
             rate_limiter: RateLimiter::default(),
             reload_status: ReloadStatus::new(),
+            metrics: Metrics::default(),
+            draining: AtomicBool::new(false),
+            no_route: LabelText(Arc::from("-")),
         }
     }
 
@@ -56,6 +65,18 @@ impl Gateway {
 
     pub fn reload_status(&self) -> &ReloadStatus {
         &self.reload_status
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// Replaces the snapshot atomically; requests already running finish on the old one.
@@ -79,7 +100,18 @@ impl Gateway {
         if let Some(quota) = &log.quota {
             crate::error::set_quota_headers(response.headers_mut(), quota);
         }
-        log.emit(response.status(), started.elapsed());
+        let duration = started.elapsed();
+        log.emit(response.status(), duration);
+        let observation = Observation {
+            route: log.route.as_ref().unwrap_or(&self.no_route),
+            status: response.status().as_u16(),
+            key_id: log.key_id.as_deref(),
+            rejection: log.reason.filter(|r| AUTH_REJECTIONS.contains(r)),
+            duration,
+            upstream_duration: log.upstream_duration,
+        };
+        let per_key = snapshot.admin.as_ref().is_some_and(|a| a.per_key_metrics);
+        self.metrics.observe(&observation, per_key);
         response
     }
 
@@ -184,6 +216,16 @@ impl Gateway {
         }
     }
 }
+
+/// The error codes that count as `keygate_auth_rejections_total{reason}`.
+const AUTH_REJECTIONS: [&str; 6] = [
+    "missing_api_key",
+    "invalid_api_key",
+    "revoked_api_key",
+    "expired_api_key",
+    "insufficient_scope",
+    "rate_limited",
+];
 
 /// Refuses a request head larger than `max_header_bytes` with a JSON 431. (hyper itself cuts
 /// off heads beyond twice that, see the server.)

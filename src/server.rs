@@ -94,6 +94,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    gateway.start_draining();
     let _ = stop_tx.send(true);
     drop(done_tx);
     if tokio::time::timeout(settings.shutdown_timeout, done_rx.recv()).await.is_err() {

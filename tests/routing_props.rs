@@ -8,7 +8,7 @@ use proptest::prelude::*;
 
 fn table() -> RouteTable {
     let route = |prefix: &str, public: bool| Route {
-        label: prefix.to_string(),
+        label: keygate::metrics::LabelText(prefix.into()),
         host: None,
         prefix: prefix.to_string(),
         upstream: Upstream {
@@ -53,8 +53,8 @@ proptest! {
         if let Ok(forwarded) = normalize(&raw, allow) {
             let again = normalize(&forwarded, allow);
             prop_assert_eq!(again.as_ref(), Ok(&forwarded));
-            let first = table.find(None, &forwarded).map(|r| r.label.clone());
-            let second = again.ok().and_then(|p| table.find(None, &p).map(|r| r.label.clone()));
+            let first = table.find(None, &forwarded).map(|r| r.label.0.to_string());
+            let second = again.ok().and_then(|p| table.find(None, &p).map(|r| r.label.0.to_string()));
             prop_assert_eq!(first, second);
         }
     }

@@ -37,7 +37,7 @@ impl ScopeRule {
 #[derive(Debug, Clone)]
 pub struct Route {
     /// `host` + `prefix`, the route's name in logs and metrics.
-    pub label: String,
+    pub label: crate::metrics::LabelText,
     /// Lower case, without port or trailing dot.
     pub host: Option<String>,
     pub prefix: String,
@@ -105,7 +105,7 @@ mod tests {
 
     fn route(host: Option<&str>, prefix: &str) -> Route {
         Route {
-            label: format!("{}{prefix}", host.unwrap_or("")),
+            label: crate::metrics::LabelText(format!("{}{prefix}", host.unwrap_or("")).into()),
             host: host.map(str::to_string),
             prefix: prefix.to_string(),
             upstream: Upstream {
@@ -127,7 +127,7 @@ mod tests {
             route(None, "/public/"),
             route(Some("api.example.com"), "/"),
         ]);
-        let label = |host, path| table.find(host, path).map(|r| r.label.clone());
+        let label = |host, path| table.find(host, path).map(|r| r.label.0.to_string());
         assert_eq!(label(None, "/public/x").as_deref(), Some("/public/"));
         assert_eq!(label(None, "/public").as_deref(), Some("/"));
         assert_eq!(label(Some("API.Example.com.:8443"), "/public/x").as_deref(), Some("api.example.com/"));

@@ -1,0 +1,123 @@
+//! The admin listener: liveness, readiness, Prometheus metrics and reload status, on an address
+//! of its own so that it can stay private while the gateway port is public.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::metrics::Current;
+use crate::proxy::Gateway;
+
+/// Serves until the task is dropped; the caller keeps it running through the drain so that
+/// `/readyz` can say 503 while requests finish.
+pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let gateway = Arc::clone(&gateway);
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let gateway = Arc::clone(&gateway);
+                async move { Ok::<_, Infallible>(answer(&gateway, &request)) }
+            });
+            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    response
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    respond(status, "application/json", value.to_string())
+}
+
+pub fn answer(gateway: &Gateway, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &serde_json::json!({"error": "method_not_allowed", "message": "the admin endpoints answer GET only"}),
+        );
+    }
+    match request.uri().path() {
+        "/healthz" => respond(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
+        "/readyz" if gateway.is_draining() => {
+            respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", "draining\n")
+        }
+        "/readyz" => respond(StatusCode::OK, "text/plain; charset=utf-8", "ready\n"),
+        "/metrics" => {
+            let reloads = gateway.reload_status().view();
+            let summary = gateway.snapshot().summary(SystemTime::now());
+            let current = Current {
+                reload_successes: reloads.successes,
+                reload_failures: reloads.failures,
+                keys_active: summary.active as u64,
+                keys_expired: summary.expired as u64,
+                keys_revoked: summary.revoked as u64,
+            };
+            match gateway.metrics().render(&current) {
+                Ok(text) => respond(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                ),
+                Err(_) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": "internal_error", "message": "metrics could not be rendered"}),
+                ),
+            }
+        }
+        "/status" => {
+            let snapshot = gateway.snapshot();
+            let reloads = gateway.reload_status().view();
+            let summary = snapshot.summary(SystemTime::now());
+            let loaded_at = time::OffsetDateTime::from(snapshot.loaded_at)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "generation": reloads.generation,
+                    "loaded_at": loaded_at,
+                    "routes": summary.routes,
+                    "keys": summary.keys,
+                    "keys_by_state": {
+                        "active": summary.active,
+                        "expired": summary.expired,
+                        "revoked": summary.revoked,
+                    },
+                    "reloads": { "success": reloads.successes, "failure": reloads.failures },
+                    "last_reload_error": reloads.last_error,
+                    "draining": gateway.is_draining(),
+                }),
+            )
+        }
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "not_found", "message": "admin endpoints: /healthz /readyz /metrics /status"}),
+        ),
+    }
+}

@@ -1,0 +1,222 @@
+//! Prometheus metrics: request counts and latencies by route and status, auth rejections by
+//! reason, reloads by result, keys by state. Labels are route labels and fixed words, never a
+//! raw path, so their number stays bounded; `key_id` appears only with `per_key_metrics`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Shared label text: cloning it per request is a reference-count bump, not a copy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LabelText(pub Arc<str>);
+
+impl fmt::Display for LabelText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl EncodeLabelValue for LabelText {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RequestLabels {
+    route: LabelText,
+    status: u16,
+    key_id: Option<LabelText>,
+}
+
+impl EncodeLabelSet for RequestLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
+        use prometheus_client::encoding::EncodeLabel;
+        ("route", self.route.clone()).encode(encoder.encode_label())?;
+        ("status", self.status).encode(encoder.encode_label())?;
+        if let Some(key_id) = &self.key_id {
+            ("key_id", key_id.clone()).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct RouteLabels {
+    route: LabelText,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// From 100 µs (an auth rejection) to 30 s (a slow upstream).
+const BUCKETS: [f64; 17] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0,
+];
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+/// One request as the metrics see it.
+pub struct Observation<'a> {
+    /// `"-"` when no route matched.
+    pub route: &'a LabelText,
+    pub status: u16,
+    pub key_id: Option<&'a str>,
+    /// The code of an auth rejection (`missing_api_key` …), if the request was one.
+    pub rejection: Option<&'static str>,
+    pub duration: Duration,
+    pub upstream_duration: Option<Duration>,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    upstream_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    rejections: Family<ReasonLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
+        let upstream_duration =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
+        let rejections = Family::<ReasonLabels, Counter>::default();
+        registry.register("keygate_requests", "Requests answered, by route and status", requests.clone());
+        registry.register(
+            "keygate_request_duration_seconds",
+            "Time from request head to response head, by route",
+            request_duration.clone(),
+        );
+        registry.register(
+            "keygate_upstream_duration_seconds",
+            "Time the upstream took to send response headers, by route",
+            upstream_duration.clone(),
+        );
+        registry.register(
+            "keygate_auth_rejections",
+            "Requests refused by authentication or authorization, by reason",
+            rejections.clone(),
+        );
+        Self { registry, requests, request_duration, upstream_duration, rejections }
+    }
+}
+
+/// Values read at scrape time from the running state.
+pub struct Current {
+    pub reload_successes: u64,
+    pub reload_failures: u64,
+    pub keys_active: u64,
+    pub keys_expired: u64,
+    pub keys_revoked: u64,
+}
+
+impl Metrics {
+    pub fn observe(&self, o: &Observation<'_>, per_key: bool) {
+        let key_id = if per_key { o.key_id.map(|id| LabelText(Arc::from(id))) } else { None };
+        self.requests
+            .get_or_create(&RequestLabels { route: o.route.clone(), status: o.status, key_id })
+            .inc();
+        let route = RouteLabels { route: o.route.clone() };
+        self.request_duration.get_or_create(&route).observe(o.duration.as_secs_f64());
+        if let Some(upstream) = o.upstream_duration {
+            self.upstream_duration.get_or_create(&route).observe(upstream.as_secs_f64());
+        }
+        if let Some(reason) = o.rejection {
+            self.rejections.get_or_create(&ReasonLabels { reason }).inc();
+        }
+    }
+
+    /// The exposition (OpenMetrics text, which Prometheus reads), with `current` values.
+    pub fn render(&self, current: &Current) -> Result<String, fmt::Error> {
+        let mut dynamic = Registry::default();
+        let reloads = Family::<ResultLabels, Counter>::default();
+        reloads.get_or_create(&ResultLabels { result: "success" }).inc_by(current.reload_successes);
+        reloads.get_or_create(&ResultLabels { result: "failure" }).inc_by(current.reload_failures);
+        dynamic.register("keygate_config_reloads", "Reload attempts, by result", reloads);
+        let keys = Family::<StateLabels, Gauge>::default();
+        for (state, n) in [
+            ("active", current.keys_active),
+            ("expired", current.keys_expired),
+            ("revoked", current.keys_revoked),
+        ] {
+            keys.get_or_create(&StateLabels { state }).set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        dynamic.register("keygate_keys", "Keys in the running key table, by state", keys);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)?;
+        prometheus_client::encoding::text::encode_registry(&mut out, &dynamic)?;
+        prometheus_client::encoding::text::encode_eof(&mut out)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_and_labels() {
+        let metrics = Metrics::default();
+        let route = LabelText(Arc::from("/api/"));
+        let observe = |status, key_id, rejection| {
+            metrics.observe(
+                &Observation {
+                    route: &route,
+                    status,
+                    key_id,
+                    rejection,
+                    duration: Duration::from_micros(300),
+                    upstream_duration: None,
+                },
+                true,
+            )
+        };
+        observe(200, Some("k1"), None);
+        observe(401, None, Some("missing_api_key"));
+        let current = Current {
+            reload_successes: 2,
+            reload_failures: 1,
+            keys_active: 5,
+            keys_expired: 0,
+            keys_revoked: 1,
+        };
+        let text = metrics.render(&current).unwrap();
+        for want in [
+            "keygate_requests_total{route=\"/api/\",status=\"200\",key_id=\"k1\"} 1",
+            "keygate_requests_total{route=\"/api/\",status=\"401\"} 1",
+            "keygate_auth_rejections_total{reason=\"missing_api_key\"} 1",
+            "keygate_request_duration_seconds_bucket{le=\"0.0005\",route=\"/api/\"} 2",
+            "keygate_config_reloads_total{result=\"failure\"} 1",
+            "keygate_keys{state=\"revoked\"} 1",
+            "# EOF",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+    }
+}

@@ -22,8 +22,10 @@ pub use snapshot::{AdminSettings, ServerSettings, Snapshot, Summary};
 
 use crate::keys::{Duplicate, KeyEntry, KeyHash, KeyTable, RateLimit, ScopeSet};
 use crate::proxy::auth::{AuthSettings, Source};
+use crate::proxy::forward::upstream_client;
 use crate::proxy::path::normalize;
 use crate::proxy::route::{Route, RouteTable, ScopeRule, Upstream};
+use crate::tls;
 use error::SourceFile;
 use file::{GatewayFile, KeyFile, KeysFile, RouteFile};
 
@@ -39,7 +41,7 @@ pub fn load(config_path: &Path) -> Result<Snapshot, ConfigErrors> {
     let file: GatewayFile = toml::from_str(&text).map_err(|e| source.toml_error(&e))?;
     let base = config_path.parent().unwrap_or(Path::new(""));
     let keys_path = base.join(file.auth.keys_file.get_ref());
-    let gateway = build_gateway(&mut source, file);
+    let gateway = build_gateway(&mut source, file, base);
     let mut errors = source.errors;
 
     // The key file is checked even when keygate.toml has problems, so one run shows all.
@@ -55,6 +57,7 @@ pub fn load(config_path: &Path) -> Result<Snapshot, ConfigErrors> {
             config_path: config_path.to_path_buf(),
             keys_path,
             server: gateway.server,
+            tls: gateway.tls,
             admin: gateway.admin,
             auth: gateway.auth,
             routes: gateway.routes,
@@ -83,7 +86,7 @@ pub fn key_file_of(config_path: &Path) -> Result<(PathBuf, String), ConfigErrors
     let file: GatewayFile = toml::from_str(&text).map_err(|e| source.toml_error(&e))?;
     let base = config_path.parent().unwrap_or(Path::new(""));
     let keys_path = base.join(file.auth.keys_file.get_ref());
-    match build_gateway(&mut source, file) {
+    match build_gateway(&mut source, file, base) {
         Some(gateway) if source.errors.is_empty() => Ok((keys_path, gateway.auth.key_prefix)),
         _ => Err(ConfigErrors(source.errors)),
     }
@@ -100,6 +103,7 @@ fn read(path: &Path) -> Result<String, ConfigErrors> {
 }
 
 struct Gateway {
+    tls: Option<tls::ServerCert>,
     server: ServerSettings,
     admin: Option<AdminSettings>,
     auth: AuthSettings,
@@ -150,15 +154,19 @@ fn parse_addr(text: &String) -> Result<SocketAddr, String> {
     text.parse().map_err(|_| format!("{text:?} is not an IP address and port like 0.0.0.0:8080"))
 }
 
-fn build_gateway(source: &mut SourceFile, file: GatewayFile) -> Option<Gateway> {
+fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Option<Gateway> {
     let s = &file.server;
     let listen = check(source, &s.listen, parse_addr);
-    for tls in [&s.tls_cert, &s.tls_key].into_iter().flatten() {
-        source.push(
-            tls.span(),
-            "TLS listeners are not available in this version; terminate TLS in front of keygate",
-        );
-    }
+    let tls = match (&s.tls_cert, &s.tls_key) {
+        (None, None) => Some(None),
+        (Some(cert), Some(key)) => {
+            check(source, cert, |c| tls::load_server_cert(&base.join(c), &base.join(key.get_ref()))).map(Some)
+        }
+        (Some(one), None) | (None, Some(one)) => {
+            source.push(one.span(), "tls_cert and tls_key go together: set both or neither");
+            None
+        }
+    };
     let workers = match &s.workers {
         Some(w) => check(source, w, in_range(1, 1024)).map(|n| Some(n as usize)),
         None => Some(None),
@@ -175,6 +183,10 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile) -> Option<Gateway> 
         Some(n) => check(source, n, in_range(1, 10_000)).map(|n| n as u32),
         None => Some(100),
     };
+    let max_connections = match &s.max_connections {
+        Some(n) => check(source, n, in_range(1, 1_000_000)).map(|n| n as usize),
+        None => Some(10_000),
+    };
     let admin = match &file.admin {
         Some(a) => check(source, &a.listen, parse_addr).map(|listen| {
             Some(AdminSettings { listen, per_key_metrics: a.per_key_metrics.unwrap_or(false) })
@@ -183,8 +195,9 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile) -> Option<Gateway> 
     };
     let auth = build_auth(source, &file);
     let allow_encoded_slashes = s.allow_encoded_slashes.unwrap_or(false);
-    let routes = build_routes(source, file.routes);
+    let routes = build_routes(source, file.routes, base);
     Some(Gateway {
+        tls: tls?,
         server: ServerSettings {
             listen: listen?,
             workers: workers?,
@@ -195,6 +208,7 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile) -> Option<Gateway> 
             allow_encoded_slashes,
             idle_timeout: idle_timeout?,
             h2_max_concurrent_streams: h2_streams?,
+            max_connections: max_connections?,
         },
         admin: admin?,
         auth: auth?,
@@ -228,14 +242,14 @@ fn build_auth(source: &mut SourceFile, file: &GatewayFile) -> Option<AuthSetting
     Some(AuthSettings { sources: sources?, key_prefix: key_prefix? })
 }
 
-fn build_routes(source: &mut SourceFile, files: Vec<Spanned<RouteFile>>) -> Option<RouteTable> {
+fn build_routes(source: &mut SourceFile, files: Vec<Spanned<RouteFile>>, base: &Path) -> Option<RouteTable> {
     let mut seen: HashMap<(Option<String>, String), ()> = HashMap::new();
     let mut routes = Vec::with_capacity(files.len());
     let mut ok = true;
     for spanned in files {
         let span = spanned.span();
         let file = spanned.into_inner();
-        match build_route(source, file) {
+        match build_route(source, file, base) {
             Some(route) => {
                 if seen.insert((route.host.clone(), route.prefix.clone()), ()).is_some() {
                     source.push(
@@ -256,7 +270,7 @@ fn build_routes(source: &mut SourceFile, files: Vec<Spanned<RouteFile>>) -> Opti
     ok.then(|| RouteTable::new(routes))
 }
 
-fn build_route(source: &mut SourceFile, file: RouteFile) -> Option<Route> {
+fn build_route(source: &mut SourceFile, file: RouteFile, base: &Path) -> Option<Route> {
     let prefix = check(source, &file.prefix, |p| {
         if !p.starts_with('/') {
             return Err(format!("prefix {p:?} must start with '/'"));
@@ -269,7 +283,19 @@ fn build_route(source: &mut SourceFile, file: RouteFile) -> Option<Route> {
             )),
         }
     });
-    let upstream = check(source, &file.upstream, |u| parse_upstream(u));
+    let mut upstream = check(source, &file.upstream, |u| parse_upstream(u));
+    if let Some(ca_file) = &file.ca_file {
+        let client =
+            check(source, ca_file, |path| tls::client_config(Some(&base.join(path))).map(upstream_client));
+        match (&mut upstream, client) {
+            (Some(up), Some(client)) if up.scheme == Scheme::HTTPS => up.client = Some(client),
+            (Some(_), Some(_)) => {
+                source.push(ca_file.span(), "ca_file is for https:// upstreams");
+                upstream = None;
+            }
+            _ => upstream = None,
+        }
+    }
     let host = match &file.host {
         Some(h) => check(source, h, |h| parse_host(h)).map(Some),
         None => Some(None),
@@ -295,12 +321,12 @@ fn build_route(source: &mut SourceFile, file: RouteFile) -> Option<Route> {
 }
 
 fn parse_upstream(text: &str) -> Result<Upstream, String> {
-    let bad = |why: &str| format!("upstream {text:?} {why}; expected http://host:port[/path]");
+    let bad = |why: &str| format!("upstream {text:?} {why}; expected http(s)://host[:port][/path]");
     let uri: Uri = text.parse().map_err(|_| bad("is not a URL"))?;
     let scheme = match uri.scheme_str() {
         Some("http") => Scheme::HTTP,
-        Some("https") => return Err(bad("uses https, which this version cannot forward to yet")),
-        _ => return Err(bad("must use http://")),
+        Some("https") => Scheme::HTTPS,
+        _ => return Err(bad("must use http:// or https://")),
     };
     let authority: Authority = uri.authority().cloned().ok_or_else(|| bad("has no host"))?;
     if authority.as_str().contains('@') || authority.host().is_empty() {
@@ -311,7 +337,7 @@ fn parse_upstream(text: &str) -> Result<Upstream, String> {
     }
     let base_path = uri.path().trim_end_matches('/').to_string();
     let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| bad("has an invalid host"))?;
-    Ok(Upstream { scheme, authority, base_path, host_header })
+    Ok(Upstream { scheme, authority, base_path, host_header, client: None })
 }
 
 fn parse_host(text: &str) -> Result<String, String> {

@@ -10,6 +10,7 @@
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 connections, graceful drain.
 //! - [`metrics`]: Prometheus counters and histograms, rendered for the admin listener.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/status` on their own listener.
+//! - [`tls`]: the listener's certificate and the trust for `https://` upstreams.
 //! - [`telemetry`]: tracing subscriber set-up and the access log event.
 //! - [`demo`]: an echo upstream and a gateway with a fresh key, for a first run.
 //! - [`cli`]: the command line, parsed into ready commands.
@@ -28,3 +29,4 @@ pub mod ratelimit;
 pub mod reload;
 pub mod server;
 pub mod telemetry;
+pub mod tls;

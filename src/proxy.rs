@@ -12,11 +12,12 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{HOST, TRANSFER_ENCODING};
+use http::header::{CONNECTION, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::request::Parts;
-use http::{HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 
 use crate::config::Snapshot;
 use crate::error::GatewayError;
@@ -47,7 +48,7 @@ impl Gateway {
     pub fn new(snapshot: Snapshot) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
-            client: forward::upstream_client(),
+            client: forward::upstream_client(default_trust()),
             request_ids: RequestIds::new(),
             rate_limiter: RateLimiter::default(),
             reload_status: ReloadStatus::new(),
@@ -165,7 +166,15 @@ impl Gateway {
         // Rewrite. Removals come before additions so nothing a client sent (a `Connection`
         // header naming ours, a spoofed `x-keygate-*`) can remove or shadow what keygate adds.
         let query = auth::strip_credentials(&snapshot.auth.sources, &mut parts.headers, parts.uri.query());
+        // Only a WebSocket upgrade is relayed; any other (`h2c` above all) is dropped with the
+        // other hop-by-hop headers and the request goes on as a plain one.
+        let websocket = forward::websocket_upgrade(&parts);
+        let client_upgrade = websocket.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
         forward::remove_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = &websocket {
+            parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(UPGRADE, protocol.clone());
+        }
         forward::remove_spoofed_identity(&mut parts.headers);
         forward::set_forwarding(&mut parts.headers, client, host.as_ref());
         let upstream = &route.upstream;
@@ -191,13 +200,27 @@ impl Gateway {
         parts.version = Version::HTTP_11;
 
         let upstream_started = Instant::now();
-        let sent = self.client.request(Request::from_parts(parts, body));
+        let client = upstream.client.as_ref().unwrap_or(&self.client);
+        let sent = client.request(Request::from_parts(parts, body));
         let result = tokio::time::timeout(snapshot.server.request_timeout, sent).await;
         log.upstream_duration = Some(upstream_started.elapsed());
-        let response = result.map_err(|_| GatewayError::UpstreamTimeout)?.map_err(|error| {
-            tracing::debug!(route = %route.label, error = %error, "upstream request failed");
+        let mut response = result.map_err(|_| GatewayError::UpstreamTimeout)?.map_err(|error| {
+            tracing::debug!(route = %route.label, error = ?error, "upstream request failed");
             GatewayError::UpstreamUnavailable
         })?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let (Some(client_side), Some(protocol)) = (client_upgrade, websocket) else {
+                // An upstream switching protocols that nobody asked for cannot be relayed.
+                return Err(GatewayError::UpstreamUnavailable);
+            };
+            let upstream_side = hyper::upgrade::on(&mut response);
+            tokio::spawn(forward::relay_upgraded(client_side, upstream_side));
+            let (mut parts, body) = response.into_parts();
+            forward::remove_hop_by_hop(&mut parts.headers);
+            parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(UPGRADE, protocol);
+            return Ok(Response::from_parts(parts, body));
+        }
         let (mut parts, body) = response.into_parts();
         forward::remove_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body))
@@ -215,6 +238,19 @@ impl Gateway {
             _ => self.request_ids.next(),
         }
     }
+}
+
+/// The system's roots for `https://` upstreams; without them such upstreams answer 502.
+fn default_trust() -> Arc<rustls::ClientConfig> {
+    crate::tls::client_config(None).unwrap_or_else(|error| {
+        tracing::warn!(%error, "no TLS trust for https upstreams");
+        // With only the ring provider compiled in, rustls picks it without a process default.
+        Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        )
+    })
 }
 
 /// The error codes that count as `keygate_auth_rejections_total{reason}`.

@@ -101,7 +101,8 @@ pub fn reload_now(gateway: &Gateway) -> Result<(), config::ConfigErrors> {
         attempts += 1;
         std::thread::sleep(QUIET);
     };
-    let result = result.and_then(|new| refuse_truncated(&current, new));
+    let result =
+        result.and_then(|new| refuse_truncated(&current, new)).and_then(|new| refuse_tls_off(&current, new));
     match result {
         Ok(snapshot) => {
             warn_about_restart(&current, &snapshot);
@@ -143,6 +144,21 @@ fn refuse_truncated(current: &Snapshot, new: Snapshot) -> Result<Snapshot, confi
     Ok(new)
 }
 
+/// The listener was started with TLS and will keep speaking it; a snapshot without a
+/// certificate would fail every new handshake, so it is refused until a restart.
+fn refuse_tls_off(current: &Snapshot, new: Snapshot) -> Result<Snapshot, config::ConfigErrors> {
+    if current.tls.is_some() && new.tls.is_none() {
+        return Err(config::ConfigError {
+            file: new.config_path.clone(),
+            line: 0,
+            column: 0,
+            message: "tls_cert and tls_key were removed: turning TLS off needs a restart".to_string(),
+        }
+        .into());
+    }
+    Ok(new)
+}
+
 /// What identifies a file's content cheaply: size, modification time, inode (following links).
 type Fingerprint = [Option<(u64, Option<SystemTime>, u64)>; 2];
 
@@ -166,6 +182,9 @@ fn warn_about_restart(old: &Snapshot, new: &Snapshot) {
             "listen address changed: it takes effect only after a restart"
         );
     }
+    if old.tls.is_none() && new.tls.is_some() {
+        tracing::warn!("turning TLS on takes effect only after a restart; certificates reload live");
+    }
     if old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
         tracing::warn!("admin listen address changed: it takes effect only after a restart");
     }
@@ -184,7 +203,8 @@ impl WatchSet {
     /// resolves to (through symlinks) are covered.
     fn for_snapshot(snapshot: &Snapshot) -> Self {
         let mut set = Self { dirs: BTreeSet::new(), names: BTreeSet::new() };
-        for path in [&snapshot.config_path, &snapshot.keys_path] {
+        let certs = snapshot.tls.iter().flat_map(|t| [&t.cert_path, &t.key_path]);
+        for path in [&snapshot.config_path, &snapshot.keys_path].into_iter().chain(certs) {
             set.add(path);
             if let Ok(real) = std::fs::canonicalize(path) {
                 set.add(&real);

@@ -1,6 +1,8 @@
 //! The listener: accepts connections, serves HTTP/1.1 and cleartext HTTP/2 on one port, and
 //! drains in-flight requests on shutdown.
 
+mod idle;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -10,10 +12,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::Gateway;
 use crate::proxy::forward::ClientInfo;
+use crate::tls::{self, CurrentCert};
+use idle::{Activity, Tracked};
 
 /// hyper's own hard cap on a request head, above keygate's JSON 431 limit so that most
 /// oversized heads get the JSON answer; beyond this hyper answers 431 itself.
@@ -29,7 +34,20 @@ pub async fn serve(
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let settings = gateway.snapshot().server.clone();
+    let snapshot = gateway.snapshot();
+    let settings = snapshot.server.clone();
+    // Whether the listener speaks TLS is fixed at start; the certificate itself follows reloads.
+    let tls = match &snapshot.tls {
+        Some(_) => {
+            let current = Arc::clone(&gateway);
+            let resolver =
+                CurrentCert(move || current.snapshot().tls.as_ref().map(|t| Arc::clone(&t.certified)));
+            let config = tls::server_config(Arc::new(resolver)).map_err(std::io::Error::other)?;
+            Some(TlsAcceptor::from(config))
+        }
+        None => None,
+    };
+    drop(snapshot);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -42,15 +60,26 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_concurrent_streams(settings.h2_max_concurrent_streams)
         .max_header_list_size(u32::try_from(hard_head_limit(settings.max_header_bytes)).unwrap_or(u32::MAX))
+        // Rapid-reset (CVE-2023-44487) and error-flood limits.
         .max_pending_accept_reset_streams(Some(20))
         .max_local_error_reset_streams(Some(1024));
 
     // Each connection task holds a sender; when every one is dropped, the drain is done.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Connections beyond the cap wait in the kernel's accept queue instead of costing memory
+    // and file descriptors here.
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(5);
     loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => {
@@ -68,28 +97,35 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let client = ClientInfo { peer, tls: false };
-        let gateway = Arc::clone(&gateway);
-        let builder = builder.clone();
+        let connection = Connection {
+            gateway: Arc::clone(&gateway),
+            builder: builder.clone(),
+            stop: stop_rx.clone(),
+            idle_timeout: settings.idle_timeout,
+        };
+        let tls = tls.clone();
+        let handshake_timeout = settings.header_read_timeout;
         let done = done_tx.clone();
-        let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let gateway = Arc::clone(&gateway);
-                async move { Ok::<_, Infallible>(gateway.handle(client, request).await) }
-            });
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                _ = stop.changed() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
+            let activity = Activity::new();
+            match tls {
+                None => {
+                    let client = ClientInfo { peer, tls: false };
+                    connection.run(Tracked::new(stream, activity.clone()), activity, client).await;
                 }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "connection ended with an error");
+                Some(acceptor) => {
+                    // A handshake is bounded like a request head: a silent client is dropped.
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let client = ClientInfo { peer, tls: true };
+                            connection.run(Tracked::new(stream, activity.clone()), activity, client).await;
+                        }
+                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
+            drop(slot);
             drop(done);
         });
     }
@@ -101,6 +137,55 @@ pub async fn serve(
         tracing::warn!("shutdown_timeout reached with requests still in flight; closing them");
     }
     Ok(())
+}
+
+/// What one connection needs from the server.
+struct Connection {
+    gateway: Arc<Gateway>,
+    builder: auto::Builder<TokioExecutor>,
+    stop: watch::Receiver<bool>,
+    idle_timeout: Duration,
+}
+
+impl Connection {
+    /// Serves HTTP on `io` until the peer is done, the connection has been idle for
+    /// `idle_timeout` (no bytes either way: an idle keep-alive or a stalled body), or a drain
+    /// asks it to finish its requests and close.
+    async fn run<IO>(mut self, io: Tracked<IO>, activity: Activity, client: ClientInfo)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let gateway = Arc::clone(&self.gateway);
+        let service = service_fn(move |request| {
+            let gateway = Arc::clone(&gateway);
+            async move { Ok::<_, Infallible>(gateway.handle(client, request).await) }
+        });
+        let connection = self.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let peer = client.peer;
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(%peer, %error, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = self.stop.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                    return;
+                }
+                () = tokio::time::sleep_until(activity.idle_deadline(self.idle_timeout)) => {
+                    // Bytes may have moved while we slept; only a deadline still past counts.
+                    if activity.idle_deadline(self.idle_timeout) <= tokio::time::Instant::now() {
+                        tracing::debug!(%peer, "closing idle connection");
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C): the signals that begin a graceful drain.

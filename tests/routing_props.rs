@@ -16,6 +16,7 @@ fn table() -> RouteTable {
             authority: Authority::from_static("127.0.0.1:9"),
             base_path: String::new(),
             host_header: HeaderValue::from_static("127.0.0.1:9"),
+            client: None,
         },
         public,
         preserve_host: false,

@@ -30,6 +30,7 @@ pub struct ServerFile {
     pub allow_encoded_slashes: Option<bool>,
     pub idle_timeout: Option<Spanned<String>>,
     pub h2_max_concurrent_streams: Option<Spanned<i64>>,
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,6 +58,7 @@ pub struct RouteFile {
     pub host: Option<Spanned<String>>,
     #[serde(default)]
     pub preserve_host: bool,
+    pub ca_file: Option<Spanned<String>>,
     pub scopes: Option<Spanned<BTreeMap<String, Spanned<ScopeList>>>>,
 }
 

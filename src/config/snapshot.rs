@@ -14,6 +14,8 @@ pub struct Snapshot {
     pub config_path: PathBuf,
     pub keys_path: PathBuf,
     pub server: ServerSettings,
+    /// The listener's certificate when it speaks HTTPS; reloaded with everything else.
+    pub tls: Option<crate::tls::ServerCert>,
     pub admin: Option<AdminSettings>,
     pub auth: AuthSettings,
     pub routes: RouteTable,
@@ -32,6 +34,7 @@ pub struct ServerSettings {
     pub allow_encoded_slashes: bool,
     pub idle_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]

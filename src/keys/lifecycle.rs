@@ -179,6 +179,19 @@ pub fn remove(doc: &mut DocumentMut, index: usize) -> Result<(String, String), L
         return Err(LifecycleError::Layout);
     }
     let table = keys.remove(index);
+    // The first entry's leading text holds the file's own header comment: it stays.
+    let leading = table.decor().prefix().and_then(|p| p.as_str()).unwrap_or("").to_string();
+    if index == 0 && !leading.trim().is_empty() {
+        match keys.get_mut(0) {
+            Some(next) => next.decor_mut().set_prefix(leading),
+            None => doc.set_trailing(leading),
+        }
+    }
+    // An empty key file reads as a write caught half way (the gateway keeps its old keys), so
+    // a file whose last key was deleted says so in words.
+    if doc.to_string().trim().is_empty() {
+        doc.set_trailing("# no keys: the last one was deleted with `keygate keys delete`\n");
+    }
     Ok((text(&table, "id").to_string(), text(&table, "name").to_string()))
 }
 
@@ -276,6 +289,22 @@ mod tests {
         let views = views(&doc, NOW);
         assert_eq!(views[0].status, "active");
         assert_eq!(views[0].scopes, ["read"]);
+    }
+
+    #[test]
+    fn removing_keeps_the_header_comment_and_never_leaves_an_empty_file() {
+        let mut doc = doc_with(&[("a1", "one", "AAAAAA"), ("b2", "two", "BBBBBB")]);
+        remove(&mut doc, 0).unwrap();
+        assert!(doc.to_string().starts_with("# my keys\n[[keys]]\nid = \"b2\""), "{doc}");
+        remove(&mut doc, 0).unwrap();
+        let text = doc.to_string();
+        assert!(text.starts_with("# my keys\n") && !text.contains("[[keys]]"), "{text}");
+        let mut bare = doc_with(&[]);
+        bare.set_trailing("");
+        let grant = Grant { name: "x".into(), ..Grant::default() };
+        append(&mut bare, "c3", "sha256:00", "CCCCCC", &grant, NOW).unwrap();
+        remove(&mut bare, 0).unwrap();
+        assert!(bare.to_string().starts_with("# no keys"), "{bare}");
     }
 
     #[test]

@@ -2,25 +2,33 @@
 //! the pooled upstream client.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::keys::KeyEntry;
 
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
 
-/// One pooled client for every upstream; the pool is keyed by scheme and authority.
-pub fn upstream_client() -> UpstreamClient {
+/// A pooled client for `http://` and `https://` upstreams (verified with `tls`); the pool is
+/// keyed by scheme and authority.
+pub fn upstream_client(tls: Arc<rustls::ClientConfig>) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    connector.enforce_http(true);
+    connector.enforce_http(false);
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config((*tls).clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_timer(TokioTimer::new())
@@ -69,6 +77,43 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // hyper has already answered `Expect: 100-continue` towards the client when the body is
     // read; passing it on would make the upstream wait for a continue that never comes.
     headers.remove(header::EXPECT);
+}
+
+/// The `Upgrade` value of an HTTP/1.1 WebSocket handshake (`Connection: upgrade` and
+/// `Upgrade: websocket`), the only upgrade keygate relays.
+pub fn websocket_upgrade(parts: &http::request::Parts) -> Option<HeaderValue> {
+    if parts.version != http::Version::HTTP_11 {
+        return None;
+    }
+    let connection_upgrade = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let mut upgrades = parts.headers.get_all(header::UPGRADE).iter();
+    match (upgrades.next(), upgrades.next()) {
+        (Some(value), None) if connection_upgrade && value.as_bytes().eq_ignore_ascii_case(b"websocket") => {
+            Some(value.clone())
+        }
+        _ => None,
+    }
+}
+
+/// Relays the bytes of an upgraded connection both ways until either side closes.
+pub async fn relay_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = tokio::join!(client, upstream);
+    match (client, upstream) {
+        (Ok(client), Ok(upstream)) => {
+            let mut client = hyper_util::rt::TokioIo::new(client);
+            let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+            if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(%error, "upgraded connection ended");
+            }
+        }
+        (Err(error), _) | (_, Err(error)) => tracing::debug!(%error, "upgrade failed"),
+    }
 }
 
 /// Whether a header claims to come from keygate, in any spelling a back end may fold to ours

@@ -12,6 +12,8 @@ pub struct Upstream {
     pub base_path: String,
     /// The `Host` sent upstream unless the route preserves the client's.
     pub host_header: HeaderValue,
+    /// A client of its own when the route trusts a private CA (`ca_file`); else the shared one.
+    pub client: Option<crate::proxy::forward::UpstreamClient>,
 }
 
 /// Which scope a method needs on a route: any one of the listed scopes suffices.
@@ -113,6 +115,7 @@ mod tests {
                 authority: Authority::from_static("127.0.0.1:1"),
                 base_path: String::new(),
                 host_header: HeaderValue::from_static("127.0.0.1:1"),
+                client: None,
             },
             public: false,
             preserve_host: false,

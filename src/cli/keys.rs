@@ -10,7 +10,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::config;
 use crate::keys::lifecycle::{self, Grant, KeyView};
-use crate::keys::store::KeyStore;
+use crate::keys::store::{self, KeyStore};
 use crate::keys::{self, RateLimit};
 
 #[derive(Debug, Subcommand)]
@@ -96,7 +96,7 @@ pub fn run(config_path: &Path, command: KeysCommand) -> Outcome {
         }
         KeysCommand::List { json } => {
             let (keys_path, _) = config::key_file_of(config_path).map_err(|e| e.to_string())?;
-            let doc = KeyStore::lock(&keys_path).and_then(|s| s.read()).map_err(|e| e.to_string())?;
+            let doc = store::read_document(&keys_path).map_err(|e| e.to_string())?;
             let views = lifecycle::views(&doc, now);
             if json {
                 println!("{}", serde_json::to_string_pretty(&views).map_err(|e| e.to_string())?);

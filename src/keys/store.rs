@@ -20,6 +20,18 @@ fn io<'p>(path: &'p Path, action: &'static str) -> impl FnOnce(std::io::Error) -
     move |source| StoreError::Io { path: path.to_path_buf(), action, source }
 }
 
+/// Reads the key file without a lock: writers replace it by rename, so a reader always sees
+/// a whole file, and read-only mounts (a Kubernetes Secret) can still be listed.
+pub fn read_document(path: &Path) -> Result<DocumentMut, StoreError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io(path, "cannot read")(e)),
+    };
+    text.parse::<DocumentMut>()
+        .map_err(|e| StoreError::Syntax { path: path.to_path_buf(), message: e.to_string() })
+}
+
 /// The key file, locked against other `keygate keys` runs for as long as this lives.
 pub struct KeyStore {
     path: PathBuf,
@@ -49,13 +61,7 @@ impl KeyStore {
 
     /// The file as an editable document; a missing file is an empty one.
     pub fn read(&self) -> Result<DocumentMut, StoreError> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(io(&self.path, "cannot read")(e)),
-        };
-        text.parse::<DocumentMut>()
-            .map_err(|e| StoreError::Syntax { path: self.path.clone(), message: e.to_string() })
+        read_document(&self.path)
     }
 
     /// Replaces the file with `text` atomically, keeping its permissions.

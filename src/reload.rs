@@ -95,7 +95,7 @@ pub fn reload_now(gateway: &Gateway) -> Result<(), config::ConfigErrors> {
         let result = config::load(&current.config_path);
         let keys_path = result.as_ref().map_or(&current.keys_path, |new| &new.keys_path);
         let moved = *keys_path != current.keys_path;
-        if moved || attempts == 20 || before == fingerprint(&current.config_path, keys_path) {
+        if moved || attempts == 6 || before == fingerprint(&current.config_path, keys_path) {
             break result;
         }
         attempts += 1;

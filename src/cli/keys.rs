@@ -262,7 +262,7 @@ fn table(views: &[KeyView]) -> String {
                 v.id.clone(),
                 v.name.clone(),
                 v.tail.clone(),
-                v.scopes.join(","),
+                if v.scopes.is_empty() { "-".to_string() } else { v.scopes.join(",") },
                 v.created.clone().unwrap_or_else(|| "-".into()),
                 v.expires.clone().unwrap_or_else(|| "never".into()),
                 v.status.to_string(),

@@ -179,12 +179,24 @@ pub fn remove(doc: &mut DocumentMut, index: usize) -> Result<(String, String), L
         return Err(LifecycleError::Layout);
     }
     let table = keys.remove(index);
-    // The first entry's leading text holds the file's own header comment: it stays.
+    // The first entry's leading text also holds the file's own header: that part stays, in
+    // front of the next entry's own comment. Text after the last blank line is the removed
+    // entry's own comment and goes with it; without a blank line, nothing can tell them apart
+    // and all of it stays.
     let leading = table.decor().prefix().and_then(|p| p.as_str()).unwrap_or("").to_string();
-    if index == 0 && !leading.trim().is_empty() {
+    let header = match leading.trim_end_matches('\n').rfind("\n\n") {
+        Some(end) => leading[..end + 2].to_string(),
+        None => leading,
+    };
+    if index == 0 && !header.trim().is_empty() {
         match keys.get_mut(0) {
-            Some(next) => next.decor_mut().set_prefix(leading),
-            None => doc.set_trailing(leading),
+            Some(next) => {
+                let own =
+                    next.decor().prefix().and_then(|p| p.as_str()).unwrap_or("").trim_start_matches('\n');
+                let joined = format!("{header}{own}");
+                next.decor_mut().set_prefix(joined);
+            }
+            None => doc.set_trailing(header),
         }
     }
     // An empty key file reads as a write caught half way (the gateway keeps its old keys), so
@@ -296,6 +308,12 @@ mod tests {
         let mut doc = doc_with(&[("a1", "one", "AAAAAA"), ("b2", "two", "BBBBBB")]);
         remove(&mut doc, 0).unwrap();
         assert!(doc.to_string().starts_with("# my keys\n[[keys]]\nid = \"b2\""), "{doc}");
+        let mut commented: DocumentMut =
+            "# header\n\n# first's own\n[[keys]]\nid = \"a\"\n\n# second's own\n[[keys]]\nid = \"b\"\n"
+                .parse()
+                .unwrap();
+        remove(&mut commented, 0).unwrap();
+        assert_eq!(commented.to_string(), "# header\n\n# second's own\n[[keys]]\nid = \"b\"\n");
         remove(&mut doc, 0).unwrap();
         let text = doc.to_string();
         assert!(text.starts_with("# my keys\n") && !text.contains("[[keys]]"), "{text}");

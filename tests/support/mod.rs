@@ -871,3 +871,63 @@ pub fn raw_get(target: &str, extra: &[&str]) -> Vec<u8> {
     out.push_str("\r\n");
     out.into_bytes()
 }
+
+// ---------------------------------------------------------------------------------------------
+// The gateway under test, with hot reload
+// ---------------------------------------------------------------------------------------------
+
+/// keygate served in-process on 127.0.0.1:0 from config files the test laid out itself (plain
+/// files, symlinks, a Kubernetes-style volume), with the hot-reload watcher running as in
+/// `keygate serve`. The `listen` in the file is not used, as in [`TestGateway`].
+pub struct WatchedGateway {
+    pub addr: SocketAddr,
+    pub gateway: Arc<keygate::proxy::Gateway>,
+    reload: Option<keygate::reload::ReloadHandle>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl WatchedGateway {
+    /// Loads `config_path` and serves it. Must run inside a tokio runtime (the watcher needs one).
+    /// `reload::spawn` has registered its folder watches by the time it returns, so any file
+    /// change the test makes after this is seen.
+    pub async fn start(config_path: &std::path::Path) -> Self {
+        let snapshot = keygate::config::load(config_path).unwrap_or_else(|errors| {
+            panic!("keygate rejected the test config {}:\n{errors}", config_path.display())
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind gateway listener");
+        let addr = listener.local_addr().expect("gateway local addr");
+        let gateway = Arc::new(keygate::proxy::Gateway::new(snapshot));
+        let reload = keygate::reload::spawn(Arc::clone(&gateway))
+            .unwrap_or_else(|e| panic!("could not start the reload watcher: {e}"));
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let task = tokio::spawn(keygate::server::serve(listener, Arc::clone(&gateway), async move {
+            let _ = stop.await;
+        }));
+        Self { addr, gateway, reload: Some(reload), shutdown: Some(shutdown), task }
+    }
+
+    /// Generation, successes, failures and last error of the reloads so far.
+    pub fn status(&self) -> keygate::reload::StatusView {
+        self.gateway.reload_status().view()
+    }
+
+    pub fn get(&self, target: &str) -> Call {
+        Call::new(self.addr, Method::GET, target)
+    }
+
+    pub fn request(&self, method: Method, target: &str) -> Call {
+        Call::new(self.addr, method, target)
+    }
+}
+
+impl Drop for WatchedGateway {
+    fn drop(&mut self) {
+        // Stop watching first, so a test's clean-up of its files triggers nothing.
+        drop(self.reload.take());
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        self.task.abort();
+    }
+}

@@ -106,7 +106,7 @@ impl Gateway {
         let observation = Observation {
             route: log.route.as_ref().unwrap_or(&self.no_route),
             status: response.status().as_u16(),
-            key_id: log.key_id.as_deref(),
+            key_id: log.key_id.as_ref().and_then(|k| k.to_str().ok()),
             rejection: log.reason.filter(|r| AUTH_REJECTIONS.contains(r)),
             duration,
             upstream_duration: log.upstream_duration,
@@ -133,14 +133,14 @@ impl Gateway {
         // Route on the normalised path, which is also exactly what the upstream will get.
         let path = path::normalize(parts.uri.path(), snapshot.server.allow_encoded_slashes)
             .map_err(|e| GatewayError::BadRequest(e.reason()))?;
-        log.path = Some(path.clone());
+        let path: &str = log.path.insert(path);
         let host = request_host(&parts)?;
         let host_text = host
             .as_ref()
             .map(|h| h.to_str())
             .transpose()
             .map_err(|_| GatewayError::BadRequest("the Host header is not text"))?;
-        let route = snapshot.routes.find(host_text, &path).ok_or(GatewayError::NoRoute)?;
+        let route = snapshot.routes.find(host_text, path).ok_or(GatewayError::NoRoute)?;
         log.route = Some(route.label.clone());
 
         let key = if route.public {
@@ -150,7 +150,7 @@ impl Gateway {
                 .ok_or(GatewayError::MissingApiKey)?;
             let key = auth::verify(credential.key(), &snapshot.auth, &snapshot.keys, SystemTime::now())?;
             // From here on the key is known, so a 403 is logged against it.
-            log.key_id = Some(key.id_str().to_string());
+            log.key_id = Some(key.id.clone());
             auth::authorize(route.scopes.as_ref(), key, &parts.method, &parts.headers)?;
             // Last: a refused request must not spend a token.
             if let Some(rate) = key.rate_limit {

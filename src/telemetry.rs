@@ -20,10 +20,10 @@ pub fn init() {
 #[derive(Debug)]
 pub struct AccessLog {
     pub method: Method,
-    pub request_id: String,
+    pub request_id: HeaderValue,
     pub path: Option<String>,
     pub route: Option<crate::metrics::LabelText>,
-    pub key_id: Option<String>,
+    pub key_id: Option<HeaderValue>,
     pub reason: Option<&'static str>,
     pub upstream_duration: Option<Duration>,
     /// The key's rate-limit state, for the `RateLimit-*` response headers.
@@ -34,7 +34,7 @@ impl AccessLog {
     pub fn new(method: &Method, request_id: &HeaderValue) -> Self {
         Self {
             method: method.clone(),
-            request_id: request_id.to_str().unwrap_or("").to_string(),
+            request_id: request_id.clone(),
             path: None,
             route: None,
             key_id: None,
@@ -51,11 +51,11 @@ impl AccessLog {
             path = self.path.as_deref().unwrap_or("-"),
             route = self.route.as_ref().map_or("-", |r| &*r.0),
             status = status.as_u16(),
-            key_id = self.key_id.as_deref().unwrap_or("-"),
+            key_id = self.key_id.as_ref().and_then(|k| k.to_str().ok()).unwrap_or("-"),
             reason = self.reason.unwrap_or("-"),
             duration_us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
             upstream_us = self.upstream_duration.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-            request_id = %self.request_id,
+            request_id = self.request_id.to_str().unwrap_or("-"),
             "request"
         );
     }

@@ -49,6 +49,9 @@ fn is_unreserved(b: u8) -> bool {
 /// Ordering matters: decoding comes first so that `%2e%2e` is resolved as the `..` that a
 /// decoding upstream would see; it happens exactly once so that `%252e` stays `%252e`.
 pub fn normalize(raw: &str, allow_encoded_slashes: bool) -> Result<String, PathError> {
+    if already_normal(raw.as_bytes()) {
+        return Ok(raw.to_string());
+    }
     let bytes = raw.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Err(PathError::NotAbsolute);
@@ -119,6 +122,23 @@ pub fn normalize(raw: &str, allow_encoded_slashes: bool) -> Result<String, PathE
     Ok(out)
 }
 
+/// The common case, checked in one pass: nothing to decode, merge or resolve. Conservative:
+/// any segment starting with a dot takes the full path.
+fn already_normal(raw: &[u8]) -> bool {
+    let Some((&b'/', rest)) = raw.split_first() else { return false };
+    if rest.iter().any(|&b| b == b'%' || b == b'\\' || b.is_ascii_control()) {
+        return false;
+    }
+    let mut segments = rest.split(|&b| b == b'/').peekable();
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        if (segment.is_empty() && !last) || segment.first() == Some(&b'.') {
+            return false;
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +199,18 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(norm(input), Err(want), "{input}");
         }
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_full_one() {
+        for path in ["/", "/a", "/a/b/", "/a//b", "//", "/.x", "/a/.", "/a%41", "/a/b..c", "/a;b", "/~x/y-z_"]
+        {
+            if already_normal(path.as_bytes()) {
+                assert_eq!(normalize(path, false).as_deref(), Ok(path), "{path}");
+            }
+        }
+        assert!(already_normal(b"/a/b/") && already_normal(b"/") && already_normal(b"/a/b..c"));
+        assert!(!already_normal(b"/a//b") && !already_normal(b"/.x") && !already_normal(b"a"));
     }
 
     #[test]

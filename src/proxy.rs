@@ -25,7 +25,7 @@ use crate::metrics::{LabelText, Metrics, Observation};
 use crate::ratelimit::RateLimiter;
 use crate::reload::ReloadStatus;
 use crate::telemetry::AccessLog;
-use forward::{ClientInfo, UpstreamClient, X_REQUEST_ID};
+use forward::{ClientInfo, RequestBody, UpstreamClient, X_REQUEST_ID};
 
 /// Upstream bodies stream through untouched; keygate's own answers are small and whole.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -85,7 +85,7 @@ impl Gateway {
         self.snapshot.store(Arc::new(snapshot));
     }
 
-    pub async fn handle(&self, client: ClientInfo, request: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(&self, client: ClientInfo, request: Request<RequestBody>) -> Response<ProxyBody> {
         let started = Instant::now();
         let snapshot = self.snapshot();
         let request_id = self.request_id(request.headers());
@@ -120,7 +120,7 @@ impl Gateway {
         &self,
         snapshot: &Snapshot,
         client: ClientInfo,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
         request_id: &HeaderValue,
         log: &mut AccessLog,
     ) -> Result<Response<Incoming>, GatewayError> {
@@ -170,6 +170,7 @@ impl Gateway {
         // other hop-by-hop headers and the request goes on as a plain one.
         let websocket = forward::websocket_upgrade(&parts);
         let client_upgrade = websocket.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
+        let connection_guard = parts.extensions.remove::<forward::ConnectionGuard>();
         forward::remove_hop_by_hop(&mut parts.headers);
         if let Some(protocol) = &websocket {
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -214,7 +215,7 @@ impl Gateway {
                 return Err(GatewayError::UpstreamUnavailable);
             };
             let upstream_side = hyper::upgrade::on(&mut response);
-            tokio::spawn(forward::relay_upgraded(client_side, upstream_side));
+            tokio::spawn(forward::relay_upgraded(client_side, upstream_side, connection_guard));
             let (mut parts, body) = response.into_parts();
             forward::remove_hop_by_hop(&mut parts.headers);
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));

@@ -8,6 +8,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::Request;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -16,7 +18,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::Gateway;
-use crate::proxy::forward::ClientInfo;
+use crate::proxy::forward::{ClientInfo, ConnectionGuard, RequestBody};
 use crate::tls::{self, CurrentCert};
 use idle::{Activity, Tracked};
 
@@ -102,10 +104,12 @@ pub async fn serve(
             builder: builder.clone(),
             stop: stop_rx.clone(),
             idle_timeout: settings.idle_timeout,
+            header_read_timeout: settings.header_read_timeout,
+            // Released when the connection and any relay of its upgrade are both gone.
+            guard: ConnectionGuard(Arc::new((slot, done_tx.clone()))),
         };
         let tls = tls.clone();
         let handshake_timeout = settings.header_read_timeout;
-        let done = done_tx.clone();
         tokio::spawn(async move {
             let activity = Activity::new();
             match tls {
@@ -125,8 +129,6 @@ pub async fn serve(
                     }
                 }
             }
-            drop(slot);
-            drop(done);
         });
     }
     drop(listener);
@@ -145,6 +147,8 @@ struct Connection {
     builder: auto::Builder<TokioExecutor>,
     stop: watch::Receiver<bool>,
     idle_timeout: Duration,
+    header_read_timeout: Duration,
+    guard: ConnectionGuard,
 }
 
 impl Connection {
@@ -156,14 +160,34 @@ impl Connection {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let gateway = Arc::clone(&self.gateway);
-        let service = service_fn(move |request| {
+        let guard = self.guard.clone();
+        let requests = activity.clone();
+        let service = service_fn(move |mut request: Request<Incoming>| {
             let gateway = Arc::clone(&gateway);
-            async move { Ok::<_, Infallible>(gateway.handle(client, request).await) }
+            request.extensions_mut().insert(guard.clone());
+            let exchange = requests.exchange();
+            let body_read = exchange.clone();
+            let request = request.map(|body| RequestBody::new(body, move || body_read.body_done()));
+            async move {
+                let response = gateway.handle(client, request).await;
+                exchange.finish();
+                Ok::<_, Infallible>(response)
+            }
         });
         let connection = self.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(connection);
         let peer = client.peer;
+        // hyper's head timer starts only once it knows the protocol; a client that sends
+        // nothing (or half an HTTP/2 preface) is dropped here at the same deadline.
+        let first_words = tokio::time::sleep_until(activity.started() + self.header_read_timeout);
+        tokio::pin!(first_words);
+        let mut first_words_pending = true;
         loop {
+            let idle_deadline = if activity.has_requests_in_flight() {
+                tokio::time::Instant::now() + self.idle_timeout
+            } else {
+                activity.idle_deadline(self.idle_timeout)
+            };
             tokio::select! {
                 result = connection.as_mut() => {
                     if let Err(error) = result {
@@ -176,9 +200,18 @@ impl Connection {
                     let _ = connection.await;
                     return;
                 }
-                () = tokio::time::sleep_until(activity.idle_deadline(self.idle_timeout)) => {
+                () = &mut first_words, if first_words_pending => {
+                    first_words_pending = false;
+                    if activity.never_spoke() {
+                        tracing::debug!(%peer, "closing a connection that sent no request");
+                        return;
+                    }
+                }
+                () = tokio::time::sleep_until(idle_deadline) => {
                     // Bytes may have moved while we slept; only a deadline still past counts.
-                    if activity.idle_deadline(self.idle_timeout) <= tokio::time::Instant::now() {
+                    if !activity.has_requests_in_flight()
+                        && activity.idle_deadline(self.idle_timeout) <= tokio::time::Instant::now()
+                    {
                         tracing::debug!(%peer, "closing idle connection");
                         return;
                     }

@@ -15,7 +15,61 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::keys::KeyEntry;
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+
+/// A client's request body on its way upstream, telling its owner once it has been read to
+/// the end: from then on the request waits on the upstream, not on the client.
+pub struct RequestBody {
+    inner: Incoming,
+    on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, on_end: impl FnOnce() + Send + Sync + 'static) -> Self {
+        let mut body = Self { inner, on_end: Some(Box::new(on_end)) };
+        // A body that is empty from the start (most GETs) is never polled at all.
+        if hyper::body::Body::is_end_stream(&body.inner) {
+            body.ended();
+        }
+        body
+    }
+
+    fn ended(&mut self) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end();
+        }
+    }
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        let at_end = match &polled {
+            std::task::Poll::Ready(None) => true,
+            std::task::Poll::Ready(Some(Ok(_))) => hyper::body::Body::is_end_stream(&this.inner),
+            _ => false,
+        };
+        if at_end {
+            this.ended();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// A pooled client for `http://` and `https://` upstreams (verified with `tls`); the pool is
 /// keyed by scheme and authority.
@@ -101,8 +155,17 @@ pub fn websocket_upgrade(parts: &http::request::Parts) -> Option<HeaderValue> {
     }
 }
 
+/// What a client connection holds while it lives (its place under `max_connections`, in the
+/// drain). An upgraded connection outlives its HTTP exchange, so its relay holds it too.
+#[derive(Clone)]
+pub struct ConnectionGuard(pub Arc<dyn std::any::Any + Send + Sync>);
+
 /// Relays the bytes of an upgraded connection both ways until either side closes.
-pub async fn relay_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+pub async fn relay_upgraded(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _guard: Option<ConnectionGuard>,
+) {
     let (client, upstream) = tokio::join!(client, upstream);
     match (client, upstream) {
         (Ok(client), Ok(upstream)) => {

@@ -4,39 +4,100 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// When bytes last moved, as milliseconds since the connection began.
+/// What a connection has done: when bytes last moved (milliseconds since it began), how many
+/// bytes it has read and written, and how many requests are waiting on an upstream.
 #[derive(Debug, Clone)]
 pub struct Activity {
     start: Instant,
-    last_ms: Arc<AtomicU64>,
+    shared: Arc<Counters>,
 }
+
+#[derive(Debug, Default)]
+struct Counters {
+    last_ms: AtomicU64,
+    read: AtomicU64,
+    written: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// The length of the HTTP/2 connection preface, the most a client must send before the
+/// server can tell HTTP/1 from HTTP/2.
+const PREFACE_LEN: u64 = 24;
 
 impl Activity {
     pub fn new() -> Self {
-        Self { start: Instant::now(), last_ms: Arc::new(AtomicU64::new(0)) }
+        Self { start: Instant::now(), shared: Arc::default() }
     }
 
     fn touch(&self) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.shared.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn count(&self, counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// One request on this connection. While its body has been read to the end and its
+    /// response has not begun, it waits on the upstream: not idle, however quiet the client
+    /// is (that wait is bounded by `request_timeout` instead). A stalled body stays idle.
+    pub fn exchange(&self) -> Exchange {
+        Exchange { shared: Arc::clone(&self.shared), state: Arc::new(AtomicU8::new(READING)) }
+    }
+
+    pub fn has_requests_in_flight(&self) -> bool {
+        self.shared.in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    /// A client that, by `header_read_timeout`, has neither sent enough to choose a protocol
+    /// nor been answered anything is not going to send a request head.
+    pub fn never_spoke(&self) -> bool {
+        self.shared.read.load(Ordering::Relaxed) < PREFACE_LEN
+            && self.shared.written.load(Ordering::Relaxed) == 0
+    }
+
+    pub fn started(&self) -> Instant {
+        self.start
     }
 
     /// The instant at which the connection will have been idle for `timeout`.
     pub fn idle_deadline(&self, timeout: Duration) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + timeout
+        self.start + Duration::from_millis(self.shared.last_ms.load(Ordering::Relaxed)) + timeout
     }
 }
 
-impl Default for Activity {
-    fn default() -> Self {
-        Self::new()
+const READING: u8 = 0;
+const WAITING: u8 = 1;
+const FINISHED: u8 = 2;
+
+/// One request's place in [`Activity`]'s count of requests waiting on an upstream.
+#[derive(Clone)]
+pub struct Exchange {
+    shared: Arc<Counters>,
+    state: Arc<AtomicU8>,
+}
+
+impl Exchange {
+    /// The body has been read to the end. Ignored once the response has begun.
+    pub fn body_done(&self) {
+        if self.state.compare_exchange(READING, WAITING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The response has begun (or the request failed); idempotent.
+    pub fn finish(&self) {
+        if self.state.swap(FINISHED, Ordering::AcqRel) == WAITING {
+            self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -57,8 +118,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.touch();
+        let read = buf.filled().len() - before;
+        if matches!(result, Poll::Ready(Ok(()))) && read > 0 {
+            this.activity.count(&this.activity.shared.read, read);
         }
         result
     }
@@ -68,8 +130,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write(cx, data);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
+        if let Poll::Ready(Ok(n)) = result
+            && n > 0
+        {
+            this.activity.count(&this.activity.shared.written, n);
         }
         result
     }
@@ -81,8 +145,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
+        if let Poll::Ready(Ok(n)) = result
+            && n > 0
+        {
+            this.activity.count(&this.activity.shared.written, n);
         }
         result
     }

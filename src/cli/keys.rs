@@ -16,30 +16,9 @@ use crate::keys::{self, RateLimit};
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Make a key, add its hash to the key file, print the key: the only time it is shown
-    Create {
-        #[arg(long)]
-        name: String,
-        /// A scope the key holds (repeatable); "*" holds every scope
-        #[arg(long = "scope", value_name = "SCOPE")]
-        scopes: Vec<String>,
-        /// A duration from now (90d, 12h), an RFC 3339 instant, or "never"
-        #[arg(long, value_name = "WHEN")]
-        expires: Option<String>,
-        /// N/s, N/m or N/h
-        #[arg(long = "rate-limit", value_name = "RATE")]
-        rate_limit: Option<String>,
-    },
+    Create(GrantArgs),
     /// Store the hash of an existing key read from stdin; print its new id
-    Import {
-        #[arg(long)]
-        name: String,
-        #[arg(long = "scope", value_name = "SCOPE")]
-        scopes: Vec<String>,
-        #[arg(long, value_name = "WHEN")]
-        expires: Option<String>,
-        #[arg(long = "rate-limit", value_name = "RATE")]
-        rate_limit: Option<String>,
-    },
+    Import(GrantArgs),
     /// List keys: id, name, tail, scopes, created, expires, status
     List {
         #[arg(long)]
@@ -62,13 +41,29 @@ pub enum KeysCommand {
     Hash,
 }
 
+/// What a new key holds, as `create` and `import` take it.
+#[derive(Debug, clap::Args)]
+pub struct GrantArgs {
+    #[arg(long)]
+    name: String,
+    /// A scope the key holds (repeatable); "*" holds every scope
+    #[arg(long = "scope", value_name = "SCOPE")]
+    scopes: Vec<String>,
+    /// A duration from now (90d, 12h), an RFC 3339 instant, or "never"
+    #[arg(long, value_name = "WHEN")]
+    expires: Option<String>,
+    /// N/s, N/m or N/h
+    #[arg(long = "rate-limit", value_name = "RATE")]
+    rate_limit: Option<String>,
+}
+
 type Outcome = Result<(), String>;
 
 pub fn run(config_path: &Path, command: KeysCommand) -> Outcome {
     let now = OffsetDateTime::now_utc();
     match command {
-        KeysCommand::Create { name, scopes, expires, rate_limit } => {
-            let grant = grant(name, scopes, expires.as_deref(), rate_limit, now)?;
+        KeysCommand::Create(args) => {
+            let grant = grant(args, now)?;
             let (id, key) = edit(config_path, |doc, prefix| {
                 let (id, key) = unused_key(doc, prefix)?;
                 lifecycle::append(doc, &id, &keys::hash_key(&key), keys::tail(&key), &grant, now)
@@ -78,8 +73,8 @@ pub fn run(config_path: &Path, command: KeysCommand) -> Outcome {
             eprintln!("created key {id} ({}) {}; it is shown only this once", grant.name, describe(&grant));
             println!("{key}");
         }
-        KeysCommand::Import { name, scopes, expires, rate_limit } => {
-            let grant = grant(name, scopes, expires.as_deref(), rate_limit, now)?;
+        KeysCommand::Import(args) => {
+            let grant = grant(args, now)?;
             let key = read_stdin_key()?;
             let hash = keys::hash_key(&key);
             let id = edit(config_path, |doc, _| {
@@ -192,13 +187,8 @@ fn unused_key(doc: &toml_edit::DocumentMut, prefix: &str) -> Result<(String, Str
     Err("could not find an unused key id".to_string())
 }
 
-fn grant(
-    name: String,
-    scopes: Vec<String>,
-    expires: Option<&str>,
-    rate_limit: Option<String>,
-    now: OffsetDateTime,
-) -> Result<Grant, String> {
+fn grant(args: GrantArgs, now: OffsetDateTime) -> Result<Grant, String> {
+    let GrantArgs { name, scopes, expires, rate_limit } = args;
     if name.trim().is_empty() || name.chars().any(char::is_control) {
         return Err("--name must be non-empty text without control characters".to_string());
     }
@@ -212,7 +202,7 @@ fn grant(
     {
         return Err(format!("--rate-limit {rate:?} must be N/s, N/m or N/h with N > 0"));
     }
-    let expires_at = expires.map(|e| parse_expiry(e, now)).transpose()?.flatten();
+    let expires_at = expires.map(|e| parse_expiry(&e, now)).transpose()?.flatten();
     Ok(Grant { name, scopes, expires_at, rate_limit })
 }
 

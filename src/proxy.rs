@@ -202,10 +202,14 @@ impl Gateway {
 
         let upstream_started = Instant::now();
         let client = upstream.client.as_ref().unwrap_or(&self.client);
+        let body_failed = body.failure();
         let sent = client.request(Request::from_parts(parts, body));
         let result = tokio::time::timeout(snapshot.server.request_timeout, sent).await;
         log.upstream_duration = Some(upstream_started.elapsed());
         let mut response = result.map_err(|_| GatewayError::UpstreamTimeout)?.map_err(|error| {
+            if body_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                return GatewayError::BadRequest("the request body is malformed or was cut short");
+            }
             tracing::debug!(route = %route.label, error = ?error, "upstream request failed");
             GatewayError::UpstreamUnavailable
         })?;

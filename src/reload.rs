@@ -82,24 +82,44 @@ impl ReloadStatus {
     }
 }
 
+/// What a reload did when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reloaded {
+    /// A new snapshot is in force.
+    Applied,
+    /// The files kept changing; nothing was read into force. Try again shortly.
+    Unsettled,
+}
+
+/// How long the files must stay unchanged before and while they are read: a writer pausing
+/// mid-write for less than this is never read half-way.
+const SETTLE: Duration = Duration::from_millis(20);
+/// How long to wait for the files to settle before giving the round up.
+const SETTLE_BUDGET: Duration = Duration::from_millis(1500);
+
 /// Loads the configuration again from the running snapshot's path and swaps it in if valid.
 /// Blocking: call it from a blocking thread.
-pub fn reload_now(gateway: &Gateway) -> Result<(), config::ConfigErrors> {
+pub fn reload_now(gateway: &Gateway) -> Result<Reloaded, config::ConfigErrors> {
     let current = gateway.snapshot();
     let started = Instant::now();
-    // A file that changed while it was being read may have been read half-written, and half a
-    // key file can be valid TOML that merely lacks keys: read until a read sees files at rest.
-    let mut attempts = 0;
+    // Half a key file can be valid TOML that merely lacks keys, so a file must be at rest
+    // (size, mtime and inode unchanged) for SETTLE before it is read and until the read ends.
     let result = loop {
+        if started.elapsed() > SETTLE_BUDGET {
+            tracing::debug!("configuration files still changing; reload postponed");
+            return Ok(Reloaded::Unsettled);
+        }
         let before = fingerprint(&current.config_path, &current.keys_path);
+        std::thread::sleep(SETTLE);
+        if fingerprint(&current.config_path, &current.keys_path) != before {
+            continue;
+        }
         let result = config::load(&current.config_path);
         let keys_path = result.as_ref().map_or(&current.keys_path, |new| &new.keys_path);
-        let moved = *keys_path != current.keys_path;
-        if moved || attempts == 6 || before == fingerprint(&current.config_path, keys_path) {
+        // A key file moved to a new path (keys_file edited) has no earlier fingerprint.
+        if *keys_path != current.keys_path || before == fingerprint(&current.config_path, keys_path) {
             break result;
         }
-        attempts += 1;
-        std::thread::sleep(QUIET);
     };
     let result =
         result.and_then(|new| refuse_truncated(&current, new)).and_then(|new| refuse_tls_off(&current, new));
@@ -113,7 +133,7 @@ pub fn reload_now(gateway: &Gateway) -> Result<(), config::ConfigErrors> {
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "configuration reloaded: {summary}"
             );
-            Ok(())
+            Ok(Reloaded::Applied)
         }
         Err(errors) => {
             for error in &errors.0 {
@@ -316,13 +336,28 @@ async fn run(
         if !triggered {
             continue;
         }
-        debounce(&mut events).await;
+        reload_when_settled(&gateway, &mut events, &mut watching).await;
+    }
+}
+
+/// Debounces, then reloads until a reload is applied or fails; an unsettled round (the files
+/// kept changing) is retried without waiting for another event.
+async fn reload_when_settled(
+    gateway: &Arc<Gateway>,
+    events: &mut mpsc::UnboundedReceiver<notify::Event>,
+    watching: &mut Watching,
+) {
+    loop {
+        debounce(events).await;
         // Re-watch first (a symlink may now resolve elsewhere), then load: any write after
         // this point produces a new event and another reload.
         watching.update(&gateway.snapshot());
-        let reloading = Arc::clone(&gateway);
-        let _ = tokio::task::spawn_blocking(move || reload_now(&reloading)).await;
+        let reloading = Arc::clone(gateway);
+        let outcome = tokio::task::spawn_blocking(move || reload_now(&reloading)).await;
         watching.update(&gateway.snapshot());
+        if !matches!(outcome, Ok(Ok(Reloaded::Unsettled))) {
+            return;
+        }
     }
 }
 

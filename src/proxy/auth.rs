@@ -191,17 +191,22 @@ pub fn authorize(
     if !allowed(method) {
         return Err(GatewayError::InsufficientScope);
     }
-    for name in METHOD_OVERRIDES {
-        for value in headers.get_all(name) {
-            let text = value
-                .to_str()
-                .map_err(|_| GatewayError::BadRequest("a method-override header is not text"))?;
-            for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let overridden = Method::from_bytes(part.as_bytes())
-                    .map_err(|_| GatewayError::BadRequest("a method-override header is not a method"))?;
-                if !allowed(&overridden) {
-                    return Err(GatewayError::InsufficientScope);
-                }
+    // Also in `_` spellings, which CGI-style back ends fold into the same variable.
+    let overrides = headers.iter().filter(|(name, _)| {
+        let name = name.as_str();
+        METHOD_OVERRIDES.iter().any(|o| {
+            o.len() == name.len()
+                && o.bytes().zip(name.bytes()).all(|(a, b)| a == b || (a == b'-' && b == b'_'))
+        })
+    });
+    for (_, value) in overrides {
+        let text =
+            value.to_str().map_err(|_| GatewayError::BadRequest("a method-override header is not text"))?;
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let overridden = Method::from_bytes(part.as_bytes())
+                .map_err(|_| GatewayError::BadRequest("a method-override header is not a method"))?;
+            if !allowed(&overridden) {
+                return Err(GatewayError::InsufficientScope);
             }
         }
     }

@@ -22,16 +22,24 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 pub struct RequestBody {
     inner: Incoming,
     on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
+    /// Set when the client's body turned out malformed (bad chunking, cut short), so that
+    /// failure is the client's 400, not the upstream's 502.
+    failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, on_end: impl FnOnce() + Send + Sync + 'static) -> Self {
-        let mut body = Self { inner, on_end: Some(Box::new(on_end)) };
+        let mut body = Self { inner, on_end: Some(Box::new(on_end)), failed: Arc::default() };
         // A body that is empty from the start (most GETs) is never polled at all.
         if hyper::body::Body::is_end_stream(&body.inner) {
             body.ended();
         }
         body
+    }
+
+    /// Whether reading the client's body failed; readable after the body has been sent away.
+    pub fn failure(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::clone(&self.failed)
     }
 
     fn ended(&mut self) {
@@ -54,7 +62,11 @@ impl hyper::body::Body for RequestBody {
         let at_end = match &polled {
             std::task::Poll::Ready(None) => true,
             std::task::Poll::Ready(Some(Ok(_))) => hyper::body::Body::is_end_stream(&this.inner),
-            _ => false,
+            std::task::Poll::Ready(Some(Err(_))) => {
+                this.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                false
+            }
+            std::task::Poll::Pending => false,
         };
         if at_end {
             this.ended();
@@ -100,8 +112,10 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
-/// RFC 9110 §7.6.1 hop-by-hop headers, plus the proxy credentials that are meant for us.
-const HOP_BY_HOP: [&str; 9] = [
+/// RFC 9110 §7.6.1 hop-by-hop headers, the proxy credentials that are meant for us, and
+/// `HTTP2-Settings`, which only means something with the `Upgrade: h2c` that goes with it.
+const HOP_BY_HOP: [&str; 10] = [
+    "http2-settings",
     "connection",
     "proxy-connection",
     "keep-alive",

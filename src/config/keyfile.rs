@@ -30,8 +30,12 @@ pub fn read(text: &str, range: Range<usize>, mut each: impl FnMut(KeyFile)) -> R
     for raw_line in text[range].split_inclusive('\n') {
         let line_start = offset;
         offset += raw_line.len();
-        let line = raw_line.strip_suffix('\n').unwrap_or(raw_line);
-        let line = line.strip_suffix('\r').unwrap_or(line);
+        // Only CR LF ends a line; a lone CR (even at the very end) is TOML's to refuse, and the
+        // control-byte check below hands it over.
+        let line = match raw_line.strip_suffix('\n') {
+            Some(line) => line.strip_suffix('\r').unwrap_or(line),
+            None => raw_line,
+        };
         let entry_start = current.as_ref().map_or(line_start, |p| p.start);
         let not_plain = NotPlain { entry_start };
         // TOML allows no control characters but tab outside strings, and none in our strings.
@@ -242,6 +246,8 @@ mod tests {
             assert_eq!(fast(&text).unwrap_err(), NotPlain { entry_start: 0 }, "{extra}");
         }
         assert!(fast("id = \"top-level\"\n").is_err());
+        assert!(fast("\r").is_err(), "a lone CR at the end is not plain");
+        assert!(fast(&format!("{entry}tail = \"x\"\r")).is_err());
         assert!(fast("[[keys]]\nid = \"a\"\n").is_err(), "missing fields");
         let second = format!("{entry}{entry}bad line\n");
         assert_eq!(fast(&second).unwrap_err().entry_start, entry.len());

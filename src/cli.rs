@@ -125,9 +125,14 @@ fn serve(path: &std::path::Path) -> ExitCode {
 
 /// Runs `task` on a multi-threaded runtime with `workers` threads (default: one per core).
 fn block_on(workers: Option<usize>, task: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // One worker needs no work stealing: a current-thread runtime runs the same tasks without
+    // cross-thread queues and wake-ups (spawn_blocking still gets its own threads).
+    let mut builder = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.enable_all();
-    if let Some(workers) = workers {
+    if let Some(workers) = workers.filter(|&w| w > 1) {
         builder.worker_threads(workers);
     }
     let runtime = match builder.build() {

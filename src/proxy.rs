@@ -177,7 +177,7 @@ impl Gateway {
             parts.headers.insert(UPGRADE, protocol.clone());
         }
         forward::remove_spoofed_identity(&mut parts.headers);
-        forward::set_forwarding(&mut parts.headers, client, host.as_ref());
+        forward::set_forwarding(&mut parts.headers, &client, host.as_ref());
         let upstream = &route.upstream;
         let upstream_host = match (&host, route.preserve_host) {
             (Some(host), true) => host.clone(),
@@ -331,9 +331,13 @@ impl RequestIds {
 
     fn next(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let text =
-            format!("{:016x}{:016x}", Self::mix(self.seeds[0].wrapping_add(n)), Self::mix(self.seeds[1] ^ n));
+        let words = [Self::mix(self.seeds[0].wrapping_add(n)), Self::mix(self.seeds[1] ^ n)];
+        let mut text = [0u8; 32];
+        for (i, digit) in text.iter_mut().enumerate() {
+            let nibble = (words[i / 16] >> (60 - 4 * (i % 16))) & 0xf;
+            *digit = b"0123456789abcdef"[nibble as usize];
+        }
         // Hex digits are always a valid header value.
-        HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("0"))
+        HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("0"))
     }
 }

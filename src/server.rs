@@ -114,14 +114,14 @@ pub async fn serve(
             let activity = Activity::new();
             match tls {
                 None => {
-                    let client = ClientInfo { peer, tls: false };
+                    let client = ClientInfo::new(peer, false);
                     connection.run(Tracked::new(stream, activity.clone()), activity, client).await;
                 }
                 Some(acceptor) => {
                     // A handshake is bounded like a request head: a silent client is dropped.
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            let client = ClientInfo { peer, tls: true };
+                            let client = ClientInfo::new(peer, true);
                             connection.run(Tracked::new(stream, activity.clone()), activity, client).await;
                         }
                         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
@@ -162,8 +162,10 @@ impl Connection {
         let gateway = Arc::clone(&self.gateway);
         let guard = self.guard.clone();
         let requests = activity.clone();
+        let peer = client.peer;
         let service = service_fn(move |mut request: Request<Incoming>| {
             let gateway = Arc::clone(&gateway);
+            let client = client.clone();
             request.extensions_mut().insert(guard.clone());
             let exchange = requests.exchange();
             let body_read = exchange.clone();
@@ -176,7 +178,6 @@ impl Connection {
         });
         let connection = self.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(connection);
-        let peer = client.peer;
         // hyper's head timer starts only once it knows the protocol; a client that sends
         // nothing (or half an HTTP/2 preface) is dropped here at the same deadline.
         let first_words = tokio::time::sleep_until(activity.started() + self.header_read_timeout);

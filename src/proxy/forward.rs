@@ -114,17 +114,21 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// RFC 9110 §7.6.1 hop-by-hop headers, the proxy credentials that are meant for us, and
 /// `HTTP2-Settings`, which only means something with the `Upgrade: h2c` that goes with it.
-const HOP_BY_HOP: [&str; 10] = [
-    "http2-settings",
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-    "trailer",
-    "proxy-authorization",
-    "proxy-authenticate",
+/// Ready-made names: removing by `&str` would parse each name again on every request.
+const HOP_BY_HOP: [HeaderName; 11] = [
+    HeaderName::from_static("http2-settings"),
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TRAILER,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    // hyper has already answered `Expect: 100-continue` towards the client when the body is
+    // read; passing it on would make the upstream wait for a continue that never comes.
+    header::EXPECT,
 ];
 
 /// Removes hop-by-hop headers and every header that `Connection` names.
@@ -139,12 +143,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-    // hyper has already answered `Expect: 100-continue` towards the client when the body is
-    // read; passing it on would make the upstream wait for a continue that never comes.
-    headers.remove(header::EXPECT);
 }
 
 /// The `Upgrade` value of an HTTP/1.1 WebSocket handshake (`Connection: upgrade` and
@@ -212,28 +213,37 @@ pub fn remove_spoofed_identity(headers: &mut HeaderMap) {
     }
 }
 
-/// What the connection tells us about the client.
-#[derive(Debug, Clone, Copy)]
+/// What the connection tells us about the client, worked out once per connection.
+#[derive(Debug, Clone)]
 pub struct ClientInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// The peer's IP address as a header value, for `x-forwarded-for` and `x-real-ip`.
+    ip: HeaderValue,
+}
+
+impl ClientInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        // An IP address printed is always a valid header value.
+        let ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        Self { peer, tls, ip }
+    }
 }
 
 /// Sets `x-forwarded-*` and `x-real-ip` from the connection, replacing what the client sent,
 /// except that `x-forwarded-for` keeps the client's chain and appends the peer to it.
-pub fn set_forwarding(headers: &mut HeaderMap, client: ClientInfo, host: Option<&HeaderValue>) {
-    let ip = client.peer.ip().to_string();
+pub fn set_forwarding(headers: &mut HeaderMap, client: &ClientInfo, host: Option<&HeaderValue>) {
+    let ip = &client.ip;
     let chain: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
-    let forwarded_for = if chain.is_empty() { ip.clone() } else { format!("{}, {ip}", chain.join(", ")) };
-    // An IP address, with or without a client chain of visible ASCII, is always a valid value.
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert(X_FORWARDED_FOR, value);
-    } else if let Ok(value) = HeaderValue::from_str(&ip) {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
-    if let Ok(value) = HeaderValue::from_str(&ip) {
-        headers.insert(X_REAL_IP, value);
-    }
+    let forwarded_for = if chain.is_empty() {
+        ip.clone()
+    } else {
+        // A client chain of visible ASCII plus an address is always a valid value.
+        let joined = format!("{}, {}", chain.join(", "), ip.to_str().unwrap_or("unknown"));
+        HeaderValue::from_str(&joined).unwrap_or_else(|_| ip.clone())
+    };
+    headers.insert(X_FORWARDED_FOR, forwarded_for);
+    headers.insert(X_REAL_IP, ip.clone());
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if client.tls { "https" } else { "http" }));
     match host {
         Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
@@ -282,8 +292,8 @@ mod tests {
         headers.append(X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2"));
         headers.insert(FORWARDED, HeaderValue::from_static("for=evil"));
         headers.insert(X_REAL_IP, HeaderValue::from_static("6.6.6.6"));
-        let client = ClientInfo { peer: "127.0.0.1:5000".parse().unwrap(), tls: false };
-        set_forwarding(&mut headers, client, Some(&HeaderValue::from_static("api.test")));
+        let client = ClientInfo::new("127.0.0.1:5000".parse().unwrap(), false);
+        set_forwarding(&mut headers, &client, Some(&HeaderValue::from_static("api.test")));
         assert_eq!(headers.get_all(X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(headers[X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 127.0.0.1");
         assert_eq!(headers[X_REAL_IP], "127.0.0.1");

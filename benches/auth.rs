@@ -78,6 +78,20 @@ fn auth(c: &mut Criterion) {
     }
     group.finish();
 
+    // Timing oracle check: an unknown key costs what a valid one does (hash, one lookup), so
+    // response time says nothing about how close a guess was. Compare with auth_step/1000000.
+    let (big, _) = table(1_000_000);
+    let mut unknown = HeaderMap::new();
+    unknown.insert("x-api-key", HeaderValue::from_static("legacy_not-a-key-in-the-table-000000000000"));
+    c.bench_function("auth_step/unknown_key_1000000", |b| {
+        b.iter(|| {
+            let refused =
+                authenticate(&settings, &big, Some(&rule), &Method::GET, &unknown, None, SystemTime::now());
+            black_box(refused.is_err())
+        })
+    });
+    drop(big);
+
     // The refusal path: a key in keygate's format with a bad checksum never reaches the table.
     let (table, _) = table(10);
     let mut forged = HeaderMap::new();

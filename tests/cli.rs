@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use http::Method;
 use serde_json::Value;
-use support::{Call, GatewayConfig, Key, RecordingUpstream, Route, keys_toml};
+use support::{Call, GatewayConfig, Key, RecordingUpstream, Route, keys_toml, strip_ansi};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -335,26 +335,6 @@ impl Lines {
             }
         }
     }
-}
-
-/// Removes ANSI escape sequences (`ESC [ … final-byte`), in case colours are on regardless.
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if ('\u{40}'..='\u{7e}').contains(&c) {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// A running `keygate`, killed when dropped so a failing test leaks nothing.

@@ -15,7 +15,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Call, Exchange, GatewayConfig, RecordingUpstream, Route, WatchedGateway, sha256_ref};
+use support::{
+    Call, Exchange, GatewayConfig, RecordingUpstream, Route, WatchedGateway, sha256_ref, strip_ansi,
+};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -630,26 +632,6 @@ fn listening_on(line: &str) -> Option<SocketAddr> {
     let end =
         candidate.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':')).unwrap_or(candidate.len());
     candidate[..end].parse().ok()
-}
-
-/// Removes ANSI escape sequences, in case colours are on regardless of NO_COLOR.
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if ('\u{40}'..='\u{7e}').contains(&c) {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -931,3 +931,23 @@ impl Drop for WatchedGateway {
         self.task.abort();
     }
 }
+
+/// Removes ANSI escape sequences (`ESC [ … final-byte`), in case colours are on regardless.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('\u{40}'..='\u{7e}').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

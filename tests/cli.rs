@@ -8,7 +8,6 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use http::Method;
@@ -19,25 +18,10 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 /// Bound on a whole `keygate check` run, or on a server reaching "listening on".
 const PROCESS_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `keygate` with a clean environment (no inherited config or log settings), run in `dir`.
-fn keygate(dir: &Path) -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .current_dir(dir)
-        .env_remove("KEYGATE_CONFIG")
-        .env_remove("RUST_LOG")
-        .env_remove("KEYGATE_LOG_FORMAT")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    command
-}
+use support::keygate_command as keygate;
 
 /// A finished run of the binary.
 struct Ran {

@@ -10,7 +10,7 @@ mod support;
 use std::collections::HashSet;
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -25,7 +25,6 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 /// Bound on one run of the binary, or on `keygate serve` reaching "listening on".
 const PROCESS_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a test waits for a key-file change to show on the wire. The product target is 1 s.
@@ -89,21 +88,7 @@ impl Ran {
     }
 }
 
-/// `keygate` with a clean environment (no inherited config or log settings), run in `dir`.
-fn keygate(dir: &Path) -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .current_dir(dir)
-        .env_remove("KEYGATE_CONFIG")
-        .env_remove("RUST_LOG")
-        .env_remove("KEYGATE_LOG_FORMAT")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    command
-}
+use support::keygate_command as keygate;
 
 /// Waits for a spawned child (bounded) and collects its output.
 async fn finish(child: Child, command: String, stdin: Option<String>) -> Ran {
@@ -425,25 +410,7 @@ fn with_key(addr: SocketAddr, key: &str) -> impl Fn() -> Call + 'static {
     move || Call::new(addr, http::Method::GET, "/api/items").header("x-api-key", &key)
 }
 
-/// What a request gets in some state of the key file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Want {
-    /// 200 from the upstream.
-    Forwarded,
-    /// keygate's own error: status and `error` code.
-    Rejected(u16, &'static str),
-}
-
-impl Want {
-    fn matches(self, exchange: &Exchange) -> bool {
-        match self {
-            Self::Forwarded => exchange.status == 200 && exchange.header("x-upstream") == Some("yes"),
-            Self::Rejected(status, code) => {
-                exchange.status.as_u16() == status && exchange.error_code().as_deref() == Some(code)
-            }
-        }
-    }
-}
+use support::Outcome as Want;
 
 const OK: Want = Want::Forwarded;
 const INVALID: Want = Want::Rejected(401, "invalid_api_key");

@@ -153,25 +153,7 @@ fn k8s_swap_link(dir: &Path, stamp: &str, files: &[(&str, &str)]) -> PathBuf {
 // Waiting for a change to show
 // ---------------------------------------------------------------------------------------------
 
-/// What a request should get once a change is in effect.
-#[derive(Clone, Copy, Debug)]
-enum Outcome {
-    /// 200 from the upstream.
-    Forwarded,
-    /// keygate's own error: status and `error` code.
-    Rejected(u16, &'static str),
-}
-
-impl Outcome {
-    fn matches(self, exchange: &Exchange) -> bool {
-        match self {
-            Self::Forwarded => exchange.status == 200 && exchange.header("x-upstream") == Some("yes"),
-            Self::Rejected(status, code) => {
-                exchange.status.as_u16() == status && exchange.error_code().as_deref() == Some(code)
-            }
-        }
-    }
-}
+use support::Outcome;
 
 fn ms(d: Duration) -> String {
     format!("{} ms", d.as_millis())

@@ -951,3 +951,40 @@ pub fn strip_ansi(text: &str) -> String {
     }
     out
 }
+
+/// `keygate` (the real binary) with a clean environment — no inherited config or log
+/// settings — run in `dir`, its output piped and the child killed if dropped.
+pub fn keygate_command(dir: &std::path::Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"));
+    command
+        .current_dir(dir)
+        .env_remove("KEYGATE_CONFIG")
+        .env_remove("RUST_LOG")
+        .env_remove("KEYGATE_LOG_FORMAT")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// What a request should get in some state of the configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// 200 from the upstream.
+    Forwarded,
+    /// keygate's own error: status and `error` code.
+    Rejected(u16, &'static str),
+}
+
+impl Outcome {
+    pub fn matches(self, exchange: &Exchange) -> bool {
+        match self {
+            Self::Forwarded => exchange.status == 200 && exchange.header("x-upstream") == Some("yes"),
+            Self::Rejected(status, code) => {
+                exchange.status.as_u16() == status && exchange.error_code().as_deref() == Some(code)
+            }
+        }
+    }
+}

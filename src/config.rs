@@ -349,7 +349,7 @@ fn parse_host(text: &str) -> Result<String, String> {
 }
 
 /// A scope name: text that survives a comma-separated header intact.
-fn valid_scope(scope: &str) -> bool {
+pub fn valid_scope(scope: &str) -> bool {
     !scope.is_empty() && scope.bytes().all(|b| b.is_ascii_graphic() && b != b',' && b != b'"')
 }
 

@@ -244,11 +244,6 @@ impl KeyEntry {
             KeyState::Active
         }
     }
-
-    /// The id as text for logs; validated as text when the table was built.
-    pub fn id_str(&self) -> &str {
-        self.id.to_str().unwrap_or("?")
-    }
 }
 
 /// The in-memory key table, keyed by SHA-256.

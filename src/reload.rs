@@ -151,15 +151,9 @@ pub fn reload_now(gateway: &Gateway) -> Result<Reloaded, config::ConfigErrors> {
 fn refuse_truncated(current: &Snapshot, new: Snapshot) -> Result<Snapshot, config::ConfigErrors> {
     let empty = std::fs::metadata(&new.keys_path).is_ok_and(|m| m.len() == 0);
     if empty && new.keys.is_empty() && !current.keys.is_empty() {
-        return Err(config::ConfigError {
-            file: new.keys_path.clone(),
-            line: 0,
-            column: 0,
-            message: "the key file is empty (a write in progress?); keeping the running keys. \
-                      Write a comment such as '# no keys' to remove every key on purpose"
-                .to_string(),
-        }
-        .into());
+        let message = "the key file is empty (a write in progress?); keeping the running keys. \
+                       Write a comment such as '# no keys' to remove every key on purpose";
+        return Err(config::ConfigError::whole_file(&new.keys_path, message).into());
     }
     Ok(new)
 }
@@ -168,13 +162,8 @@ fn refuse_truncated(current: &Snapshot, new: Snapshot) -> Result<Snapshot, confi
 /// certificate would fail every new handshake, so it is refused until a restart.
 fn refuse_tls_off(current: &Snapshot, new: Snapshot) -> Result<Snapshot, config::ConfigErrors> {
     if current.tls.is_some() && new.tls.is_none() {
-        return Err(config::ConfigError {
-            file: new.config_path.clone(),
-            line: 0,
-            column: 0,
-            message: "tls_cert and tls_key were removed: turning TLS off needs a restart".to_string(),
-        }
-        .into());
+        let message = "tls_cert and tls_key were removed: turning TLS off needs a restart";
+        return Err(config::ConfigError::whole_file(&new.config_path, message).into());
     }
     Ok(new)
 }

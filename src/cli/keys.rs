@@ -193,7 +193,7 @@ fn grant(args: GrantArgs, now: OffsetDateTime) -> Result<Grant, String> {
         return Err("--name must be non-empty text without control characters".to_string());
     }
     for scope in &scopes {
-        if scope.is_empty() || !scope.bytes().all(|b| b.is_ascii_graphic() && b != b',' && b != b'"') {
+        if !config::valid_scope(scope) {
             return Err(format!("--scope {scope:?} must be a name without spaces, commas or quotes"));
         }
     }

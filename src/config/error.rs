@@ -15,6 +15,13 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl ConfigError {
+    /// A problem with a file as a whole (missing, unreadable, refused), not a place in it.
+    pub fn whole_file(path: &Path, message: impl Into<String>) -> Self {
+        Self { file: path.to_path_buf(), line: 0, column: 0, message: message.into() }
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.line == 0 {
@@ -76,7 +83,7 @@ impl<'a> SourceFile<'a> {
     }
 
     pub fn whole_file(path: &Path, message: impl Into<String>) -> ConfigError {
-        ConfigError { file: path.to_path_buf(), line: 0, column: 0, message: message.into() }
+        ConfigError::whole_file(path, message)
     }
 
     /// A TOML syntax or schema error, located where the parser says.

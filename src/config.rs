@@ -337,7 +337,8 @@ fn parse_upstream(text: &str) -> Result<Upstream, String> {
     }
     let base_path = uri.path().trim_end_matches('/').to_string();
     let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| bad("has an invalid host"))?;
-    Ok(Upstream { scheme, authority, base_path, host_header, client: None })
+    let pool = crate::proxy::pool::Http1Pool::new(authority.clone());
+    Ok(Upstream { scheme, authority, base_path, host_header, client: None, pool })
 }
 
 fn parse_host(text: &str) -> Result<String, String> {

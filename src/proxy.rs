@@ -4,8 +4,10 @@
 pub mod auth;
 pub mod forward;
 pub mod path;
+pub mod pool;
 pub mod route;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
@@ -14,9 +16,9 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{CONNECTION, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::request::Parts;
+use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
 use crate::config::Snapshot;
@@ -26,14 +28,17 @@ use crate::ratelimit::RateLimiter;
 use crate::reload::ReloadStatus;
 use crate::telemetry::AccessLog;
 use forward::{ClientInfo, RequestBody, UpstreamClient, X_REQUEST_ID};
+use pool::{Http1Pool, UpstreamBody};
 
 /// Upstream bodies stream through untouched; keygate's own answers are small and whole.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// The running gateway: the current snapshot, swapped whole on reload, and the upstream pool.
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     client: UpstreamClient,
+    /// Every upstream's connection pool so far, handed on from snapshot to snapshot.
+    pools: std::sync::Mutex<HashMap<Authority, Http1Pool>>,
     request_ids: RequestIds,
     rate_limiter: RateLimiter,
     reload_status: ReloadStatus,
@@ -45,10 +50,13 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(snapshot: Snapshot) -> Self {
+    pub fn new(mut snapshot: Snapshot) -> Self {
+        let mut pools = HashMap::new();
+        adopt_pools(&mut pools, &mut snapshot);
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             client: forward::upstream_client(default_trust()),
+            pools: std::sync::Mutex::new(pools),
             request_ids: RequestIds::new(),
             rate_limiter: RateLimiter::default(),
             reload_status: ReloadStatus::new(),
@@ -81,7 +89,10 @@ impl Gateway {
     }
 
     /// Replaces the snapshot atomically; requests already running finish on the old one.
-    pub fn replace(&self, snapshot: Snapshot) {
+    pub fn replace(&self, mut snapshot: Snapshot) {
+        let mut pools = self.pools.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        adopt_pools(&mut pools, &mut snapshot);
+        drop(pools);
         self.snapshot.store(Arc::new(snapshot));
     }
 
@@ -123,7 +134,7 @@ impl Gateway {
         request: Request<RequestBody>,
         request_id: &HeaderValue,
         log: &mut AccessLog,
-    ) -> Result<Response<Incoming>, GatewayError> {
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
         let (mut parts, body) = request.into_parts();
         // Framing first: a request whose size or body boundaries are in doubt is refused before
         // anything else looks at it.
@@ -171,12 +182,11 @@ impl Gateway {
         let websocket = forward::websocket_upgrade(&parts);
         let client_upgrade = websocket.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
         let connection_guard = parts.extensions.remove::<forward::ConnectionGuard>();
-        forward::remove_hop_by_hop(&mut parts.headers);
+        forward::scrub_request(&mut parts.headers);
         if let Some(protocol) = &websocket {
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(UPGRADE, protocol.clone());
         }
-        forward::remove_spoofed_identity(&mut parts.headers);
         forward::set_forwarding(&mut parts.headers, &client, host.as_ref());
         let upstream = &route.upstream;
         let upstream_host = match (&host, route.preserve_host) {
@@ -192,25 +202,42 @@ impl Gateway {
             Some(q) => format!("{}{path}?{q}", upstream.base_path),
             None => format!("{}{path}", upstream.base_path),
         };
-        parts.uri = Uri::builder()
-            .scheme(upstream.scheme.clone())
-            .authority(upstream.authority.clone())
+        // A plain-http upstream without a private CA, for anything but a WebSocket, goes
+        // through the in-task pool (origin-form target); the rest through hyper-util's client
+        // (absolute URI: it picks the connection from it).
+        let in_task =
+            websocket.is_none() && upstream.client.is_none() && upstream.scheme == http::uri::Scheme::HTTP;
+        let mut uri = Uri::builder();
+        if !in_task {
+            uri = uri.scheme(upstream.scheme.clone()).authority(upstream.authority.clone());
+        }
+        parts.uri = uri
             .path_and_query(target)
             .build()
             .map_err(|_| GatewayError::BadRequest("the request target cannot be forwarded"))?;
         parts.version = Version::HTTP_11;
 
         let upstream_started = Instant::now();
-        let client = upstream.client.as_ref().unwrap_or(&self.client);
         let body_failed = body.failure();
-        let sent = client.request(Request::from_parts(parts, body));
-        let result = tokio::time::timeout(snapshot.server.request_timeout, sent).await;
+        let request = Request::from_parts(parts, body);
+        let result = if in_task {
+            let sent = upstream.pool.send(request);
+            tokio::time::timeout(snapshot.server.request_timeout, sent)
+                .await
+                .map(|sent| sent.map_err(|e| e.to_string()))
+        } else {
+            let client = upstream.client.as_ref().unwrap_or(&self.client);
+            let sent = client.request(request);
+            tokio::time::timeout(snapshot.server.request_timeout, sent).await.map(|sent| {
+                sent.map(|response| response.map(UpstreamBody::from)).map_err(|e| format!("{e:?}"))
+            })
+        };
         log.upstream_duration = Some(upstream_started.elapsed());
         let mut response = result.map_err(|_| GatewayError::UpstreamTimeout)?.map_err(|error| {
             if body_failed.load(std::sync::atomic::Ordering::Relaxed) {
                 return GatewayError::BadRequest("the request body is malformed or was cut short");
             }
-            tracing::debug!(route = %route.label, error = ?error, "upstream request failed");
+            tracing::debug!(route = %route.label, %error, "upstream request failed");
             GatewayError::UpstreamUnavailable
         })?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -242,6 +269,16 @@ impl Gateway {
             }
             _ => self.request_ids.next(),
         }
+    }
+}
+
+/// Gives each route of a new snapshot the pool its upstream already has, so connections stay
+/// warm across reloads; pools of upstreams no longer named simply go idle and empty.
+fn adopt_pools(pools: &mut HashMap<Authority, Http1Pool>, snapshot: &mut Snapshot) {
+    for route in snapshot.routes.iter_mut() {
+        let upstream = &mut route.upstream;
+        let pool = pools.entry(upstream.authority.clone()).or_insert_with(|| upstream.pool.clone());
+        upstream.pool = pool.clone();
     }
 }
 

@@ -1568,7 +1568,7 @@ impl TlsUpstream {
         let log = Arc::clone(&seen);
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
-            while let Ok((tcp, _)) = listener.accept().await {
+            while let Ok((tcp, peer)) = listener.accept().await {
                 let (acceptor, log) = (acceptor.clone(), Arc::clone(&log));
                 connections.spawn(async move {
                     let Ok(Ok(tls)) = tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp)).await else {
@@ -1585,6 +1585,7 @@ impl TlsUpstream {
                                 version: parts.version,
                                 headers: parts.headers,
                                 body,
+                                peer,
                             });
                             let mut response =
                                 hyper::Response::new(Full::new(Bytes::from_static(b"tls upstream")));

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, HeaderName};
+use http::header::{self, Entry, HeaderName};
 use http::{HeaderMap, HeaderValue};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -133,17 +133,36 @@ const HOP_BY_HOP: [HeaderName; 11] = [
 
 /// Removes hop-by-hop headers and every header that `Connection` names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    remove_where(headers, |_| false);
+}
+
+/// Removes from a client's request, before keygate adds its own: hop-by-hop headers, every
+/// `x-keygate-*` header (only keygate may speak for a key) and `Forwarded` (keygate sets the
+/// `x-forwarded-*` family instead).
+pub fn scrub_request(headers: &mut HeaderMap) {
+    remove_where(headers, |name| *name == FORWARDED || is_keygate_header(name));
+}
+
+/// Removes the hop-by-hop headers, those `Connection` names, and those `also` picks. One walk
+/// over the names present finds them: most messages carry none, and removing an absent name
+/// still costs a hash and a probe each.
+fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if HOP_BY_HOP.contains(name) || also(name) {
+            doomed.push(name.clone());
+        }
     }
-    for name in &HOP_BY_HOP {
+    if doomed.contains(&header::CONNECTION) {
+        let named = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok());
+        doomed.extend(named);
+    }
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -205,14 +224,6 @@ fn is_keygate_header(name: &HeaderName) -> bool {
             .all(|(&got, &want)| got == want || (got == b'_' && want == b'-'))
 }
 
-/// Removes every client-sent `x-keygate-*` header: only keygate may speak for a key.
-pub fn remove_spoofed_identity(headers: &mut HeaderMap) {
-    let spoofed: Vec<HeaderName> = headers.keys().filter(|n| is_keygate_header(n)).cloned().collect();
-    for name in spoofed {
-        headers.remove(name);
-    }
-}
-
 /// What the connection tells us about the client, worked out once per connection.
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
@@ -234,22 +245,28 @@ impl ClientInfo {
 /// except that `x-forwarded-for` keeps the client's chain and appends the peer to it.
 pub fn set_forwarding(headers: &mut HeaderMap, client: &ClientInfo, host: Option<&HeaderValue>) {
     let ip = &client.ip;
-    let chain: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
-    let forwarded_for = if chain.is_empty() {
-        ip.clone()
-    } else {
-        // A client chain of visible ASCII plus an address is always a valid value.
-        let joined = format!("{}, {}", chain.join(", "), ip.to_str().unwrap_or("unknown"));
-        HeaderValue::from_str(&joined).unwrap_or_else(|_| ip.clone())
-    };
-    headers.insert(X_FORWARDED_FOR, forwarded_for);
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Vacant(entry) => {
+            entry.insert(ip.clone());
+        }
+        Entry::Occupied(mut entry) => {
+            let chain: Vec<&str> = entry.iter().filter_map(|v| v.to_str().ok()).collect();
+            let forwarded_for = if chain.is_empty() {
+                ip.clone()
+            } else {
+                // A client chain of visible ASCII plus an address is always a valid value.
+                let joined = format!("{}, {}", chain.join(", "), ip.to_str().unwrap_or("unknown"));
+                HeaderValue::from_str(&joined).unwrap_or_else(|_| ip.clone())
+            };
+            entry.insert(forwarded_for);
+        }
+    }
     headers.insert(X_REAL_IP, ip.clone());
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if client.tls { "https" } else { "http" }));
     match host {
         Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
         None => headers.remove(X_FORWARDED_HOST),
     };
-    headers.remove(FORWARDED);
 }
 
 /// Adds the caller's identity; done after all removals so nothing the client sent can undo it.
@@ -293,6 +310,7 @@ mod tests {
         headers.insert(FORWARDED, HeaderValue::from_static("for=evil"));
         headers.insert(X_REAL_IP, HeaderValue::from_static("6.6.6.6"));
         let client = ClientInfo::new("127.0.0.1:5000".parse().unwrap(), false);
+        scrub_request(&mut headers);
         set_forwarding(&mut headers, &client, Some(&HeaderValue::from_static("api.test")));
         assert_eq!(headers.get_all(X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(headers[X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 127.0.0.1");

@@ -14,6 +14,8 @@ pub struct Upstream {
     pub host_header: HeaderValue,
     /// A client of its own when the route trusts a private CA (`ca_file`); else the shared one.
     pub client: Option<crate::proxy::forward::UpstreamClient>,
+    /// Idle connections to a plain-`http://` upstream.
+    pub pool: crate::proxy::pool::Http1Pool,
 }
 
 /// Which scope a method needs on a route: any one of the listed scopes suffices.
@@ -86,6 +88,10 @@ impl RouteTable {
         self.routes.is_empty()
     }
 
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Route> {
+        self.routes.iter_mut()
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &Route> {
         self.routes.iter()
     }
@@ -116,6 +122,7 @@ mod tests {
                 base_path: String::new(),
                 host_header: HeaderValue::from_static("127.0.0.1:1"),
                 client: None,
+                pool: crate::proxy::pool::Http1Pool::new(Authority::from_static("127.0.0.1:1")),
             },
             public: false,
             preserve_host: false,

@@ -75,6 +75,8 @@ pub struct Recorded {
     pub version: Version,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The address keygate's upstream connection came from: one per pooled connection.
+    pub peer: SocketAddr,
 }
 
 impl Recorded {
@@ -173,10 +175,10 @@ impl Drop for RecordingUpstream {
 
 async fn upstream_accept_loop(listener: TcpListener, log: Arc<Mutex<Vec<Recorded>>>) {
     // Ends when the task is aborted (the upstream is dropped) or accept fails.
-    while let Ok((stream, _)) = listener.accept().await {
+    while let Ok((stream, peer)) = listener.accept().await {
         let log = Arc::clone(&log);
         tokio::spawn(async move {
-            let service = service_fn(move |req| upstream_answer(req, Arc::clone(&log)));
+            let service = service_fn(move |req| upstream_answer(req, peer, Arc::clone(&log)));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -190,6 +192,7 @@ fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
 
 async fn upstream_answer(
     req: Request<Incoming>,
+    peer: SocketAddr,
     log: Arc<Mutex<Vec<Recorded>>>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let (parts, body) = req.into_parts();
@@ -202,6 +205,7 @@ async fn upstream_answer(
         version: parts.version,
         headers: parts.headers,
         body: body.clone(),
+        peer,
     });
     if let Some(ms) = sleep_ms {
         tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -1,0 +1,313 @@
+//! Plain-`http://` upstream connections: pooled per upstream, and driven from inside the task
+//! of the request that is using them.
+//!
+//! hyper-util's pooled client runs every upstream connection as a task of its own and talks
+//! to it over channels, so each proxied request costs two extra task wake-ups, a channel send
+//! and receive and a boxed future. Here the request's own task polls the connection: while
+//! waiting for the response head, and then, through [`UpstreamBody`], while the response body
+//! streams to the client. A connection whose response was read to the end goes back to the
+//! pool when the body is dropped; any other is closed, so a half-read response can never be
+//! mistaken for the start of the next one.
+//!
+//! `https://` upstreams and WebSocket upgrades keep using the hyper-util client.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use http::uri::Authority;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{Connection, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::forward::RequestBody;
+
+/// How long an unused connection is kept. Upstreams that close theirs sooner are noticed by
+/// the sweep (or at checkout) and their connections dropped.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often idle connections are checked for having been closed by the upstream.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle connections kept per upstream; beyond this a finished connection is closed.
+const MAX_IDLE_PER_UPSTREAM: usize = 1024;
+
+/// Why a request could not be sent upstream.
+#[derive(Debug)]
+pub enum SendError {
+    Connect(std::io::Error),
+    Http(hyper::Error),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Connect(error) => write!(f, "connect: {error}"),
+            Self::Http(error) => write!(f, "{error}"),
+        }
+    }
+}
+
+/// The idle connections to one upstream. Each route's [`Upstream`](super::route::Upstream)
+/// holds its pool, so a request finds it without a lookup; the gateway hands the same pool to
+/// every snapshot that names the same upstream, so a reload keeps the warm connections.
+#[derive(Clone)]
+pub struct Http1Pool {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Http1Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Http1Pool").field("authority", &self.shared.authority).finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    authority: Authority,
+    idle: Mutex<Vec<Idle>>,
+    sweeping: std::sync::OnceLock<()>,
+}
+
+struct Idle {
+    conn: Box<Conn>,
+    since: Instant,
+}
+
+/// One upstream connection: hyper's request handle and the connection state machine that
+/// this crate polls itself.
+struct Conn {
+    sender: SendRequest<RequestBody>,
+    driver: Connection<TokioIo<TcpStream>, RequestBody>,
+    /// The driver has completed (closed or failed); it must not be polled again.
+    closed: bool,
+}
+
+impl Conn {
+    /// Boxed: a connection is moved in and out of the pool and the response on every request.
+    async fn open(authority: &Authority) -> Result<Box<Self>, SendError> {
+        let connect = TcpStream::connect(authority.as_str());
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return Err(SendError::Connect(error)),
+            Err(_) => return Err(SendError::Connect(std::io::ErrorKind::TimedOut.into())),
+        };
+        // Requests and responses are written whole; waiting for more to coalesce only adds latency.
+        stream.set_nodelay(true).map_err(SendError::Connect)?;
+        let (sender, driver) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(SendError::Http)?;
+        Ok(Box::new(Self { sender, driver, closed: false }))
+    }
+
+    /// Lets the connection make whatever progress its socket allows.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if !self.closed && Pin::new(&mut self.driver).poll(cx).is_ready() {
+            self.closed = true;
+        }
+    }
+
+    /// Whether a pooled connection can take a request now: the upstream has not closed it and
+    /// it has finished reading the previous response.
+    fn usable(&mut self) -> bool {
+        // Nothing waits on this poll: the connection is idle, and whoever takes it next polls
+        // it again with a real waker.
+        self.drive(&mut Context::from_waker(Waker::noop()));
+        !self.closed && self.sender.is_ready()
+    }
+}
+
+impl Http1Pool {
+    pub fn new(authority: Authority) -> Self {
+        let shared = Shared { authority, idle: Mutex::new(Vec::new()), sweeping: std::sync::OnceLock::new() };
+        Self { shared: Arc::new(shared) }
+    }
+
+    /// Sends `request` (origin-form target, `Host` set) on a pooled connection, or a new one;
+    /// a pooled connection found closed before the request went out is replaced by a new one
+    /// once.
+    pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<UpstreamBody>, SendError> {
+        let authority = &self.shared.authority;
+        let (mut conn, pooled) = match self.checkout() {
+            Some(conn) => (conn, true),
+            // Boxed: connecting is rare, and this keeps every request's future small.
+            None => (Box::pin(Conn::open(authority)).await?, false),
+        };
+        let request = match exchange(&mut conn, request).await {
+            Ok(response) => return Ok(self.lease(conn, response)),
+            Err(mut error) => match error.take_message() {
+                Some(request) if pooled => request,
+                _ => return Err(SendError::Http(error.into_error())),
+            },
+        };
+        drop(conn);
+        let mut conn = Box::pin(Conn::open(authority)).await?;
+        match exchange(&mut conn, request).await {
+            Ok(response) => Ok(self.lease(conn, response)),
+            Err(error) => Err(SendError::Http(error.into_error())),
+        }
+    }
+
+    fn lease(&self, conn: Box<Conn>, response: Response<Incoming>) -> Response<UpstreamBody> {
+        let lease = Lease { conn, pool: Arc::downgrade(&self.shared) };
+        response.map(|body| UpstreamBody {
+            inner: body,
+            lease: Some(lease),
+            finished: false,
+            yielded_data: false,
+            held_error: None,
+        })
+    }
+
+    fn checkout(&self) -> Option<Box<Conn>> {
+        let mut list = self.shared.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Newest first: the most recently used connection is the least likely to have been
+        // closed by the upstream.
+        while let Some(mut entry) = list.pop() {
+            if entry.since.elapsed() < IDLE_TIMEOUT && entry.conn.usable() {
+                return Some(entry.conn);
+            }
+        }
+        None
+    }
+}
+
+impl Shared {
+    /// Starts the sweep the first time a connection is pooled, from inside the runtime. It
+    /// holds only a weak reference, so it ends once the gateway is gone.
+    fn start_sweeping(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let weak = Arc::downgrade(self);
+        self.sweeping.get_or_init(|| {
+            runtime.spawn(sweep(weak));
+        });
+    }
+
+    fn put(&self, conn: Box<Conn>) {
+        let mut list = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if list.len() < MAX_IDLE_PER_UPSTREAM {
+            list.push(Idle { conn, since: Instant::now() });
+        }
+    }
+
+    fn sweep(&self) {
+        let mut list = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        list.retain_mut(|entry| entry.since.elapsed() < IDLE_TIMEOUT && entry.conn.usable());
+    }
+}
+
+async fn sweep(shared: Weak<Shared>) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match shared.upgrade() {
+            Some(shared) => shared.sweep(),
+            None => return,
+        }
+    }
+}
+
+type Exchange = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<RequestBody>>>;
+
+/// Writes the request and reads the response head, polling the connection in this task.
+async fn exchange(conn: &mut Conn, request: Request<RequestBody>) -> Exchange {
+    let mut response = std::pin::pin!(conn.sender.try_send_request(request));
+    std::future::poll_fn(|cx| {
+        conn.drive(cx);
+        // The response can only arrive through `drive` above, which wakes this task through
+        // the socket; a waker here would only make hyper wake this task once more for nothing.
+        let polled = response.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+        if polled.is_pending() && conn.closed {
+            // Unreachable by hyper's contract (a finished connection fails what it holds);
+            // a stuck request must still not hang forever.
+            return response.as_mut().poll(cx);
+        }
+        polled
+    })
+    .await
+}
+
+/// A connection lent to one response, going back to the pool if that response is read whole.
+struct Lease {
+    conn: Box<Conn>,
+    pool: Weak<Shared>,
+}
+
+/// An upstream response body. When it came over a pooled connection, polling it also drives
+/// that connection.
+pub struct UpstreamBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+    /// The body was read to its end.
+    finished: bool,
+    /// The last poll handed out a frame.
+    yielded_data: bool,
+    /// An error held back for one poll, so data before it is flushed first.
+    held_error: Option<hyper::Error>,
+}
+
+impl From<Incoming> for UpstreamBody {
+    fn from(inner: Incoming) -> Self {
+        Self { inner, lease: None, finished: false, yielded_data: false, held_error: None }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Some(error) = this.held_error.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
+        if let Some(lease) = &mut this.lease {
+            lease.conn.drive(cx);
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match polled {
+            Poll::Ready(None) => this.finished = true,
+            Poll::Ready(Some(Ok(_))) => this.finished = this.inner.is_end_stream(),
+            // The connection died right behind the data just handed out (both came in one
+            // read). hyper's server drops what it has buffered when a body fails, so the
+            // client would get nothing at all; let that data go out first, then fail.
+            Poll::Ready(Some(Err(error))) if this.yielded_data => {
+                this.yielded_data = false;
+                this.held_error = Some(error);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+        }
+        this.yielded_data = matches!(polled, Poll::Ready(Some(Ok(_))));
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        let Some(lease) = self.lease.take() else { return };
+        if !(self.finished || self.inner.is_end_stream()) || lease.conn.closed {
+            // Dropping the connection closes it: the rest of this response is never read.
+            return;
+        }
+        if let Some(pool) = lease.pool.upgrade() {
+            pool.put(lease.conn);
+            pool.start_sweeping();
+        }
+    }
+}

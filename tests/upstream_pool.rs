@@ -1,0 +1,126 @@
+//! The plain-HTTP upstream pool: connections are reused, a connection is reused only after its
+//! response was read whole, connections an upstream declared finished are not reused, and a
+//! reload keeps the warm connections.
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::{GatewayConfig, RecordingUpstream, Route, WatchedGateway};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn peers(upstream: &RecordingUpstream) -> Vec<SocketAddr> {
+    upstream.requests().iter().map(|r| r.peer).collect()
+}
+
+#[tokio::test]
+async fn sequential_requests_share_one_upstream_connection() {
+    let upstream = RecordingUpstream::start().await;
+    let gateway = GatewayConfig::new().route(Route::new("/", &upstream.url()).public()).start().await;
+    for i in 0..20 {
+        let body = format!("request {i}");
+        let exchange = gateway.request(http::Method::POST, "/echo").body(body.clone()).send().await;
+        assert_eq!(exchange.status, 200, "{exchange}");
+        assert_eq!(exchange.body, body.as_bytes(), "{exchange}");
+    }
+    let distinct: HashSet<_> = peers(&upstream).into_iter().collect();
+    assert_eq!(upstream.count(), 20);
+    assert_eq!(distinct.len(), 1, "20 sequential requests should reuse one connection: {distinct:?}");
+}
+
+#[tokio::test]
+async fn a_response_the_client_abandons_is_never_reused() {
+    let upstream = RecordingUpstream::start().await;
+    let gateway = GatewayConfig::new().route(Route::new("/", &upstream.url()).public()).start().await;
+
+    // A 4 MiB answer whose client reads its head and hangs up: the rest of that response is
+    // still on (or coming down) the upstream connection, which therefore must not be reused.
+    let mut client = TcpStream::connect(gateway.addr).await.expect("connect");
+    let request = format!(
+        "GET /big HTTP/1.1\r\nHost: {}\r\nx-test-response-bytes: 4194304\r\nx-test-probe: abandoned\r\n\r\n",
+        gateway.addr
+    );
+    client.write_all(request.as_bytes()).await.expect("send");
+    let mut head = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut head))
+        .await
+        .expect("head within 10 s")
+        .expect("read");
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head[..n]));
+    drop(client);
+    let abandoned = peers(&upstream)[0];
+
+    for i in 0..10 {
+        let body = format!("after the abandoned one, {i}");
+        let exchange = gateway.request(http::Method::POST, "/echo").body(body.clone()).send().await;
+        assert_eq!(exchange.status, 200, "{exchange}");
+        assert_eq!(exchange.body, body.as_bytes(), "a later response got other bytes: {exchange}");
+        let seen = upstream.expect_received(&exchange);
+        assert_ne!(seen.peer, abandoned, "the abandoned connection was reused");
+    }
+}
+
+/// An upstream that answers one request per connection, saying so with `Connection: close`
+/// and then closing; it counts the connections it accepted.
+async fn close_after_each_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nonce";
+                let _ = stream.write_all(answer).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closes_is_not_reused() {
+    let (addr, accepted) = close_after_each_upstream().await;
+    let gateway =
+        GatewayConfig::new().route(Route::new("/", &format!("http://{addr}")).public()).start().await;
+    for _ in 0..5 {
+        let exchange = gateway.get("/").send().await;
+        assert_eq!(exchange.status, 200, "{exchange}");
+        assert_eq!(exchange.body, &b"once"[..], "{exchange}");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_warm_upstream_connections() {
+    let upstream = RecordingUpstream::start().await;
+    let config = GatewayConfig::new().route(Route::new("/", &upstream.url()).public());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("keygate.toml");
+    std::fs::write(&path, config.gateway_toml()).expect("write keygate.toml");
+    std::fs::write(dir.path().join("keys.toml"), config.keys_toml()).expect("write keys.toml");
+    let gateway = WatchedGateway::start(&path).await;
+
+    let first = gateway.get("/before").send().await;
+    assert_eq!(first.status, 200, "{first}");
+    let snapshot = keygate::config::load(&path).expect("reload the same files");
+    gateway.gateway.replace(snapshot);
+    let second = gateway.get("/after").send().await;
+    assert_eq!(second.status, 200, "{second}");
+
+    let (before, after) = (upstream.expect_received(&first), upstream.expect_received(&second));
+    assert_eq!(before.peer, after.peer, "the reload dropped the pooled connection");
+}

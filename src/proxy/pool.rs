@@ -12,8 +12,9 @@
 //! `https://` upstreams and WebSocket upgrades keep using the hyper-util client.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
@@ -82,6 +83,59 @@ struct Conn {
     driver: Connection<TokioIo<TcpStream>, RequestBody>,
     /// The driver has completed (closed or failed); it must not be polled again.
     closed: bool,
+    /// What the driver is polled with; it passes wakes on to the task now using the connection.
+    gate: Arc<Gate>,
+    gate_waker: Waker,
+}
+
+/// The waker a connection's driver sees. It forwards to the task that drives the connection,
+/// except while muted: taking a chunk from the response body makes hyper wake the connection
+/// so that it reads on, which is this same task, which will drive the connection anyway the
+/// next time the body is polled. Forwarded, that wake costs a whole extra pass over the
+/// client connection per request.
+#[derive(Default)]
+struct Gate {
+    task: Mutex<Option<Waker>>,
+    muted: AtomicBool,
+    /// A wake arrived while muted.
+    swallowed: AtomicBool,
+}
+
+impl Gate {
+    fn set(&self, waker: &Waker) {
+        let mut task = self.task.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !task.as_ref().is_some_and(|current| current.will_wake(waker)) {
+            *task = Some(waker.clone());
+        }
+    }
+
+    fn mute(&self) {
+        self.swallowed.store(false, Ordering::Relaxed);
+        self.muted.store(true, Ordering::Release);
+    }
+
+    /// Whether anything was swallowed while muted.
+    fn unmute(&self) -> bool {
+        self.muted.store(false, Ordering::Release);
+        self.swallowed.load(Ordering::Acquire)
+    }
+}
+
+impl Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.muted.load(Ordering::Acquire) {
+            self.swallowed.store(true, Ordering::Release);
+            return;
+        }
+        let task = self.task.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(task) = task.as_ref() {
+            task.wake_by_ref();
+        }
+    }
 }
 
 impl Conn {
@@ -99,12 +153,18 @@ impl Conn {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Http)?;
-        Ok(Box::new(Self { sender, driver, closed: false }))
+        let gate = Arc::new(Gate::default());
+        let gate_waker = Waker::from(Arc::clone(&gate));
+        Ok(Box::new(Self { sender, driver, closed: false, gate, gate_waker }))
     }
 
     /// Lets the connection make whatever progress its socket allows.
     fn drive(&mut self, cx: &mut Context<'_>) {
-        if !self.closed && Pin::new(&mut self.driver).poll(cx).is_ready() {
+        if self.closed {
+            return;
+        }
+        self.gate.set(cx.waker());
+        if Pin::new(&mut self.driver).poll(&mut Context::from_waker(&self.gate_waker)).is_ready() {
             self.closed = true;
         }
     }
@@ -267,10 +327,24 @@ impl Body for UpstreamBody {
         if let Some(error) = this.held_error.take() {
             return Poll::Ready(Some(Err(error)));
         }
-        if let Some(lease) = &mut this.lease {
-            lease.conn.drive(cx);
-        }
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = match &mut this.lease {
+            Some(lease) => {
+                lease.conn.drive(cx);
+                // What the body holds came from the `drive` above, and only a later `drive` can
+                // bring more: no waker is needed on the body, and the wake hyper sends the
+                // connection when a chunk is taken is muted (see `Gate`).
+                lease.conn.gate.mute();
+                let polled = Pin::new(&mut this.inner).poll_frame(&mut Context::from_waker(Waker::noop()));
+                if lease.conn.gate.unmute() && polled.is_pending() {
+                    // Something else woke the connection meanwhile (another thread's reactor):
+                    // come back for it.
+                    cx.waker().wake_by_ref();
+                }
+                polled
+            }
+            // hyper-util's client drives the connection in a task of its own.
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        };
         match polled {
             Poll::Ready(None) => this.finished = true,
             Poll::Ready(Some(Ok(_))) => this.finished = this.inner.is_end_stream(),

@@ -317,6 +317,7 @@ fn build_route(source: &mut SourceFile, file: RouteFile, base: &Path) -> Option<
         public: file.public,
         preserve_host: file.preserve_host,
         scopes: scopes?,
+        metrics: None,
     })
 }
 

@@ -82,6 +82,8 @@ fn histogram() -> Histogram {
 pub struct Observation<'a> {
     /// `"-"` when no route matched.
     pub route: &'a LabelText,
+    /// The matched route's own handles, when it has them.
+    pub handles: Option<&'a RouteMetrics>,
     pub status: u16,
     pub key_id: Option<&'a str>,
     /// The code of an auth rejection (`missing_api_key` …), if the request was one.
@@ -127,6 +129,18 @@ impl Default for Metrics {
     }
 }
 
+/// One route's metrics, taken from the families once per snapshot, so that recording a request
+/// hashes no labels and takes no family lock. The handles share their values with the
+/// families' entries, so the exposition sees every count.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    label: LabelText,
+    duration: Histogram,
+    upstream: Histogram,
+    /// The request counter of each status this route has answered so far.
+    statuses: std::sync::RwLock<Vec<(u16, Counter)>>,
+}
+
 /// Values read at scrape time from the running state.
 pub struct Current {
     pub reload_successes: u64,
@@ -137,7 +151,22 @@ pub struct Current {
 }
 
 impl Metrics {
+    /// Handles for a route's metrics, for its entry in a snapshot.
+    pub fn route(&self, label: &LabelText) -> Arc<RouteMetrics> {
+        let labels = RouteLabels { route: label.clone() };
+        Arc::new(RouteMetrics {
+            label: label.clone(),
+            duration: self.request_duration.get_or_create(&labels).clone(),
+            upstream: self.upstream_duration.get_or_create(&labels).clone(),
+            statuses: std::sync::RwLock::default(),
+        })
+    }
+
     pub fn observe(&self, o: &Observation<'_>, per_key: bool) {
+        if let (Some(handles), false) = (o.handles, per_key) {
+            self.observe_on(handles, o);
+            return;
+        }
         let key_id = if per_key { o.key_id.map(|id| LabelText(Arc::from(id))) } else { None };
         self.requests
             .get_or_create(&RequestLabels { route: o.route.clone(), status: o.status, key_id })
@@ -146,6 +175,29 @@ impl Metrics {
         self.request_duration.get_or_create(&route).observe(o.duration.as_secs_f64());
         if let Some(upstream) = o.upstream_duration {
             self.upstream_duration.get_or_create(&route).observe(upstream.as_secs_f64());
+        }
+        if let Some(reason) = o.rejection {
+            self.rejections.get_or_create(&ReasonLabels { reason }).inc();
+        }
+    }
+
+    fn observe_on(&self, handles: &RouteMetrics, o: &Observation<'_>) {
+        let counted = {
+            let statuses = handles.statuses.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+            statuses.iter().find(|(status, _)| *status == o.status).map(|(_, counter)| counter.inc())
+        };
+        if counted.is_none() {
+            let labels = RequestLabels { route: handles.label.clone(), status: o.status, key_id: None };
+            let counter = self.requests.get_or_create(&labels).clone();
+            counter.inc();
+            let mut statuses = handles.statuses.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if !statuses.iter().any(|(status, _)| *status == o.status) {
+                statuses.push((o.status, counter));
+            }
+        }
+        handles.duration.observe(o.duration.as_secs_f64());
+        if let Some(upstream) = o.upstream_duration {
+            handles.upstream.observe(upstream.as_secs_f64());
         }
         if let Some(reason) = o.rejection {
             self.rejections.get_or_create(&ReasonLabels { reason }).inc();
@@ -188,6 +240,7 @@ mod tests {
             metrics.observe(
                 &Observation {
                     route: &route,
+                    handles: None,
                     status,
                     key_id,
                     rejection,
@@ -215,6 +268,48 @@ mod tests {
             "keygate_config_reloads_total{result=\"failure\"} 1",
             "keygate_keys{state=\"revoked\"} 1",
             "# EOF",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn route_handles_count_into_the_same_series() {
+        let metrics = Metrics::default();
+        let route = LabelText(Arc::from("/api/"));
+        let handles = metrics.route(&route);
+        let observe = |handles: Option<&RouteMetrics>, status: u16, upstream_ms: Option<u64>| {
+            let observation = Observation {
+                route: &route,
+                handles,
+                status,
+                key_id: None,
+                rejection: (status == 401).then_some("missing_api_key"),
+                duration: Duration::from_micros(300),
+                upstream_duration: upstream_ms.map(Duration::from_millis),
+            };
+            metrics.observe(&observation, false);
+        };
+        observe(Some(&handles), 200, Some(2));
+        observe(Some(&handles), 200, Some(2));
+        observe(None, 200, None);
+        observe(Some(&handles), 401, None);
+        // A second snapshot's handles for the same route share the series.
+        observe(Some(&metrics.route(&route)), 200, None);
+        let current = Current {
+            reload_successes: 0,
+            reload_failures: 0,
+            keys_active: 0,
+            keys_expired: 0,
+            keys_revoked: 0,
+        };
+        let text = metrics.render(&current).unwrap();
+        for want in [
+            "keygate_requests_total{route=\"/api/\",status=\"200\"} 4",
+            "keygate_requests_total{route=\"/api/\",status=\"401\"} 1",
+            "keygate_auth_rejections_total{reason=\"missing_api_key\"} 1",
+            "keygate_request_duration_seconds_count{route=\"/api/\"} 5",
+            "keygate_upstream_duration_seconds_count{route=\"/api/\"} 2",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

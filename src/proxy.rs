@@ -29,6 +29,7 @@ use crate::reload::ReloadStatus;
 use crate::telemetry::AccessLog;
 use forward::{ClientInfo, RequestBody, UpstreamClient, X_REQUEST_ID};
 use pool::{Http1Pool, UpstreamBody};
+use route::Route;
 
 /// Upstream bodies stream through untouched; keygate's own answers are small and whole.
 pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
@@ -53,6 +54,8 @@ impl Gateway {
     pub fn new(mut snapshot: Snapshot) -> Self {
         let mut pools = HashMap::new();
         adopt_pools(&mut pools, &mut snapshot);
+        let metrics = Metrics::default();
+        adopt_metrics(&metrics, &mut snapshot);
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             client: forward::upstream_client(default_trust()),
@@ -60,7 +63,7 @@ impl Gateway {
             request_ids: RequestIds::new(),
             rate_limiter: RateLimiter::default(),
             reload_status: ReloadStatus::new(),
-            metrics: Metrics::default(),
+            metrics,
             draining: AtomicBool::new(false),
             no_route: LabelText(Arc::from("-")),
         }
@@ -93,6 +96,7 @@ impl Gateway {
         let mut pools = self.pools.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         adopt_pools(&mut pools, &mut snapshot);
         drop(pools);
+        adopt_metrics(&self.metrics, &mut snapshot);
         self.snapshot.store(Arc::new(snapshot));
     }
 
@@ -101,7 +105,9 @@ impl Gateway {
         let snapshot = self.snapshot();
         let request_id = self.request_id(request.headers());
         let mut log = AccessLog::new(request.method(), &request_id);
-        let mut response = match self.forward(&snapshot, client, request, &request_id, &mut log).await {
+        let mut matched = None;
+        let forwarded = self.forward(&snapshot, client, request, &request_id, &mut log, &mut matched).await;
+        let mut response = match forwarded {
             Ok(response) => response.map(Either::Left),
             Err(error) => {
                 log.reason = Some(error.code());
@@ -116,6 +122,7 @@ impl Gateway {
         log.emit(response.status(), duration);
         let observation = Observation {
             route: log.route.as_ref().unwrap_or(&self.no_route),
+            handles: matched.and_then(|route: &Route| route.metrics.as_deref()),
             status: response.status().as_u16(),
             key_id: log.key_id.as_ref().and_then(|k| k.to_str().ok()),
             rejection: log.reason.filter(|r| AUTH_REJECTIONS.contains(r)),
@@ -127,13 +134,14 @@ impl Gateway {
         response
     }
 
-    async fn forward(
+    async fn forward<'s>(
         &self,
-        snapshot: &Snapshot,
+        snapshot: &'s Snapshot,
         client: ClientInfo,
         request: Request<RequestBody>,
         request_id: &HeaderValue,
         log: &mut AccessLog,
+        matched: &mut Option<&'s Route>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let (mut parts, body) = request.into_parts();
         // Framing first: a request whose size or body boundaries are in doubt is refused before
@@ -153,6 +161,7 @@ impl Gateway {
             .map_err(|_| GatewayError::BadRequest("the Host header is not text"))?;
         let route = snapshot.routes.find(host_text, path).ok_or(GatewayError::NoRoute)?;
         log.route = Some(route.label.clone());
+        *matched = Some(route);
 
         let key = if route.public {
             None
@@ -279,6 +288,13 @@ fn adopt_pools(pools: &mut HashMap<Authority, Http1Pool>, snapshot: &mut Snapsho
         let upstream = &mut route.upstream;
         let pool = pools.entry(upstream.authority.clone()).or_insert_with(|| upstream.pool.clone());
         upstream.pool = pool.clone();
+    }
+}
+
+/// Gives each route of a new snapshot its metric handles.
+fn adopt_metrics(metrics: &Metrics, snapshot: &mut Snapshot) {
+    for route in snapshot.routes.iter_mut() {
+        route.metrics = Some(metrics.route(&route.label));
     }
 }
 

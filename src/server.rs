@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::Gateway;
@@ -155,7 +155,7 @@ impl Connection {
     /// Serves HTTP on `io` until the peer is done, the connection has been idle for
     /// `idle_timeout` (no bytes either way: an idle keep-alive or a stalled body), or a drain
     /// asks it to finish its requests and close.
-    async fn run<IO>(mut self, io: Tracked<IO>, activity: Activity, client: ClientInfo)
+    async fn run<IO>(self, io: Tracked<IO>, activity: Activity, client: ClientInfo)
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -178,49 +178,99 @@ impl Connection {
         });
         let connection = self.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(connection);
+        // The clocks live in a task of their own: this loop is woken for every request, and
+        // polling timers and the drain signal on each of those wakes is work for nothing.
+        let (verdict_tx, mut verdict) = oneshot::channel();
+        let watch = Watchdog {
+            activity,
+            idle_timeout: self.idle_timeout,
+            header_read_timeout: self.header_read_timeout,
+            stop: self.stop.clone(),
+        };
+        tokio::spawn(watch.run(verdict_tx));
+        let result = tokio::select! {
+            biased;
+            result = connection.as_mut() => result,
+            verdict = &mut verdict => match verdict {
+                Ok(Verdict::Drain) => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+                Ok(Verdict::Idle) => {
+                    tracing::debug!(%peer, "closing idle connection");
+                    return;
+                }
+                Ok(Verdict::Silent) => {
+                    tracing::debug!(%peer, "closing a connection that sent no request");
+                    return;
+                }
+                // The watchdog is gone (the runtime is shutting down): serve to the end.
+                Err(_) => connection.await,
+            },
+        };
+        if let Err(error) = result {
+            tracing::debug!(%peer, %error, "connection ended with an error");
+        }
+    }
+}
+
+/// Why a connection's watchdog wants it to end.
+enum Verdict {
+    /// No bytes moved either way for `idle_timeout` while no request waited on an upstream.
+    Idle,
+    /// Nothing that could start a request arrived within `header_read_timeout`.
+    Silent,
+    /// Shutdown: finish the requests in flight, then close.
+    Drain,
+}
+
+/// Watches one connection's clocks and the drain signal, and says when it must end.
+struct Watchdog {
+    activity: Activity,
+    idle_timeout: Duration,
+    header_read_timeout: Duration,
+    stop: watch::Receiver<bool>,
+}
+
+impl Watchdog {
+    /// Ends once it has given its verdict, or when the connection is gone.
+    async fn run(mut self, verdict: oneshot::Sender<Verdict>) {
+        let activity = &self.activity;
         // hyper's head timer starts only once it knows the protocol; a client that sends
         // nothing (or half an HTTP/2 preface) is dropped here at the same deadline.
         let first_words = tokio::time::sleep_until(activity.started() + self.header_read_timeout);
         tokio::pin!(first_words);
         let mut first_words_pending = true;
-        loop {
-            let idle_deadline = if activity.has_requests_in_flight() {
-                tokio::time::Instant::now() + self.idle_timeout
-            } else {
-                activity.idle_deadline(self.idle_timeout)
-            };
+        let idle = tokio::time::sleep_until(activity.idle_deadline(self.idle_timeout));
+        tokio::pin!(idle);
+        let mut verdict = verdict;
+        let said = loop {
             tokio::select! {
-                // The connection first: it is what wakes this task nearly every time.
-                biased;
-                result = connection.as_mut() => {
-                    if let Err(error) = result {
-                        tracing::debug!(%peer, %error, "connection ended with an error");
-                    }
-                    return;
-                }
-                _ = self.stop.changed() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                    return;
-                }
+                () = verdict.closed() => return,
+                _ = self.stop.changed() => break Verdict::Drain,
                 () = &mut first_words, if first_words_pending => {
                     first_words_pending = false;
                     if activity.never_spoke() {
-                        tracing::debug!(%peer, "closing a connection that sent no request");
-                        return;
+                        break Verdict::Silent;
                     }
                 }
-                () = tokio::time::sleep_until(idle_deadline) => {
+                () = &mut idle => {
+                    let now = tokio::time::Instant::now();
+                    // A request waiting on its upstream is bounded by request_timeout instead.
+                    let deadline = if activity.has_requests_in_flight() {
+                        now + self.idle_timeout
+                    } else {
+                        activity.idle_deadline(self.idle_timeout)
+                    };
                     // Bytes may have moved while we slept; only a deadline still past counts.
-                    if !activity.has_requests_in_flight()
-                        && activity.idle_deadline(self.idle_timeout) <= tokio::time::Instant::now()
-                    {
-                        tracing::debug!(%peer, "closing idle connection");
-                        return;
+                    if deadline <= now {
+                        break Verdict::Idle;
                     }
+                    idle.as_mut().reset(deadline);
                 }
             }
-        }
+        };
+        let _ = verdict.send(said);
     }
 }
 

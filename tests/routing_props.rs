@@ -22,6 +22,7 @@ fn table() -> RouteTable {
         public,
         preserve_host: false,
         scopes: None,
+        metrics: None,
     };
     RouteTable::new(vec![
         route("/", false),

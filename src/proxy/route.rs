@@ -50,6 +50,8 @@ pub struct Route {
     pub preserve_host: bool,
     /// `None`: any valid key is admitted.
     pub scopes: Option<ScopeRule>,
+    /// The route's metric handles; the gateway fills this in when it takes a snapshot.
+    pub metrics: Option<std::sync::Arc<crate::metrics::RouteMetrics>>,
 }
 
 /// Routes ordered for lookup: host-specific before host-less, then longest prefix first.
@@ -127,6 +129,7 @@ mod tests {
             public: false,
             preserve_host: false,
             scopes: None,
+            metrics: None,
         }
     }
 

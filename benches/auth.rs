@@ -35,7 +35,7 @@ fn table(n: usize) -> (KeyTable, Vec<String>) {
             probes.push(key);
         }
     }
-    let (table, duplicates) = KeyTable::build(entries);
+    let (table, duplicates) = KeyTable::build(vec![entries]);
     assert!(duplicates.is_empty());
     (table, probes)
 }

@@ -438,12 +438,15 @@ fn load_keys(source: &mut SourceFile) -> Option<KeyTable> {
     } else {
         1
     };
-    let parts = split_at_entries(text, threads);
+    let parts = split_at_entries(text, threads.min(crate::keys::MAX_RUNS));
     let read_part = |range: Range<usize>| {
         let mut local = SourceFile::new(path, text);
         let mut validator = KeyValidator::default();
-        let mut keys = Vec::new();
-        let result = keyfile::read(text, range, |key| keys.extend(validator.validate(&mut local, key)));
+        // Sized up front: growing by doubling would, at a million keys, briefly hold half as
+        // much again as the entries themselves.
+        let expected = text[range.clone()].matches("[[keys]]").count();
+        let mut keys = Keys { entries: Vec::with_capacity(expected), spans: Vec::with_capacity(expected) };
+        let result = keyfile::read(text, range, |key| keys.push(validator.validate(&mut local, key)));
         (keys, local.errors, result)
     };
     let results: Vec<_> = if parts.len() == 1 {
@@ -455,19 +458,21 @@ fn load_keys(source: &mut SourceFile) -> Option<KeyTable> {
             handles.into_iter().filter_map(|h| h.join().ok()).collect()
         })
     };
-    let mut keys = Vec::new();
+    let mut runs = Vec::with_capacity(results.len());
+    let mut spans = Vec::new();
     let mut not_plain = None;
-    for (part_keys, errors, result) in results {
+    for (part, errors, result) in results {
         if let Err(e) = result {
             not_plain = not_plain.or(Some(e));
         }
-        keys.extend(part_keys);
+        runs.push(part.entries);
+        spans.extend(part.spans);
         source.errors.extend(errors);
     }
     match not_plain {
-        None => finish_keys(source, keys),
+        None => finish_keys(source, runs, &spans),
         Some(not_plain) => {
-            drop(keys);
+            drop(runs);
             source.errors.clear();
             load_keys_with_toml(source, not_plain)
         }
@@ -516,12 +521,11 @@ fn load_keys_with_toml(source: &mut SourceFile, not_plain: keyfile::NotPlain) ->
     match toml::from_str::<KeysFile>(text) {
         Ok(file) => {
             let mut validator = KeyValidator::default();
-            let keys: Vec<ParsedKey> = file
-                .keys
-                .into_iter()
-                .filter_map(|key| validator.validate(source, key.into_inner()))
-                .collect();
-            finish_keys(source, keys)
+            let mut keys = Keys { entries: Vec::with_capacity(file.keys.len()), spans: Vec::new() };
+            for key in file.keys {
+                keys.push(validator.validate(source, key.into_inner()));
+            }
+            finish_keys(source, vec![keys.entries], &keys.spans)
         }
         Err(error) => {
             let located = source.toml_error(&error);
@@ -532,10 +536,12 @@ fn load_keys_with_toml(source: &mut SourceFile, not_plain: keyfile::NotPlain) ->
 }
 
 /// Indexes validated entries, reporting duplicate ids and hashes where they are written.
-fn finish_keys(source: &mut SourceFile, keys: Vec<ParsedKey>) -> Option<KeyTable> {
-    let spans: Vec<(Range<usize>, Range<usize>)> =
-        keys.iter().map(|k| (k.id_span.clone(), k.hash_span.clone())).collect();
-    let (table, duplicates) = KeyTable::build(keys.into_iter().map(|k| k.entry).collect());
+fn finish_keys(
+    source: &mut SourceFile,
+    runs: Vec<Vec<KeyEntry>>,
+    spans: &[(Range<usize>, Range<usize>)],
+) -> Option<KeyTable> {
+    let (table, duplicates) = KeyTable::build(runs);
     for duplicate in duplicates {
         let (later, earlier, what) = match duplicate {
             Duplicate::Id(later, earlier) => (&spans[later].0, &spans[earlier].0, "key id"),
@@ -548,6 +554,22 @@ fn finish_keys(source: &mut SourceFile, keys: Vec<ParsedKey>) -> Option<KeyTable
     }
     source.errors.sort_by_key(|e| (e.line, e.column));
     source.errors.is_empty().then_some(table)
+}
+
+/// Validated entries in file order, and where each one's id and hash are written (for
+/// duplicate errors), kept apart so the entries can become a key table as they are.
+struct Keys {
+    entries: Vec<KeyEntry>,
+    spans: Vec<(Range<usize>, Range<usize>)>,
+}
+
+impl Keys {
+    fn push(&mut self, key: Option<ParsedKey>) {
+        if let Some(key) = key {
+            self.entries.push(key.entry);
+            self.spans.push((key.id_span, key.hash_span));
+        }
+    }
 }
 
 /// One validated entry and where its id and hash are written, for duplicate errors.
@@ -763,11 +785,22 @@ GET = "read"
             text += &key(&format!("id{i}"), &format!("k{i}"));
             i += 1;
         }
-        assert_eq!(load_pair(GATEWAY, &text).unwrap().keys.len(), i);
-        text += &key("id0", "another");
-        let errors = load_pair(GATEWAY, &text).unwrap_err().0;
+        let snapshot = load_pair(GATEWAY, &text).unwrap();
+        assert_eq!(snapshot.keys.len(), i);
+        assert_eq!(snapshot.keys.entries().count(), i);
+        // Every run of the file is found: the first key, one from the middle, the last.
+        for n in [0, i / 2, i - 1] {
+            let found = snapshot.keys.get(&KeyHash::of(&format!("k{n}")));
+            assert_eq!(found.map(|e| e.id.to_str().unwrap().to_string()), Some(format!("id{n}")));
+        }
+        let with_same_id = text.clone() + &key("id0", "another");
+        let errors = load_pair(GATEWAY, &with_same_id).unwrap_err().0;
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].message.contains("duplicate key id: first at line 2"), "{errors:?}");
+        let with_same_key = text + &key("another", &format!("k{}", i / 2));
+        let errors = load_pair(GATEWAY, &with_same_key).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].message.contains("duplicate hash"), "{errors:?}");
     }
 
     #[test]

@@ -248,14 +248,23 @@ impl KeyEntry {
 
 /// The in-memory key table, keyed by SHA-256.
 ///
-/// Entries live in one vector (each holding its own hash) and the hash table holds only a
-/// `u32` index per slot: at a million keys the table's spare slots then cost 4 bytes each
-/// instead of a whole entry.
+/// Entries live in a few vectors (each entry holding its own hash), in file order: the runs of
+/// the key file that were read in parallel, kept as they were read, because joining them
+/// would hold two copies of every entry at the peak of a load. The hash table holds only a
+/// `u32` per slot (3 bits of run, 29 bits of position): at a million keys its spare slots
+/// cost 4 bytes each instead of a whole entry.
 #[derive(Debug, Default)]
 pub struct KeyTable {
-    entries: Vec<KeyEntry>,
+    runs: Vec<Vec<KeyEntry>>,
     index: HashTable<u32>,
+    len: usize,
 }
+
+const RUN_BITS: u32 = 3;
+const POSITION_BITS: u32 = 32 - RUN_BITS;
+/// The most runs a table may have, and the most entries one run may hold.
+pub const MAX_RUNS: usize = 1 << RUN_BITS;
+const MAX_RUN_LEN: usize = 1 << POSITION_BITS;
 
 /// Eight bytes of a SHA-256 output are already uniformly distributed: a perfect table hash.
 /// Lookups of attacker-chosen hashes cannot lengthen probe sequences, which depend only on
@@ -269,68 +278,78 @@ fn slot_hash(hash: &KeyHash) -> u64 {
 /// Two entries of a key table that may not coexist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Duplicate {
-    /// (later, earlier) positions with the same hash.
+    /// (later, earlier) positions in file order with the same hash.
     Hash(usize, usize),
-    /// (later, earlier) positions with the same id.
+    /// (later, earlier) positions in file order with the same id.
     Id(usize, usize),
 }
 
 impl KeyTable {
-    pub fn with_capacity(n: usize) -> Self {
-        Self { entries: Vec::with_capacity(n), index: HashTable::with_capacity(n) }
-    }
-
-    /// Builds a table from entries in file order; duplicated hashes or ids are reported with
-    /// their positions and left out.
-    pub fn build(entries: Vec<KeyEntry>) -> (Self, Vec<Duplicate>) {
+    /// Builds a table from runs of entries in file order (at most [`MAX_RUNS`]; more are
+    /// joined). Duplicated hashes or ids are reported with their file-order positions; such a
+    /// table is for reporting only, since a key file with duplicates is refused.
+    pub fn build(mut runs: Vec<Vec<KeyEntry>>) -> (Self, Vec<Duplicate>) {
+        if runs.len() > MAX_RUNS || runs.iter().any(|run| run.len() > MAX_RUN_LEN) {
+            runs = vec![runs.into_iter().flatten().collect()];
+        }
+        let len: usize = runs.iter().map(Vec::len).sum();
         let mut duplicates = Vec::new();
         // Ids must be unique too; checked with a throw-away index over the same entries.
-        let mut ids: HashTable<u32> = HashTable::with_capacity(entries.len());
+        let mut ids: HashTable<u32> = HashTable::with_capacity(len);
         let id_hash = |id: &[u8]| {
             let mut hasher = std::hash::DefaultHasher::new();
             id.hash(&mut hasher);
             hasher.finish()
         };
-        let mut table = Self::with_capacity(entries.len());
-        for (position, entry) in entries.into_iter().enumerate() {
-            let id_slot = id_hash(entry.id.as_bytes());
-            let same_id = ids.find(id_slot, |&i| table.entries[i as usize].id == entry.id).copied();
-            if let Some(earlier) = same_id {
-                duplicates.push(Duplicate::Id(position, earlier as usize));
-                continue;
+        let mut index: HashTable<u32> = HashTable::with_capacity(len);
+        let at = |slot: u32| &runs[(slot >> POSITION_BITS) as usize][(slot as usize) & (MAX_RUN_LEN - 1)];
+        // Each run's first position in file order, for reporting duplicates.
+        let first_position: Vec<usize> =
+            runs.iter().scan(0, |next, run| Some(std::mem::replace(next, *next + run.len()))).collect();
+        let file_position = |slot: u32| {
+            first_position[(slot >> POSITION_BITS) as usize] + (slot as usize & (MAX_RUN_LEN - 1))
+        };
+        let mut position = 0;
+        for (r, run) in runs.iter().enumerate() {
+            for (offset, entry) in run.iter().enumerate() {
+                // In range by the checks above: r < MAX_RUNS, offset < MAX_RUN_LEN.
+                let slot = ((r as u32) << POSITION_BITS) | offset as u32;
+                let id_slot = id_hash(entry.id.as_bytes());
+                if let Some(&earlier) = ids.find(id_slot, |&i| at(i).id == entry.id) {
+                    duplicates.push(Duplicate::Id(position, file_position(earlier)));
+                } else if let Some(&earlier) =
+                    index.find(slot_hash(&entry.hash), |&i| at(i).hash == entry.hash)
+                {
+                    duplicates.push(Duplicate::Hash(position, file_position(earlier)));
+                } else {
+                    index.insert_unique(slot_hash(&entry.hash), slot, |&i| slot_hash(&at(i).hash));
+                    ids.insert_unique(id_slot, slot, |&i| id_hash(at(i).id.as_bytes()));
+                }
+                position += 1;
             }
-            let same_hash =
-                table.index.find(slot_hash(&entry.hash), |&i| table.entries[i as usize].hash == entry.hash);
-            if let Some(&earlier) = same_hash {
-                duplicates.push(Duplicate::Hash(position, earlier as usize));
-                continue;
-            }
-            let Ok(at) = u32::try_from(table.entries.len()) else { break };
-            let entries = &table.entries;
-            table.index.insert_unique(slot_hash(&entry.hash), at, |&i| slot_hash(&entries[i as usize].hash));
-            ids.insert_unique(id_slot, at, |&i| id_hash(entries[i as usize].id.as_bytes()));
-            table.entries.push(entry);
         }
-        (table, duplicates)
+        (Self { runs, index, len }, duplicates)
     }
 
     pub fn get(&self, hash: &KeyHash) -> Option<&KeyEntry> {
-        let found = self
-            .index
-            .find(slot_hash(hash), |&i| self.entries.get(i as usize).is_some_and(|e| e.hash == *hash));
-        found.and_then(|&i| self.entries.get(i as usize))
+        let &slot = self.index.find(slot_hash(hash), |&i| self.at(i).is_some_and(|e| e.hash == *hash))?;
+        self.at(slot)
+    }
+
+    fn at(&self, slot: u32) -> Option<&KeyEntry> {
+        self.runs.get((slot >> POSITION_BITS) as usize)?.get(slot as usize & (MAX_RUN_LEN - 1))
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &KeyEntry> {
-        self.entries.iter()
+        self.runs.iter().flatten()
     }
 }
 

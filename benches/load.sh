@@ -24,7 +24,13 @@
 #
 # Environment overrides: LOAD_ROUNDS, LOAD_DURATION (s), LOAD_WARMUP (s), LOAD_CONNECTIONS,
 # LOAD_THREADS, LOAD_PIN=0 (no CPU pinning, below), LOAD_KEEP_TMP=1 (keep the temporary
-# folder, for the logs).
+# folder, for the logs), LOAD_PROFILE (cargo profile to build).
+#
+# Before/after: LOAD_BASELINE=/path/to/another/keygate adds a target "keygate (baseline)",
+# that binary with 1 key, measured in the same rounds right after keygate's own 1-key run, and
+# a ratio line. On a shared machine only such interleaved figures compare two builds: e.g.
+#   git worktree add /tmp/kg-old HEAD~3 && (cd /tmp/kg-old && cargo build --release)
+#   LOAD_BASELINE=/tmp/kg-old/target/release/keygate benches/load.sh
 #
 # Needs: root on a clean Debian/Ubuntu (it installs nginx-light, wrk, curl, python3 if
 # missing), and cargo. Every process it starts is stopped on exit; temporary files live in
@@ -106,7 +112,7 @@ STARTED_PIDS=()    # every process this script started (nginx masters and keygat
 EXTRA_PIDS=()      # nginx workers, killed too if a master dies without them
 FAILURES=()        # failed checks; any → exit 1
 BACKGROUND=()      # per run: "BUSY/NICED" % of all cores just before it, while no load of ours ran
-declare -A PORT=() ADMIN_PORT=() PID=() MEASURE_PIDS=() LOG_FILE=()
+declare -A PORT=() ADMIN_PORT=() PID=() MEASURE_PIDS=() LOG_FILE=() COMM=()
 UPSTREAM_PORT="" UPSTREAM_STATUS_PORT=""
 KEYGATE=""
 
@@ -226,15 +232,18 @@ children_of() {
   done
 }
 
-# utime + stime of the given processes, in clock ticks (all threads, live and exited).
+# "UTIME STIME" of the given processes, in clock ticks (all threads, live and exited): time
+# in the process's own code and time in the kernel on its behalf (for a proxy on loopback,
+# mostly TCP: the syscalls, and the peer's receive path that runs inside them).
 cpu_ticks() {
-  local total=0 pid stat fields
+  local user=0 sys=0 pid stat fields
   for pid in "$@"; do
     stat=$(<"/proc/$pid/stat")
     read -ra fields <<<"${stat##*) }" # fields[11] = utime (field 14), fields[12] = stime (15)
-    total=$((total + fields[11] + fields[12]))
+    user=$((user + fields[11]))
+    sys=$((sys + fields[12]))
   done
-  echo "$total"
+  echo "$user $sys"
 }
 
 # rss_kb FIELD PID…: sum of VmHWM (peak resident set) or VmRSS (now) of the processes, in kB.
@@ -357,21 +366,23 @@ start_nginx_proxy() {
   start_nginx "$name" "$dir/nginx.conf"
 }
 
-# start_keygate NAME KEYS — config in its own folder (keygate watches it: nothing else is
-# written there), log outside it.
+# start_keygate NAME KEYS [BINARY] — config in its own folder (keygate watches it: nothing
+# else is written there), log outside it.
 start_keygate() {
-  local name=$1 keys=$2 dir=$WORK/$1
+  local name=$1 keys=$2 binary=${3:-$KEYGATE} dir=$WORK/$1
   mkdir -p "$dir"
   render "$ASSETS/keygate.toml.in" "$dir/keygate.toml" \
     PORT="${PORT[$name]}" ADMIN_PORT="${ADMIN_PORT[$name]}" \
     KEYS_FILE="$WORK/keys/keys-$keys.toml" UPSTREAM_PORT="$UPSTREAM_PORT"
-  "$KEYGATE" check -c "$dir/keygate.toml" >&2 || die "keygate check failed for $name"
+  "$binary" check -c "$dir/keygate.toml" >&2 || die "keygate check failed for $name"
   LOG_FILE[$name]=$WORK/logs/$name.log
   # RUST_LOG=warn: keygate's access log is an info event per request; nginx's is off too.
-  (RUST_LOG=warn exec "$KEYGATE" serve -c "$dir/keygate.toml" 2>"${LOG_FILE[$name]}") &
+  (RUST_LOG=warn exec "$binary" serve -c "$dir/keygate.toml" 2>"${LOG_FILE[$name]}") &
   PID[$name]=$!
   MEASURE_PIDS[$name]=${PID[$name]}
   STARTED_PIDS+=("${PID[$name]}")
+  # What /proc/PID/comm will say: the binary's name, cut to 15 bytes.
+  COMM[$name]=$(basename "$binary" | cut -c1-15)
 }
 
 wait_keygate_ready() {
@@ -444,8 +455,17 @@ declare -A T_INST=(
   [kg-1m-reject-unknown]=kg1m [kg-1m-reject-badcrc]=kg1m
   [ng-1m-reject-unknown]=ng1m [ng-1m-reject-badcrc]=ng1m
 )
+# The baseline build, when LOAD_BASELINE names one: measured right after kg-1.
+BASELINE=${LOAD_BASELINE:-}
+BASELINE_INST=()
+if [[ -n $BASELINE ]]; then
+  [[ -x $BASELINE ]] || die "LOAD_BASELINE=$BASELINE is not an executable"
+  BASELINE_INST=(kgb1)
+  TARGETS=(direct kg-1 kg-1-baseline "${TARGETS[@]:2}")
+  T_INST[kg-1-baseline]=kgb1
+fi
 declare -A T_LIST=(
-  [direct]=valid-1.txt [kg-1]=valid-1.txt [kg-10k]=valid-10000.txt [kg-1m]=valid-1000000.txt
+  [direct]=valid-1.txt [kg-1]=valid-1.txt [kg-1-baseline]=valid-1.txt [kg-10k]=valid-10000.txt [kg-1m]=valid-1000000.txt
   [ng-1]=valid-1.txt [ng-1m]=valid-1000000.txt
   [kg-1m-reject-unknown]=reject-unknown.txt [kg-1m-reject-badcrc]=reject-badcrc.txt
   [ng-1m-reject-unknown]=reject-unknown.txt [ng-1m-reject-badcrc]=reject-badcrc.txt
@@ -476,25 +496,27 @@ measure() {
     fi
   fi
 
-  local warm main t0 t1
+  local warm main t0 t1 u0 s0 u1 s1
   warm=$(run_wrk "$url" "$list" "$WARMUP") || {
     fail_check "$target round $round: wrk (warm-up) failed"
     return 0
   }
-  t0=$(cpu_ticks "${pids[@]}") || {
+  read -r u0 s0 < <(cpu_ticks "${pids[@]}") || {
     fail_check "$target round $round: $inst exited during the warm-up"
     return 0
   }
+  t0=$((u0 + s0))
   main=$(run_wrk "$url" "$list" "$DURATION") || {
     fail_check "$target round $round: wrk failed"
     return 0
   }
   local rss rss_now
-  if ! t1=$(cpu_ticks "${pids[@]}") || ! rss=$(rss_kb VmHWM "${pids[@]}") ||
+  if ! read -r u1 s1 < <(cpu_ticks "${pids[@]}") || ! rss=$(rss_kb VmHWM "${pids[@]}") ||
     ! rss_now=$(rss_kb VmRSS "${pids[@]}"); then
     fail_check "$target round $round: $inst exited during the run"
     return 0
   fi
+  t1=$((u1 + s1))
 
   local -A w m
   local kv
@@ -502,10 +524,10 @@ measure() {
   for kv in $main; do m[${kv%%=*}]=${kv#*=}; done
   local sock_errors=$((m[connect_err] + m[read_err] + m[write_err] + m[timeout_err]))
 
-  printf '%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\n' "$target" "$round" \
+  printf '%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\n' "$target" "$round" \
     "${m[requests]}" "${m[duration_us]}" "${m[sent]}" "${m[non2xx]}" "$sock_errors" \
     "${m[p50_us]}" "${m[p99_us]}" "${m[p999_us]}" "${m[max_us]}" "$((t1 - t0))" "$rss" "$rss_now" \
-    >>"$WORK/results.tsv"
+    "$((u1 - u0))" "$((s1 - s0))" >>"$WORK/results.tsv"
   log "$(awk -v t="$target" -v r="$round" -v n="${m[requests]}" -v d="${m[duration_us]}" \
     -v p99="${m[p99_us]}" -v c="$((t1 - t0))" -v hz="$CLK_TCK" -v e="${m[non2xx]}" -v se="$sock_errors" \
     'BEGIN { printf "%-22s round %d: %7.0f req/s  p99 %6d us  CPU %5.3f s/100k (%3.0f%%)  status>399 %d  socket errors %d",
@@ -567,19 +589,20 @@ main() {
 
   WORK=$(mktemp -d -t keygate-load.XXXXXX)
   mkdir -p "$WORK/keys" "$WORK/logs"
-  printf 'target\tround\trequests\tduration_us\tsent\tnon2xx\tsock_errors\tp50_us\tp99_us\tp999_us\tmax_us\tcpu_ticks\trss_kb\trss_now_kb\n' \
+  printf 'target\tround\trequests\tduration_us\tsent\tnon2xx\tsock_errors\tp50_us\tp99_us\tp999_us\tmax_us\tcpu_ticks\trss_kb\trss_now_kb\tuser_ticks\tsys_ticks\n' \
     >"$WORK/results.tsv"
 
   log "generating 1, 10,000 and 1,000,000 keys"
   python3 "$ASSETS/genkeys.py" "$WORK/keys" "${KEY_COUNTS[@]}"
 
   local ports
-  read -ra ports <<<"$(free_ports 10)"
+  read -ra ports <<<"$(free_ports 12)"
   UPSTREAM_PORT=${ports[0]} UPSTREAM_STATUS_PORT=${ports[1]}
   PORT[kg1]=${ports[2]} ADMIN_PORT[kg1]=${ports[3]}
   PORT[kg10k]=${ports[4]} ADMIN_PORT[kg10k]=${ports[5]}
   PORT[kg1m]=${ports[6]} ADMIN_PORT[kg1m]=${ports[7]}
   PORT[ng1]=${ports[8]} PORT[ng1m]=${ports[9]}
+  PORT[kgb1]=${ports[10]} ADMIN_PORT[kgb1]=${ports[11]}
 
   log "starting the upstream, 3 keygates and 2 nginx proxies"
   start_upstream
@@ -592,12 +615,13 @@ main() {
   start_keygate kg1 1
   start_keygate kg10k 10000
   start_keygate kg1m 1000000
+  ((${#BASELINE_INST[@]} == 0)) || start_keygate kgb1 1 "$BASELINE"
   start_nginx_proxy ng1 1
   start_nginx_proxy ng1m 1000000
   local name
-  for name in kg1 kg10k kg1m; do
+  for name in kg1 kg10k kg1m "${BASELINE_INST[@]}"; do
     wait_keygate_ready "$name"
-    expect_comm "$name" keygate "${PID[$name]}"
+    expect_comm "$name" "${COMM[$name]}" "${PID[$name]}"
     pin "$PROXY_CPU" "${PID[$name]}"
   done
   for name in ng1 ng1m; do
@@ -611,7 +635,7 @@ main() {
       fail_check "$name: nginx could not size its map hash (raise MAP_MAX_SIZE / MAP_BUCKET_SIZE)"
     fi
   done
-  for name in upstream kg1 kg10k kg1m ng1 ng1m; do spot_check "$name"; done
+  for name in upstream kg1 kg10k kg1m "${BASELINE_INST[@]}" ng1 ng1m; do spot_check "$name"; done
 
   local round target
   log "load: wrk -t$THREADS -c$CONNECTIONS, ${WARMUP}s warm-up + ${DURATION}s measured, $ROUNDS round(s) of ${#TARGETS[@]} targets"
@@ -620,10 +644,10 @@ main() {
   done
 
   # After the load: every process still up, keygate never reloaded, nothing logged.
-  for name in upstream kg1 kg10k kg1m ng1 ng1m; do
+  for name in upstream kg1 kg10k kg1m "${BASELINE_INST[@]}" ng1 ng1m; do
     all_alive "${PID[$name]}" || fail_check "$name died during the run"
   done
-  for name in kg1 kg10k kg1m; do
+  for name in kg1 kg10k kg1m "${BASELINE_INST[@]}"; do
     local generation
     generation=$(curl -sf --max-time 5 "http://127.0.0.1:${ADMIN_PORT[$name]}/status" |
       python3 -c 'import json, sys; print(json.load(sys.stdin)["generation"])' 2>/dev/null || echo "?")
@@ -633,6 +657,7 @@ main() {
   local keygate_version nginx_version wrk_version pinning="none (the scheduler places every process)"
   ((PIN == 0)) || pinning="proxy on CPU $PROXY_CPU; upstream and wrk on CPU $CLIENT_CPU"
   keygate_version=$("$KEYGATE" --version 2>&1 | head -n 1)
+  [[ -z $BASELINE ]] || keygate_version+=" (baseline: $BASELINE)"
   nginx_version=$(nginx -v 2>&1 | head -n 1)
   wrk_version=$({ wrk -v 2>&1 || true; } | head -n 1)
   LOAD_NPROC=$(nproc) \
@@ -650,7 +675,7 @@ main() {
     echo "keygate 401 counter vs wrk, per rejection run (warm-up + measured):"
     sed 's/^/  /' "$WORK/reject-counts.txt"
   fi
-  for name in kg1 kg10k kg1m; do
+  for name in kg1 kg10k kg1m "${BASELINE_INST[@]}"; do
     if [[ -s ${LOG_FILE[$name]} ]]; then
       echo
       echo "keygate $name logged $(wc -l <"${LOG_FILE[$name]}") line(s) at warn or above; the first:"

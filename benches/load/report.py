@@ -15,6 +15,7 @@ import sys
 ROWS = [
     ("direct", "upstream alone (direct)", "-"),
     ("kg-1", "keygate", "1"),
+    ("kg-1-baseline", "keygate (baseline, LOAD_BASELINE)", "1"),
     ("kg-10k", "keygate", "10,000"),
     ("kg-1m", "keygate", "1,000,000"),
     ("ng-1", "nginx map", "1"),
@@ -41,6 +42,8 @@ def load(path: str, clk_tck: int) -> dict:
                     "p99": int(row["p99_us"]) / 1000,
                     "p999": int(row["p999_us"]) / 1000,
                     "cpu": int(row["cpu_ticks"]) / clk_tck / n * 100_000 if n else float("nan"),
+                    "user": int(row["user_ticks"]) / clk_tck / n * 100_000 if n else float("nan"),
+                    "sys": int(row["sys_ticks"]) / clk_tck / n * 100_000 if n else float("nan"),
                     "cpu_pct": 100 * int(row["cpu_ticks"]) / clk_tck / seconds if seconds else 0.0,
                     "rss": int(row["rss_kb"]) / 1024,
                     "rss_now": int(row["rss_now_kb"]) / 1024,
@@ -50,7 +53,7 @@ def load(path: str, clk_tck: int) -> dict:
             )
     out = {}
     for target, rounds in runs.items():
-        med = {k: statistics.median(r[k] for r in rounds) for k in ("rps", "p50", "p99", "p999", "cpu", "cpu_pct", "rss", "rss_now")}
+        med = {k: statistics.median(r[k] for r in rounds) for k in ("rps", "p50", "p99", "p999", "cpu", "user", "sys", "cpu_pct", "rss", "rss_now")}
         rps = [r["rps"] for r in rounds]
         med["spread"] = (max(rps) - min(rps)) / med["rps"] if med["rps"] else 0.0
         med["rounds"] = len(rounds)
@@ -70,6 +73,8 @@ def table(title: str, rows, stats, last_col: str) -> None:
     print("-" * len(head))
     for target, what, keys in rows:
         s = stats.get(target)
+        if s is None and target == "kg-1-baseline":
+            continue  # only with LOAD_BASELINE
         if s is None:
             print(f"{what:<34} {keys:>9} {'(no run completed)':>20}")
             continue
@@ -135,6 +140,12 @@ def main() -> None:
             f"  keygate / direct, {label:<14} throughput {ratio(stats, kg, 'direct', 'rps'):>7}   "
             f"p99 {ratio(stats, kg, 'direct', 'p99'):>7}"
         )
+    if "kg-1-baseline" in stats:
+        print(
+            f"  keygate / baseline, 1 key        throughput {ratio(stats, 'kg-1', 'kg-1-baseline', 'rps'):>7}   "
+            f"CPU per request {ratio(stats, 'kg-1', 'kg-1-baseline', 'cpu'):>7}   "
+            f"p99 {ratio(stats, 'kg-1', 'kg-1-baseline', 'p99'):>7}"
+        )
     for label, who, rej in (
         ("keygate, unknown keys", "kg", "unknown"),
         ("keygate, bad checksum", "kg", "badcrc"),
@@ -144,6 +155,31 @@ def main() -> None:
             f"  rejected / proxied throughput, {label} (1M): "
             f"{ratio(stats, f'{who}-1m-reject-{rej}', f'{who}-1m', 'rps')}"
         )
+    print()
+    cpu_split(stats)
+
+
+def cpu_split(stats) -> None:
+    """Where each proxy's CPU went: its own code, and the kernel working for it (for a proxy on
+    loopback, mostly TCP send and receive: the peer's receive path runs inside the sender's
+    syscall). Both proxies make the same four socket calls per request, so the kernel part is
+    a floor that no user-space work can go under."""
+    rows = [(t, w, k) for t, w, k in ROWS if t != "direct" and t in stats]
+    print("CPU per request, split (medians; CPU s/100k = user + kernel)")
+    head = f"{'target':<34} {'keys':>9} {'user s/100k':>11} {'kernel s/100k':>13} {'kernel share':>12}"
+    print(head)
+    print("-" * len(head))
+    for target, what, keys in rows:
+        s = stats[target]
+        total = s["user"] + s["sys"]
+        share = s["sys"] / total if total else float("nan")
+        print(f"{what:<34} {keys:>9} {s['user']:>11.3f} {s['sys']:>13.3f} {share:>12.0%}")
+    for label, kg, ng in (("1 key", "kg-1", "ng-1"), ("1,000,000 keys", "kg-1m", "ng-1m")):
+        if kg in stats and ng in stats and stats[ng]["cpu"]:
+            print(
+                f"  {label}: keygate's kernel time alone is {stats[kg]['sys'] / stats[ng]['cpu']:.2f}× nginx's "
+                f"whole CPU per request; its user time {ratio(stats, kg, ng, 'user')} nginx's"
+            )
 
 
 if __name__ == "__main__":

@@ -124,3 +124,69 @@ async fn a_reload_keeps_the_warm_upstream_connections() {
     let (before, after) = (upstream.expect_received(&first), upstream.expect_received(&second));
     assert_eq!(before.peer, after.peer, "the reload dropped the pooled connection");
 }
+
+/// An upstream that answers the first request on each connection (keep-alive, body
+/// `conn N`) and then, when a second request arrives on that connection, closes it without a
+/// word: what an upstream closing an idle keep-alive connection looks like when keygate's
+/// request crosses the close.
+async fn closes_under_the_second_request() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                for answer in [true, false] {
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => head.extend_from_slice(&buf[..read]),
+                        }
+                    }
+                    if !answer {
+                        return; // dropped: closed under the request
+                    }
+                    let body = format!("conn {n}");
+                    let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                    if stream.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_safe_request_crossing_an_idle_close_is_sent_again_on_a_new_connection() {
+    let (addr, accepted) = closes_under_the_second_request().await;
+    let gateway =
+        GatewayConfig::new().route(Route::new("/", &format!("http://{addr}")).public()).start().await;
+    let first = gateway.get("/first").send().await;
+    assert_eq!((first.status.as_u16(), &first.body[..]), (200, &b"conn 1"[..]), "{first}");
+
+    // Idle long enough for keygate to keep a copy of the next safe request.
+    tokio::time::sleep(keygate::proxy::pool::REPLAY_AFTER_IDLE + Duration::from_millis(200)).await;
+    let second = gateway.get("/second").send().await;
+    assert_eq!((second.status.as_u16(), &second.body[..]), (200, &b"conn 2"[..]), "{second}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_is_never_sent_twice() {
+    let (addr, accepted) = closes_under_the_second_request().await;
+    let gateway =
+        GatewayConfig::new().route(Route::new("/", &format!("http://{addr}")).public()).start().await;
+    let first = gateway.get("/first").send().await;
+    assert_eq!(first.status, 200, "{first}");
+
+    tokio::time::sleep(keygate::proxy::pool::REPLAY_AFTER_IDLE + Duration::from_millis(200)).await;
+    let post = gateway.request(http::Method::POST, "/charge").body("amount=10").send().await;
+    support::assert_error(&post, 502, "upstream_unavailable");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "the POST was sent again");
+}

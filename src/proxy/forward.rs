@@ -20,7 +20,8 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 /// A client's request body on its way upstream, telling its owner once it has been read to
 /// the end: from then on the request waits on the upstream, not on the client.
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None`: an empty body keygate made itself (a replayed request).
+    inner: Option<Incoming>,
     on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
     /// Set when the client's body turned out malformed (bad chunking, cut short), so that
     /// failure is the client's 400, not the upstream's 502.
@@ -29,12 +30,17 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(inner: Incoming, on_end: impl FnOnce() + Send + Sync + 'static) -> Self {
-        let mut body = Self { inner, on_end: Some(Box::new(on_end)), failed: Arc::default() };
+        let mut body = Self { inner: Some(inner), on_end: Some(Box::new(on_end)), failed: Arc::default() };
         // A body that is empty from the start (most GETs) is never polled at all.
-        if hyper::body::Body::is_end_stream(&body.inner) {
+        if hyper::body::Body::is_end_stream(&body) {
             body.ended();
         }
         body
+    }
+
+    /// An empty body, for a request keygate sends again itself.
+    pub fn empty() -> Self {
+        Self { inner: None, on_end: None, failed: Arc::default() }
     }
 
     /// Whether reading the client's body failed; readable after the body has been sent away.
@@ -58,10 +64,11 @@ impl hyper::body::Body for RequestBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
-        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        let Some(inner) = this.inner.as_mut() else { return std::task::Poll::Ready(None) };
+        let polled = std::pin::Pin::new(&mut *inner).poll_frame(cx);
         let at_end = match &polled {
             std::task::Poll::Ready(None) => true,
-            std::task::Poll::Ready(Some(Ok(_))) => hyper::body::Body::is_end_stream(&this.inner),
+            std::task::Poll::Ready(Some(Ok(_))) => hyper::body::Body::is_end_stream(&*inner),
             std::task::Poll::Ready(Some(Err(_))) => {
                 this.failed.store(true, std::sync::atomic::Ordering::Relaxed);
                 false
@@ -75,11 +82,11 @@ impl hyper::body::Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(hyper::body::Body::is_end_stream)
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map_or_else(|| hyper::body::SizeHint::with_exact(0), hyper::body::Body::size_hint)
     }
 }
 

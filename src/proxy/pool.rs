@@ -34,6 +34,10 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle connections kept per upstream; beyond this a finished connection is closed.
 const MAX_IDLE_PER_UPSTREAM: usize = 1024;
+/// How long a connection must have been idle before a safe request sent on it is kept for a
+/// replay. Upstreams close idle keep-alive connections after a second or more (Node.js 5 s,
+/// gunicorn 2 s, nginx 75 s), so the race with their close needs at least that much idleness.
+pub const REPLAY_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// Why a request could not be sent upstream.
 #[derive(Debug)]
@@ -188,17 +192,33 @@ impl Http1Pool {
     /// Sends `request` (origin-form target, `Host` set) on a pooled connection, or a new one;
     /// a pooled connection found closed before the request went out is replaced by a new one
     /// once.
+    ///
+    /// A safe request without a body (GET, HEAD, OPTIONS) that goes out on a connection idle
+    /// for [`REPLAY_AFTER_IDLE`] or more is also sent again, once, on a new connection if the
+    /// upstream closes or resets that connection without answering: the upstream closing an
+    /// idle keep-alive connection just as the request arrives is the usual cause, and RFC 9110
+    /// §9.2.2 lets a client retry such requests. (Only then is the request copied; under load
+    /// connections are never idle that long.)
     pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<UpstreamBody>, SendError> {
         let authority = &self.shared.authority;
-        let (mut conn, pooled) = match self.checkout() {
-            Some(conn) => (conn, true),
+        let (mut conn, idle) = match self.checkout() {
+            Some((conn, idle)) => (conn, Some(idle)),
             // Boxed: connecting is rare, and this keeps every request's future small.
-            None => (Box::pin(Conn::open(authority)).await?, false),
+            None => (Box::pin(Conn::open(authority)).await?, None),
+        };
+        let replay = match idle {
+            Some(idle) if idle >= REPLAY_AFTER_IDLE => replayable_copy(&request),
+            _ => None,
         };
         let request = match exchange(&mut conn, request).await {
             Ok(response) => return Ok(self.lease(conn, response)),
-            Err(mut error) => match error.take_message() {
-                Some(request) if pooled => request,
+            Err(mut error) => match (error.take_message(), replay) {
+                // Never written: the connection was found closed on the way.
+                (Some(request), _) if idle.is_some() => request,
+                (_, Some(copy)) if closed_without_answer(error.error()) => {
+                    tracing::debug!(upstream = %authority, "idle upstream connection closed under a request; sending it again");
+                    copy
+                }
                 _ => return Err(SendError::Http(error.into_error())),
             },
         };
@@ -221,13 +241,15 @@ impl Http1Pool {
         })
     }
 
-    fn checkout(&self) -> Option<Box<Conn>> {
+    /// A pooled connection that looks usable, and how long it sat idle.
+    fn checkout(&self) -> Option<(Box<Conn>, Duration)> {
         let mut list = self.shared.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         // Newest first: the most recently used connection is the least likely to have been
         // closed by the upstream.
         while let Some(mut entry) = list.pop() {
-            if entry.since.elapsed() < IDLE_TIMEOUT && entry.conn.usable() {
-                return Some(entry.conn);
+            let idle = entry.since.elapsed();
+            if idle < IDLE_TIMEOUT && entry.conn.usable() {
+                return Some((entry.conn, idle));
             }
         }
         None
@@ -268,6 +290,40 @@ async fn sweep(shared: Weak<Shared>) {
             None => return,
         }
     }
+}
+
+/// A copy of a safe, bodiless request, to send again if its connection turns out dead.
+fn replayable_copy(request: &Request<RequestBody>) -> Option<Request<RequestBody>> {
+    let safe = matches!(*request.method(), http::Method::GET | http::Method::HEAD | http::Method::OPTIONS);
+    if !safe || !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(RequestBody::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
+}
+
+/// The upstream closed or reset the connection before any of a response arrived.
+fn closed_without_answer(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = cause.source();
+    }
+    false
 }
 
 type Exchange = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<RequestBody>>>;

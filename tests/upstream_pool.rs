@@ -6,6 +6,8 @@ mod support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use support::{GatewayConfig, RecordingUpstream, Route, WatchedGateway};
@@ -63,32 +65,50 @@ async fn a_response_the_client_abandons_is_never_reused() {
     }
 }
 
-/// An upstream that answers one request per connection, saying so with `Connection: close`
-/// and then closing; it counts the connections it accepted.
-async fn close_after_each_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+/// A raw upstream on 127.0.0.1 that runs `serve` on each connection it accepts (with the
+/// connection's 1-based number) and counts them.
+async fn raw_upstream<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(TcpStream, usize) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = std::sync::Arc::clone(&accepted);
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
     tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nonce";
-                let _ = stream.write_all(answer).await;
-                let _ = stream.shutdown().await;
-            });
+        while let Ok((stream, _)) = listener.accept().await {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::spawn(serve(stream, n));
         }
     });
     (addr, accepted)
+}
+
+/// Reads one request head; false if the connection ended first.
+async fn read_head(stream: &mut TcpStream) -> bool {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
+/// An upstream that answers one request per connection, saying so with `Connection: close`,
+/// and then closes.
+async fn close_after_each_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    raw_upstream(|mut stream, _| async move {
+        if read_head(&mut stream).await {
+            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nonce";
+            let _ = stream.write_all(answer).await;
+            let _ = stream.shutdown().await;
+        }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -101,7 +121,7 @@ async fn a_connection_the_upstream_closes_is_not_reused() {
         assert_eq!(exchange.status, 200, "{exchange}");
         assert_eq!(exchange.body, &b"once"[..], "{exchange}");
     }
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
+    assert_eq!(accepted.load(Ordering::SeqCst), 5);
 }
 
 #[tokio::test]
@@ -129,37 +149,19 @@ async fn a_reload_keeps_the_warm_upstream_connections() {
 /// `conn N`) and then, when a second request arrives on that connection, closes it without a
 /// word: what an upstream closing an idle keep-alive connection looks like when keygate's
 /// request crosses the close.
-async fn closes_under_the_second_request() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = std::sync::Arc::clone(&accepted);
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                for answer in [true, false] {
-                    let mut head = Vec::new();
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(read) => head.extend_from_slice(&buf[..read]),
-                        }
-                    }
-                    if !answer {
-                        return; // dropped: closed under the request
-                    }
-                    let body = format!("conn {n}");
-                    let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-                    if stream.write_all(response.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
+async fn closes_under_the_second_request() -> (SocketAddr, Arc<AtomicUsize>) {
+    raw_upstream(|mut stream, n| async move {
+        if !read_head(&mut stream).await {
+            return;
         }
-    });
-    (addr, accepted)
+        let body = format!("conn {n}");
+        let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        if stream.write_all(response.as_bytes()).await.is_ok() {
+            // The next request is read and the connection dropped without an answer.
+            read_head(&mut stream).await;
+        }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -174,7 +176,7 @@ async fn a_safe_request_crossing_an_idle_close_is_sent_again_on_a_new_connection
     tokio::time::sleep(keygate::proxy::pool::REPLAY_AFTER_IDLE + Duration::from_millis(200)).await;
     let second = gateway.get("/second").send().await;
     assert_eq!((second.status.as_u16(), &second.body[..]), (200, &b"conn 2"[..]), "{second}");
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
@@ -188,5 +190,5 @@ async fn a_request_with_a_body_is_never_sent_twice() {
     tokio::time::sleep(keygate::proxy::pool::REPLAY_AFTER_IDLE + Duration::from_millis(200)).await;
     let post = gateway.request(http::Method::POST, "/charge").body("amount=10").send().await;
     support::assert_error(&post, 502, "upstream_unavailable");
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "the POST was sent again");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "the POST was sent again");
 }

@@ -230,7 +230,7 @@ impl Gateway {
         let body_failed = body.failure();
         let request = Request::from_parts(parts, body);
         let result = if in_task {
-            let sent = upstream.pool.send(request);
+            let sent = Box::pin(upstream.pool.send(request));
             tokio::time::timeout(snapshot.server.request_timeout, sent)
                 .await
                 .map(|sent| sent.map_err(|e| e.to_string()))

@@ -26,10 +26,12 @@ fn table() -> &'static RouteTable {
                 base_path: String::new(),
                 host_header: HeaderValue::from_static("127.0.0.1:9"),
                 client: None,
+                pool: keygate::proxy::pool::Http1Pool::new(Authority::from_static("127.0.0.1:9")),
             },
             public,
             preserve_host: false,
             scopes: None,
+            metrics: None,
         };
         RouteTable::new(vec![
             route("/", false),

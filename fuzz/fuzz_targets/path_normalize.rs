@@ -4,10 +4,8 @@
 //! Input: one flag byte (bit 0 = `allow_encoded_slashes`), then the path as UTF-8.
 #![no_main]
 
-use http::HeaderValue;
-use http::uri::{Authority, Scheme};
 use keygate::proxy::path::normalize;
-use keygate::proxy::route::{Route, RouteTable, Upstream};
+use keygate::proxy::route::{Route, RouteTable};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 
@@ -16,23 +14,7 @@ use std::sync::OnceLock;
 fn table() -> &'static RouteTable {
     static TABLE: OnceLock<RouteTable> = OnceLock::new();
     TABLE.get_or_init(|| {
-        let route = |prefix: &str, public: bool| Route {
-            label: keygate::metrics::LabelText(prefix.into()),
-            host: None,
-            prefix: prefix.to_string(),
-            upstream: Upstream {
-                scheme: Scheme::HTTP,
-                authority: Authority::from_static("127.0.0.1:9"),
-                base_path: String::new(),
-                host_header: HeaderValue::from_static("127.0.0.1:9"),
-                client: None,
-                pool: keygate::proxy::pool::Http1Pool::new(Authority::from_static("127.0.0.1:9")),
-            },
-            public,
-            preserve_host: false,
-            scopes: None,
-            metrics: None,
-        };
+        let route = |prefix: &str, public: bool| Route::placeholder(None, prefix, public);
         RouteTable::new(vec![
             route("/", false),
             route("/public/", true),

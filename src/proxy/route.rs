@@ -54,6 +54,31 @@ pub struct Route {
     pub metrics: Option<std::sync::Arc<crate::metrics::RouteMetrics>>,
 }
 
+impl Route {
+    /// A route to a placeholder upstream (`http://127.0.0.1:9`), with no scopes: for tests and
+    /// fuzzing of route lookup, where only the host, prefix and `public` matter.
+    pub fn placeholder(host: Option<&str>, prefix: &str, public: bool) -> Self {
+        let authority = Authority::from_static("127.0.0.1:9");
+        Route {
+            label: crate::metrics::LabelText(format!("{}{prefix}", host.unwrap_or("")).into()),
+            host: host.map(str::to_string),
+            prefix: prefix.to_string(),
+            upstream: Upstream {
+                scheme: Scheme::HTTP,
+                authority: authority.clone(),
+                base_path: String::new(),
+                host_header: HeaderValue::from_static("127.0.0.1:9"),
+                client: None,
+                pool: crate::proxy::pool::Http1Pool::new(authority),
+            },
+            public,
+            preserve_host: false,
+            scopes: None,
+            metrics: None,
+        }
+    }
+}
+
 /// Routes ordered for lookup: host-specific before host-less, then longest prefix first.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
@@ -114,23 +139,7 @@ mod tests {
     use super::*;
 
     fn route(host: Option<&str>, prefix: &str) -> Route {
-        Route {
-            label: crate::metrics::LabelText(format!("{}{prefix}", host.unwrap_or("")).into()),
-            host: host.map(str::to_string),
-            prefix: prefix.to_string(),
-            upstream: Upstream {
-                scheme: Scheme::HTTP,
-                authority: Authority::from_static("127.0.0.1:1"),
-                base_path: String::new(),
-                host_header: HeaderValue::from_static("127.0.0.1:1"),
-                client: None,
-                pool: crate::proxy::pool::Http1Pool::new(Authority::from_static("127.0.0.1:1")),
-            },
-            public: false,
-            preserve_host: false,
-            scopes: None,
-            metrics: None,
-        }
+        Route::placeholder(host, prefix, false)
     }
 
     #[test]

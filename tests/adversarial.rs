@@ -3271,18 +3271,8 @@ struct Served {
 
 impl Served {
     fn spawn(config: &Path, env: &[(&str, &str)]) -> Self {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"));
-        command
-            .arg("serve")
-            .arg("-c")
-            .arg(config)
-            .env_remove("KEYGATE_CONFIG")
-            .env_remove("KEYGATE_LOG_FORMAT")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        let mut command = support::keygate_command(config.parent().expect("config folder"));
+        command.arg("serve").arg("-c").arg(config).stdout(Stdio::null());
         for (name, value) in env {
             command.env(name, value);
         }

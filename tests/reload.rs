@@ -21,7 +21,7 @@ use std::time::Duration;
 use keygate::reload::StatusView;
 use support::{Call, Exchange, GatewayConfig, Key, RecordingUpstream, Route, WatchedGateway, keys_toml};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -680,20 +680,8 @@ struct Serve {
 
 impl Serve {
     fn start(config: &Path) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_keygate"));
-        command
-            .arg("serve")
-            .arg("-c")
-            .arg(config)
-            .current_dir(config.parent().expect("config folder"))
-            .env_remove("KEYGATE_CONFIG")
-            .env_remove("RUST_LOG")
-            .env_remove("KEYGATE_LOG_FORMAT")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        let mut command = support::keygate_command(config.parent().expect("config folder"));
+        command.arg("serve").arg("-c").arg(config).stdout(Stdio::null());
         let mut child = command.spawn().unwrap_or_else(|e| panic!("could not start {command:?}: {e}"));
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, lines) = mpsc::unbounded_channel();

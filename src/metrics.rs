@@ -148,6 +148,8 @@ pub struct Current {
     pub keys_active: u64,
     pub keys_expired: u64,
     pub keys_revoked: u64,
+    /// Failed or timed-out calls to the shared counters store (Redis).
+    pub cluster_errors: u64,
 }
 
 impl Metrics {
@@ -220,6 +222,13 @@ impl Metrics {
             keys.get_or_create(&StateLabels { state }).set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         dynamic.register("keygate_keys", "Keys in the running key table, by state", keys);
+        let cluster_errors = Counter::<u64>::default();
+        cluster_errors.inc_by(current.cluster_errors);
+        dynamic.register(
+            "keygate_cluster_errors",
+            "Redis calls of the [cluster] counters that failed or were slower than timeout",
+            cluster_errors,
+        );
         let mut out = String::new();
         prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)?;
         prometheus_client::encoding::text::encode_registry(&mut out, &dynamic)?;
@@ -258,6 +267,7 @@ mod tests {
             keys_active: 5,
             keys_expired: 0,
             keys_revoked: 1,
+            cluster_errors: 0,
         };
         let text = metrics.render(&current).unwrap();
         for want in [
@@ -302,6 +312,7 @@ mod tests {
             keys_active: 0,
             keys_expired: 0,
             keys_revoked: 0,
+            cluster_errors: 0,
         };
         let text = metrics.render(&current).unwrap();
         for want in [

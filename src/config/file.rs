@@ -11,6 +11,8 @@ use toml::value::Datetime;
 pub struct GatewayFile {
     pub server: ServerFile,
     pub admin: Option<AdminFile>,
+    pub state: Option<StateFile>,
+    pub cluster: Option<ClusterFile>,
     pub auth: AuthFile,
     #[serde(default)]
     pub routes: Vec<Spanned<RouteFile>>,
@@ -38,6 +40,20 @@ pub struct ServerFile {
 pub struct AdminFile {
     pub listen: Spanned<String>,
     pub per_key_metrics: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    pub path: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    pub redis: Spanned<String>,
+    pub namespace: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,4 +115,6 @@ pub struct KeyFile {
     pub expires_at: Option<Spanned<Datetime>>,
     pub revoked_at: Option<Spanned<Datetime>>,
     pub rate_limit: Option<Spanned<String>>,
+    pub quota: Option<Spanned<String>>,
+    pub consumer: Option<Spanned<String>>,
 }

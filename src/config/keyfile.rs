@@ -88,6 +88,8 @@ struct Partial {
     expires_at: Option<Spanned<Datetime>>,
     revoked_at: Option<Spanned<Datetime>>,
     rate_limit: Option<Spanned<String>>,
+    quota: Option<Spanned<String>>,
+    consumer: Option<Spanned<String>>,
 }
 
 enum Value {
@@ -120,6 +122,8 @@ impl Partial {
             ("hash", Value::Text(v)) => put(&mut self.hash, v),
             ("tail", Value::Text(v)) => put(&mut self.tail, v),
             ("rate_limit", Value::Text(v)) => put(&mut self.rate_limit, v),
+            ("quota", Value::Text(v)) => put(&mut self.quota, v),
+            ("consumer", Value::Text(v)) => put(&mut self.consumer, v),
             ("scopes", Value::List(v)) => put(&mut self.scopes, v),
             ("created_at", Value::Date(v)) => put(&mut self.created_at, v),
             ("expires_at", Value::Date(v)) => put(&mut self.expires_at, v),
@@ -139,6 +143,8 @@ impl Partial {
             expires_at: self.expires_at,
             revoked_at: self.revoked_at,
             rate_limit: self.rate_limit,
+            quota: self.quota,
+            consumer: self.consumer,
         })
     }
 }
@@ -219,7 +225,8 @@ mod tests {
             "# keys\n[[keys]]\nid = \"a1\"\nname = \"billing sync #1\" # note\n",
             "hash = \"sha256:00\"\ntail = 'Zc81Qa'\nscopes = [\"read\", 'write',]\n",
             "created_at = 2026-11-22T10:00:00Z\nexpires_at = 2027-02-20T10:00:00.5+02:00 # x\n",
-            "  revoked_at=2026-12-01 08:00:00Z\r\nrate_limit = \"100/s\"\n\n",
+            "  revoked_at=2026-12-01 08:00:00Z\r\nrate_limit = \"100/s\"\n",
+            "quota = \"1000/month\" # billed\nconsumer = 'acme'\n\n",
             "[[keys]] # second\nid = \"b\"\nname = \"\"\nhash = \"h\"\nscopes = []\n",
         ));
     }

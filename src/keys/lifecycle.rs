@@ -29,6 +29,15 @@ pub struct KeyView {
     pub created: Option<String>,
     pub expires: Option<String>,
     pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
+    /// Filled in by `keys list` when usage is kept ([state] or [cluster]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used: Option<u64>,
 }
 
 /// What a new key holds besides its secret.
@@ -38,6 +47,8 @@ pub struct Grant {
     pub scopes: Vec<String>,
     pub expires_at: Option<OffsetDateTime>,
     pub rate_limit: Option<String>,
+    pub quota: Option<String>,
+    pub consumer: Option<String>,
 }
 
 /// A time as the key file writes it: RFC 3339, whole seconds, UTC.
@@ -133,6 +144,12 @@ pub fn append(
     if let Some(rate) = &grant.rate_limit {
         table.insert("rate_limit", value(rate.as_str()));
     }
+    if let Some(quota) = &grant.quota {
+        table.insert("quota", value(quota.as_str()));
+    }
+    if let Some(consumer) = &grant.consumer {
+        table.insert("consumer", value(consumer.as_str()));
+    }
     // Comments in a file with no entries yet are the document's trailing text; they belong
     // above the first entry, not below it.
     let leading = doc.trailing().as_str().unwrap_or("").to_string();
@@ -207,7 +224,7 @@ pub fn remove(doc: &mut DocumentMut, index: usize) -> Result<(String, String), L
     Ok((text(&table, "id").to_string(), text(&table, "name").to_string()))
 }
 
-/// What a rotation carries over: name, scopes, rate limit, and the old key's lifetime
+/// What a rotation carries over: name, scopes, rate limit, quota, consumer, and the old key's lifetime
 /// (created → expires) applied from now, when it had one.
 pub fn successor_grant(
     doc: &DocumentMut,
@@ -229,6 +246,9 @@ pub fn successor_grant(
         scopes,
         expires_at: lifetime.map(|l| now + l),
         rate_limit: table.get("rate_limit").and_then(Item::as_str).map(str::to_string),
+        // The successor spends the same quota: a rotated pair never gets twice the limit.
+        quota: table.get("quota").and_then(Item::as_str).map(str::to_string),
+        consumer: table.get("consumer").and_then(Item::as_str).map(str::to_string),
     })
 }
 
@@ -258,6 +278,10 @@ pub fn views(doc: &DocumentMut, now: OffsetDateTime) -> Vec<KeyView> {
                 } else {
                     "active"
                 },
+                quota: t.get("quota").and_then(Item::as_str).map(str::to_string),
+                consumer: t.get("consumer").and_then(Item::as_str).map(str::to_string),
+                last_used_at: None,
+                used: None,
             }
         })
         .collect()
@@ -332,12 +356,20 @@ mod tests {
         assert!(!revoke(&mut doc, 0, NOW + time::Duration::hours(1)).unwrap(), "first revocation stands");
         assert_eq!(views(&doc, NOW)[0].status, "revoked");
 
-        let mut doc = doc_with(&[("a1", "sync", "AAAAAA")]);
+        let mut doc: DocumentMut = "".parse().unwrap();
+        let grant = Grant {
+            name: "sync".into(),
+            consumer: Some("acme".into()),
+            quota: Some("10/day".into()),
+            ..Grant::default()
+        };
+        append(&mut doc, "a1", "sha256:00", "AAAAAA", &grant, NOW).unwrap();
         let later = NOW + time::Duration::days(1);
         assert_eq!(expire(&mut doc, 0, later).unwrap(), later);
         assert_eq!(expire(&mut doc, 0, later + time::Duration::days(1)).unwrap(), later, "earlier end kept");
         let grant = successor_grant(&doc, 0, later).unwrap();
         assert_eq!(grant.name, "sync");
+        assert_eq!((grant.consumer.as_deref(), grant.quota.as_deref()), (Some("acme"), Some("10/day")));
         assert_eq!(grant.expires_at, Some(later + time::Duration::days(1)), "same lifetime from now");
         assert_eq!(remove(&mut doc, 0).unwrap(), ("a1".to_string(), "sync".to_string()));
         assert!(views(&doc, NOW).is_empty());

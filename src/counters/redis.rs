@@ -278,7 +278,11 @@ impl Shared {
                 self.recover(connection).await;
                 true
             }
-            Ok(Err(error)) => self.probe_failed(error.to_string()),
+            Ok(Err(error)) => {
+                // A connection that keeps failing is replaced: the next probe dials afresh.
+                *lock(&self.connection) = None;
+                self.probe_failed(error.to_string())
+            }
             Err(_) => self.probe_failed(format!("no answer within {:?}", self.settings.timeout)),
         }
     }

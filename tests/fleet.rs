@@ -339,3 +339,35 @@ async fn bad_quota_consumer_and_cluster_fields_are_located_errors() {
         assert!(stderr.contains(file) && stderr.contains(want), "want {file}…{want} in {stderr}");
     }
 }
+
+#[tokio::test]
+async fn keys_create_and_rotate_keep_quota_and_consumer() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), &upstream, "", &[]);
+    let run = |args: &[&str]| {
+        let mut command = keygate_command(dir.path());
+        command.args(args).arg("-c").arg(&config);
+        command.output()
+    };
+    let created =
+        run(&["keys", "create", "--name", "acme-prod", "--quota", "100/month", "--consumer", "acme"])
+            .await
+            .expect("keys create ran");
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let rotated = run(&["keys", "rotate", "acme-prod"]).await.expect("keys rotate ran");
+    assert!(rotated.status.success(), "{}", String::from_utf8_lossy(&rotated.stderr));
+    let listed: serde_json::Value =
+        serde_json::from_str(&keys_list(&config, true).await).expect("keys list --json");
+    let keys = listed.as_array().expect("a list");
+    assert_eq!(keys.len(), 2, "{listed:#}");
+    for key in keys {
+        assert_eq!(
+            (&key["consumer"], &key["quota"]),
+            (&serde_json::json!("acme"), &serde_json::json!("100/month")),
+            "{listed:#}"
+        );
+    }
+    let bad = run(&["keys", "create", "--name", "x", "--quota", "5/week"]).await.expect("ran");
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("N/day or N/month"));
+}

@@ -70,17 +70,21 @@ async fn replicas_share_one_limit(n: u64) {
     let upstream = RecordingUpstream::start().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let key = Key::generated("limited", &[]);
+    let free = Key::generated("free", &[]);
     // 10 an hour: no token drips back while the test runs.
-    let config = write_config(
-        dir.path(),
-        &upstream,
-        &cluster_section(&redis, "500ms"),
-        &[key_with(&key, &[("rate_limit", "10/h")])],
-    );
+    let keys = [key_with(&key, &[("rate_limit", "10/h")]), free.to_toml()];
+    let config = write_config(dir.path(), &upstream, &cluster_section(&redis, "500ms"), &keys);
     let replicas = fleet(&config, n).await;
     let (forwarded, refused) = spread(&replicas, &key.secret, 30, "rate_limited").await;
     assert_eq!((forwarded, refused), (10, 20), "the limit holds across {n} replicas together");
     assert_eq!(upstream.count(), 10, "the upstream saw exactly the limit");
+    // A key with neither limit nor quota never reaches Redis on the request path: no bucket,
+    // no count (its usage goes out later, in a batch, under test:usage:).
+    assert_eq!(spread(&replicas, &free.secret, 10, "rate_limited").await, (10, 0));
+    let limited_keys = redis.command(&["KEYS", &format!("test:{{k:{}}}*", key.id)]).await;
+    assert!(limited_keys.as_deref().is_some_and(|r| r.starts_with("*1\r\n")), "{limited_keys:?}");
+    let free_keys = redis.command(&["KEYS", &format!("test:{{k:{}}}*", free.id)]).await;
+    assert_eq!(free_keys.as_deref(), Some("*0\r\n"), "the unlimited key touched Redis");
 }
 
 #[tokio::test]

@@ -375,3 +375,31 @@ async fn keys_create_and_rotate_keep_quota_and_consumer() {
     let bad = run(&["keys", "create", "--name", "x", "--quota", "5/week"]).await.expect("ran");
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("N/day or N/month"));
 }
+
+#[tokio::test]
+async fn a_state_file_is_written_while_running_and_survives_a_crash() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = Key::generated("billed", &[]);
+    let config = write_config(
+        dir.path(),
+        &upstream,
+        "[state]\npath = \"keygate.state\"\n",
+        &[key_with(&key, &[("quota", "3/day")])],
+    );
+    let first = Served::start(&config).await;
+    for _ in 0..2 {
+        assert_eq!(first.get("/a", &key.secret).send().await.status, 200);
+    }
+    // The periodic write (every 2 s), not the one at shutdown: seen while the gateway runs.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !keys_list(&config, false).await.contains("2/3") {
+        assert!(tokio::time::Instant::now() < deadline, "the state file never showed 2/3");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    first.kill().await; // no shutdown write
+    let second = Served::start(&config).await;
+    assert_eq!(second.get("/a", &key.secret).send().await.status, 200);
+    assert_error(&second.get("/a", &key.secret).send().await, 429, "quota_exceeded");
+    assert_eq!(upstream.count(), 3);
+}

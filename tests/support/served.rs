@@ -131,6 +131,14 @@ impl Served {
     }
 }
 
+impl Served {
+    /// SIGKILL, and waits until the process is gone: a crash, with no shutdown work.
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(IO_TIMEOUT, self.child.wait()).await;
+    }
+}
+
 impl Drop for Served {
     fn drop(&mut self) {
         let _ = self.child.start_kill();

@@ -188,9 +188,20 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
         None => Some(10_000),
     };
     let admin = match &file.admin {
-        Some(a) => check(source, &a.listen, parse_addr).map(|listen| {
-            Some(AdminSettings { listen, per_key_metrics: a.per_key_metrics.unwrap_or(false) })
-        }),
+        Some(a) => {
+            let listen = check(source, &a.listen, parse_addr);
+            let hosts: Vec<Option<String>> =
+                a.hosts.iter().flatten().map(|h| check(source, h, |h| parse_host(h))).collect();
+            let hosts: Option<Vec<String>> = hosts.into_iter().collect();
+            match (listen, hosts) {
+                (Some(listen), Some(hosts)) => Some(Some(AdminSettings {
+                    listen,
+                    per_key_metrics: a.per_key_metrics.unwrap_or(false),
+                    hosts,
+                })),
+                _ => None,
+            }
+        }
         None => Some(None),
     };
     let auth = build_auth(source, &file);

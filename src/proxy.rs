@@ -3,8 +3,10 @@
 
 pub mod auth;
 pub mod forward;
+pub mod host;
 pub mod path;
 pub mod pool;
+pub mod redact;
 pub mod route;
 
 use std::collections::HashMap;
@@ -14,7 +16,7 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{CONNECTION, HOST, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, TRANSFER_ENCODING, UPGRADE};
 use http::request::Parts;
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -28,6 +30,7 @@ use crate::ratelimit::RateLimiter;
 use crate::reload::ReloadStatus;
 use crate::telemetry::AccessLog;
 use forward::{ClientInfo, RequestBody, UpstreamClient, X_REQUEST_ID};
+use host::RequestHost;
 use pool::{Http1Pool, UpstreamBody};
 use route::Route;
 
@@ -154,12 +157,8 @@ impl Gateway {
             .map_err(|e| GatewayError::BadRequest(e.reason()))?;
         let path: &str = log.path.insert(path);
         let host = request_host(&parts)?;
-        let host_text = host
-            .as_ref()
-            .map(|h| h.to_str())
-            .transpose()
-            .map_err(|_| GatewayError::BadRequest("the Host header is not text"))?;
-        let route = snapshot.routes.find(host_text, path).ok_or(GatewayError::NoRoute)?;
+        let route =
+            snapshot.routes.find(host.as_ref().map(RequestHost::name), path).ok_or(GatewayError::NoRoute)?;
         log.route = Some(route.label.clone());
         *matched = Some(route);
 
@@ -171,7 +170,7 @@ impl Gateway {
             let key = auth::verify(credential.key(), &snapshot.auth, &snapshot.keys, SystemTime::now())?;
             // From here on the key is known, so a 403 is logged against it.
             log.key_id = Some(key.id.clone());
-            auth::authorize(route.scopes.as_ref(), key, &parts.method, &parts.headers)?;
+            auth::authorize(route.scopes.as_ref(), key, &parts.method, &parts.headers, parts.uri.query())?;
             // Last: a refused request must not spend a token.
             if let Some(rate) = key.rate_limit {
                 let quota =
@@ -186,9 +185,17 @@ impl Gateway {
         // Rewrite. Removals come before additions so nothing a client sent (a `Connection`
         // header naming ours, a spoofed `x-keygate-*`) can remove or shadow what keygate adds.
         let query = auth::strip_credentials(&snapshot.auth.sources, &mut parts.headers, parts.uri.query());
+        let query = redact::remove_stray_keys(&snapshot.auth.key_prefix, &mut parts.headers, query);
         // Only a WebSocket upgrade is relayed; any other (`h2c` above all) is dropped with the
         // other hop-by-hop headers and the request goes on as a plain one.
         let websocket = forward::websocket_upgrade(&parts);
+        let websocket_key = websocket.as_ref().and_then(|_| {
+            let mut keys = parts.headers.get_all(SEC_WEBSOCKET_KEY).iter();
+            match (keys.next(), keys.next()) {
+                (Some(key), None) => Some(key.clone()),
+                _ => None,
+            }
+        });
         let client_upgrade = websocket.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
         let connection_guard = parts.extensions.remove::<forward::ConnectionGuard>();
         forward::scrub_request(&mut parts.headers);
@@ -196,6 +203,7 @@ impl Gateway {
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(UPGRADE, protocol.clone());
         }
+        let host = host.map(|h| h.value);
         forward::set_forwarding(&mut parts.headers, &client, host.as_ref());
         let upstream = &route.upstream;
         let upstream_host = match (&host, route.preserve_host) {
@@ -250,12 +258,22 @@ impl Gateway {
             GatewayError::UpstreamUnavailable
         })?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let (Some(client_side), Some(protocol)) = (client_upgrade, websocket) else {
+            let (Some(client_side), Some(protocol), Some(key)) = (client_upgrade, websocket, websocket_key)
+            else {
                 // An upstream switching protocols that nobody asked for cannot be relayed.
                 return Err(GatewayError::UpstreamUnavailable);
             };
+            // Only an upstream that proves it speaks WebSocket gets a tunnel.
+            let accept = forward::websocket_accept(&key);
+            let mut accepts = response.headers().get_all(SEC_WEBSOCKET_ACCEPT).iter();
+            if !matches!((accepts.next(), accepts.next()), (Some(got), None) if got.as_bytes() == accept.as_bytes())
+            {
+                tracing::debug!(route = %route.label, "upstream answered 101 without the right Sec-WebSocket-Accept");
+                return Err(GatewayError::UpstreamUnavailable);
+            }
             let upstream_side = hyper::upgrade::on(&mut response);
-            tokio::spawn(forward::relay_upgraded(client_side, upstream_side, connection_guard));
+            let idle = snapshot.server.idle_timeout;
+            tokio::spawn(forward::relay_upgraded(client_side, upstream_side, idle, connection_guard));
             let (mut parts, body) = response.into_parts();
             forward::remove_hop_by_hop(&mut parts.headers);
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -343,17 +361,21 @@ fn check_transfer_encoding(parts: &Parts) -> Result<(), GatewayError> {
 }
 
 /// The host the client asked for: the target's authority when it has one (absolute-form,
-/// HTTP/2), which RFC 9112 §3.2.2 says takes precedence over `Host`; else the one `Host`.
-fn request_host(parts: &Parts) -> Result<Option<HeaderValue>, GatewayError> {
-    if let Some(authority) = parts.uri.authority() {
-        return HeaderValue::from_str(authority.as_str())
-            .map(Some)
-            .map_err(|_| GatewayError::BadRequest("the request target has an invalid authority"));
-    }
+/// HTTP/2), which RFC 9112 §3.2.2 says takes precedence over `Host`; else the one `Host`. Each
+/// must be in the one `host[:port]` form every parser agrees on; the `Host` that is then
+/// ignored too, so that no value any reader could split two ways gets through.
+fn request_host(parts: &Parts) -> Result<Option<RequestHost>, GatewayError> {
     let mut hosts = parts.headers.get_all(HOST).iter();
-    match (hosts.next(), hosts.next()) {
-        (host, None) => Ok(host.cloned()),
-        _ => Err(GatewayError::BadRequest("the request has more than one Host header")),
+    let header = match (hosts.next(), hosts.next()) {
+        (None, _) => None,
+        (Some(one), None) => Some(host::parse(one.as_bytes()).map_err(|e| GatewayError::BadRequest(e.0))?),
+        (Some(_), Some(_)) => return Err(GatewayError::BadRequest("the request has more than one Host header")),
+    };
+    match parts.uri.authority() {
+        Some(authority) => {
+            host::parse(authority.as_str().as_bytes()).map(Some).map_err(|e| GatewayError::BadRequest(e.0))
+        }
+        None => Ok(header),
     }
 }
 

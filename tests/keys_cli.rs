@@ -1050,8 +1050,8 @@ async fn ambiguous_or_unknown_selectors_change_nothing_and_tails_select() {
 
     // Several keys with one tail are ambiguous as well.
     let ws = Workspace::offline();
-    let a = ws.import("first-legacy-key-SAME42", &["--name", "a"]).await;
-    let b = ws.import("second-legacy-key-SAME42", &["--name", "b"]).await;
+    let a = ws.import("first-legacy-api-key-SAME42", &["--name", "a"]).await;
+    let b = ws.import("second-legacy-api-key-SAME42", &["--name", "b"]).await;
     let before = ws.keys_bytes().expect("key file");
     let ran = ws.run(&["keys", "revoke", "SAME42"]).await;
     ran.assert_failed();
@@ -1067,21 +1067,21 @@ async fn ambiguous_or_unknown_selectors_change_nothing_and_tails_select() {
 async fn list_and_list_json_show_active_expired_and_revoked() {
     let ws = Workspace::offline();
     let started = OffsetDateTime::now_utc();
-    let active = ws.import("legacy-active-0001", &["--name", "live", "--scope", "read"]).await;
+    let active = ws.import("legacy-api-key-active-0001", &["--name", "live", "--scope", "read"]).await;
     let future = ws
         .import(
-            "legacy-future-0002",
+            "legacy-api-key-future-0002",
             &["--name", "later", "--scope", "read", "--expires", "2999-06-30T12:00:00+02:00"],
         )
         .await;
     let expired = ws
         .import(
-            "legacy-expired-0003",
+            "legacy-api-key-expired-0003",
             &["--name", "old", "--scope", "a", "--scope", "b", "--expires", "2020-01-01T00:00:00Z"],
         )
         .await;
-    let revoked = ws.import("legacy-revoked-0004", &["--name", "gone", "--scope", "*"]).await;
-    let both = ws.import("legacy-both-0005", &["--name", "both", "--expires", "2020-01-01T00:00:00Z"]).await;
+    let revoked = ws.import("legacy-api-key-revoked-0004", &["--name", "gone", "--scope", "*"]).await;
+    let both = ws.import("legacy-api-key-both-0005", &["--name", "both", "--expires", "2020-01-01T00:00:00Z"]).await;
     ws.keys_ok(&["revoke", &revoked]).await;
     ws.keys_ok(&["revoke", &both]).await;
 

@@ -76,6 +76,12 @@ pub fn run(config_path: &Path, command: KeysCommand) -> Outcome {
         KeysCommand::Import(args) => {
             let grant = grant(args, now)?;
             let key = read_stdin_key()?;
+            if key.chars().count() < keys::MIN_IMPORTED_KEY_LEN {
+                return Err(format!(
+                    "the key on stdin is shorter than {} characters: a key that short can be guessed; make a new one with `keygate keys create`",
+                    keys::MIN_IMPORTED_KEY_LEN
+                ));
+            }
             let hash = keys::hash_key(&key);
             let id = edit(config_path, |doc, _| {
                 if let Some(existing) = lifecycle::id_of_hash(doc, &hash) {
@@ -231,6 +237,7 @@ fn read_stdin_key() -> Result<String, String> {
     if key.is_empty() {
         return Err("no key on stdin".to_string());
     }
+
     Ok(key.to_string())
 }
 

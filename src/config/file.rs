@@ -38,6 +38,7 @@ pub struct ServerFile {
 pub struct AdminFile {
     pub listen: Spanned<String>,
     pub per_key_metrics: Option<bool>,
+    pub hosts: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

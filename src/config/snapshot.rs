@@ -41,6 +41,9 @@ pub struct ServerSettings {
 pub struct AdminSettings {
     pub listen: SocketAddr,
     pub per_key_metrics: bool,
+    /// Host names the admin listener answers besides IP literals and `localhost`: lower case,
+    /// no trailing dot.
+    pub hosts: Vec<String>,
 }
 
 /// Counts for `keygate check` and `/status`.

@@ -112,7 +112,7 @@ pub fn append(
     doc: &mut DocumentMut,
     id: &str,
     hash: &str,
-    tail: &str,
+    tail: Option<&str>,
     grant: &Grant,
     now: OffsetDateTime,
 ) -> Result<(), LifecycleError> {
@@ -120,7 +120,9 @@ pub fn append(
     table.insert("id", value(id));
     table.insert("name", value(grant.name.as_str()));
     table.insert("hash", value(hash));
-    table.insert("tail", value(tail));
+    if let Some(tail) = tail {
+        table.insert("tail", value(tail));
+    }
     let mut scopes = Array::new();
     for scope in &grant.scopes {
         scopes.push(scope.as_str());
@@ -274,7 +276,7 @@ mod tests {
         let mut doc: DocumentMut = "# my keys\n".parse().unwrap();
         for (id, name, tail) in names {
             let grant = Grant { name: name.to_string(), scopes: vec!["read".into()], ..Grant::default() };
-            append(&mut doc, id, "sha256:00", tail, &grant, NOW).unwrap();
+            append(&mut doc, id, "sha256:00", Some(tail), &grant, NOW).unwrap();
         }
         doc
     }
@@ -320,7 +322,7 @@ mod tests {
         let mut bare = doc_with(&[]);
         bare.set_trailing("");
         let grant = Grant { name: "x".into(), ..Grant::default() };
-        append(&mut bare, "c3", "sha256:00", "CCCCCC", &grant, NOW).unwrap();
+        append(&mut bare, "c3", "sha256:00", Some("CCCCCC"), &grant, NOW).unwrap();
         remove(&mut bare, 0).unwrap();
         assert!(bare.to_string().starts_with("# no keys"), "{bare}");
     }

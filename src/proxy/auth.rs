@@ -176,39 +176,71 @@ pub fn verify<'t>(
 /// Headers through which a client asks a framework to treat a request as another method.
 const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
 
+/// The query parameter through which Laravel, Symfony and Rails take a method override.
+const METHOD_PARAMETER: &str = "_method";
+
+/// Whether a header name is a method override, also in `_` spellings, which CGI-style back
+/// ends fold into the same variable.
+fn is_override_header(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    METHOD_OVERRIDES.iter().any(|o| {
+        o.len() == name.len() && o.bytes().zip(name.bytes()).all(|(a, b)| a == b || (a == b'-' && b == b'_'))
+    })
+}
+
+/// Every method the request asks an upstream framework to run instead of its own, read the way
+/// those frameworks read it: trimmed and upper-cased, so `delete` is judged as `DELETE`. From the
+/// override headers (each comma-separated part) and every `_method` query parameter. A value
+/// that is no method token is refused: which method a framework would make of it is a guess.
+pub fn method_overrides(headers: &HeaderMap, query: Option<&str>) -> Result<Vec<Method>, GatewayError> {
+    let mut methods = Vec::new();
+    let mut judge = |text: &str| -> Result<(), GatewayError> {
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let upper = part.to_ascii_uppercase();
+            let method = Method::from_bytes(upper.as_bytes())
+                .map_err(|_| GatewayError::BadRequest("a method override does not name a method"))?;
+            methods.push(method);
+        }
+        Ok(())
+    };
+    for (_, value) in headers.iter().filter(|(name, _)| is_override_header(name)) {
+        let text =
+            value.to_str().map_err(|_| GatewayError::BadRequest("a method-override header is not text"))?;
+        judge(text)?;
+    }
+    if let Some(query) = query {
+        for (name, value) in query_pairs(query) {
+            if percent_decode(name).eq_ignore_ascii_case(METHOD_PARAMETER) {
+                // Form encoding: `+` is a space here, which trimming then drops.
+                judge(&percent_decode(value).replace('+', " "))?;
+            }
+        }
+    }
+    Ok(methods)
+}
+
+/// Whether anything in the request could make an upstream run another method than its own.
+pub fn has_method_override(headers: &HeaderMap, query: Option<&str>) -> bool {
+    headers.keys().any(is_override_header) || method_overrides(headers, query).map_or(true, |m| !m.is_empty())
+}
+
 /// Checks that the key holds a scope the route requires for the method, and for every method
-/// an override header asks for, since the upstream may act on the override.
+/// an override asks for, since the upstream may act on the override.
 pub fn authorize(
     rule: Option<&ScopeRule>,
     key: &KeyEntry,
     method: &Method,
     headers: &HeaderMap,
+    query: Option<&str>,
 ) -> Result<(), GatewayError> {
+    // Read first, even without a scope rule: a malformed override is the client's error.
+    let overrides = method_overrides(headers, query)?;
     let Some(rule) = rule else { return Ok(()) };
     let allowed = |method: &Method| {
         rule.required(method).is_some_and(|scopes| scopes.iter().any(|s| key.scopes.holds(s)))
     };
-    if !allowed(method) {
+    if !allowed(method) || !overrides.iter().all(allowed) {
         return Err(GatewayError::InsufficientScope);
-    }
-    // Also in `_` spellings, which CGI-style back ends fold into the same variable.
-    let overrides = headers.iter().filter(|(name, _)| {
-        let name = name.as_str();
-        METHOD_OVERRIDES.iter().any(|o| {
-            o.len() == name.len()
-                && o.bytes().zip(name.bytes()).all(|(a, b)| a == b || (a == b'-' && b == b'_'))
-        })
-    });
-    for (_, value) in overrides {
-        let text =
-            value.to_str().map_err(|_| GatewayError::BadRequest("a method-override header is not text"))?;
-        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let overridden = Method::from_bytes(part.as_bytes())
-                .map_err(|_| GatewayError::BadRequest("a method-override header is not a method"))?;
-            if !allowed(&overridden) {
-                return Err(GatewayError::InsufficientScope);
-            }
-        }
     }
     Ok(())
 }
@@ -225,7 +257,7 @@ pub fn authenticate<'t>(
 ) -> Result<&'t KeyEntry, GatewayError> {
     let credential = extract(&settings.sources, headers, query)?.ok_or(GatewayError::MissingApiKey)?;
     let entry = verify(credential.key(), settings, table, now)?;
-    authorize(rule, entry, method, headers)?;
+    authorize(rule, entry, method, headers, query)?;
     Ok(entry)
 }
 

@@ -369,7 +369,9 @@ fn request_host(parts: &Parts) -> Result<Option<RequestHost>, GatewayError> {
     let header = match (hosts.next(), hosts.next()) {
         (None, _) => None,
         (Some(one), None) => Some(host::parse(one.as_bytes()).map_err(|e| GatewayError::BadRequest(e.0))?),
-        (Some(_), Some(_)) => return Err(GatewayError::BadRequest("the request has more than one Host header")),
+        (Some(_), Some(_)) => {
+            return Err(GatewayError::BadRequest("the request has more than one Host header"));
+        }
     };
     match parts.uri.authority() {
         Some(authority) => {

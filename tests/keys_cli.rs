@@ -1081,7 +1081,8 @@ async fn list_and_list_json_show_active_expired_and_revoked() {
         )
         .await;
     let revoked = ws.import("legacy-api-key-revoked-0004", &["--name", "gone", "--scope", "*"]).await;
-    let both = ws.import("legacy-api-key-both-0005", &["--name", "both", "--expires", "2020-01-01T00:00:00Z"]).await;
+    let both =
+        ws.import("legacy-api-key-both-0005", &["--name", "both", "--expires", "2020-01-01T00:00:00Z"]).await;
     ws.keys_ok(&["revoke", &revoked]).await;
     ws.keys_ok(&["revoke", &both]).await;
 

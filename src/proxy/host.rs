@@ -47,8 +47,13 @@ pub fn parse(raw: &[u8]) -> Result<RequestHost, HostError> {
     let (name, port) = if let Some(rest) = text.strip_prefix('[') {
         let close = rest.find(']').ok_or(HostError("the Host has an unclosed IPv6 literal"))?;
         let literal = &rest[..close];
-        if literal.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(HostError("the Host has an invalid IPv6 literal"));
+        // Only the canonical spelling (RFC 5952, as WHATWG serialises it): `[0::1]` and `[::1]`
+        // are one address that a route table would see as two names.
+        match literal.parse::<std::net::Ipv6Addr>() {
+            // Dotted forms (`::ffff:1.2.3.4`) WHATWG prints in hex: refused as well.
+            Ok(address) if address.to_string() == literal.to_ascii_lowercase() && !literal.contains('.') => {}
+            Ok(_) => return Err(HostError("the Host's IPv6 literal is not in its canonical form")),
+            Err(_) => return Err(HostError("the Host has an invalid IPv6 literal")),
         }
         let after = &rest[close + 1..];
         let port = match after.strip_prefix(':') {
@@ -81,8 +86,40 @@ pub fn parse(raw: &[u8]) -> Result<RequestHost, HostError> {
     if name_end == 0 {
         return Err(HostError("the Host has an empty name"));
     }
+    if !name.starts_with('[') && name[..name_end].split('.').any(str::is_empty) {
+        return Err(HostError("the Host has an empty label"));
+    }
+    if !name.starts_with('[') && !plain_or_dotted_quad(&name[..name_end]) {
+        return Err(HostError("the Host is a number that parsers read as different addresses"));
+    }
     let value = HeaderValue::from_str(text).map_err(|_| HostError("the Host is not a valid header value"))?;
     Ok(RequestHost { value, name_end })
+}
+
+/// WHATWG URL parsers read a name whose last label is a number (`127.1`, `0x7f.1`, `2130706433`,
+/// `010.0.0.1`) as an IPv4 address, each in its own way; other parsers keep it as a name. Only
+/// the one unambiguous spelling of an address passes: four decimal parts 0–255 without leading
+/// zeros.
+fn plain_or_dotted_quad(name: &str) -> bool {
+    let last = name.rsplit('.').next().unwrap_or(name);
+    let numeric = !last.is_empty()
+        && (last.bytes().all(|b| b.is_ascii_digit())
+            || last
+                .strip_prefix("0x")
+                .or_else(|| last.strip_prefix("0X"))
+                .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit())));
+    if !numeric {
+        return true;
+    }
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.len() == 4
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.len() <= 3
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (p.len() == 1 || !p.starts_with('0'))
+                && p.parse::<u16>().is_ok_and(|n| n <= 255)
+        })
 }
 
 #[cfg(test)]
@@ -102,6 +139,8 @@ mod tests {
         assert_eq!(name("[::1]").unwrap(), "[::1]");
         assert_eq!(name("[::1]:443").unwrap(), "[::1]");
         assert_eq!(name("127.0.0.1:1").unwrap(), "127.0.0.1");
+        assert_eq!(name("0.0.0.0").unwrap(), "0.0.0.0");
+        assert_eq!(name("a1.example.123abc").unwrap(), "a1.example.123abc");
         assert_eq!(parse(b"a.example:65535").unwrap().value, "a.example:65535");
     }
 
@@ -131,6 +170,20 @@ mod tests {
             "[not-v6]",
             "::1",
             "a,b",
+            "127.1",
+            "0x7f.0.0.1",
+            "2130706433",
+            "010.0.0.1",
+            "1.2.3.256",
+            "a.0x10",
+            "a.123",
+            "..",
+            ".a",
+            "a..b",
+            "a.example..",
+            "[0::1]",
+            "[::0001]",
+            "[::ffff:1.2.3.4]",
         ] {
             assert!(parse(raw.as_bytes()).is_err(), "{raw:?} must be refused");
         }

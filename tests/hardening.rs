@@ -242,6 +242,106 @@ async fn host_values_that_parse_two_ways_are_refused_and_the_parsed_one_travels(
     assert_eq!(gateway.raw(&request).await.status(), Some(401));
 }
 
+/// Sends one HTTP/2 request (literal header fields, no Huffman) and returns how the stream
+/// ended: `Ok(first byte of the response header block)` or `Err(what happened instead)`.
+async fn h2_request(addr: std::net::SocketAddr, fields: &[(&str, &str)]) -> Result<u8, String> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        block.push(0x10);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    out.extend(h2_frame(0x1, 0x4 | 0x1, 1, &block));
+    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + support::IO_TIMEOUT;
+    loop {
+        let mut head = [0u8; 9];
+        match tokio::time::timeout_at(deadline, stream.read_exact(&mut head)).await {
+            Err(_) => return Err("timed out".into()),
+            Ok(Err(e)) => return Err(format!("closed: {e}")),
+            Ok(Ok(_)) => {}
+        }
+        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        tokio::time::timeout_at(deadline, stream.read_exact(&mut payload))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let stream_id = u32::from_be_bytes([head[5] & 0x7f, head[6], head[7], head[8]]);
+        match (head[3], stream_id) {
+            (0x1, 1) => return payload.first().copied().ok_or_else(|| "empty header block".to_string()),
+            (0x3, 1) => return Err("reset".into()),
+            (0x7, _) => return Err("goaway".into()),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn host_values_that_parse_two_ways_are_refused_over_http2_too() {
+    let upstream = RecordingUpstream::start().await;
+    let gateway = GatewayConfig::new()
+        .route(
+            Route::new("/", &format!("{}/adm", upstream.url()))
+                .host("admin.example.com")
+                .scope("*", &["admin"]),
+        )
+        .route(Route::new("/", &format!("{}/pub", upstream.url())).public())
+        .start()
+        .await;
+    // HPACK static table: index 8 is `:status 200`, index 12 `:status 400` (RFC 7541 App. A);
+    // hyper's encoder uses them.
+    const STATUS_200: u8 = 0x88;
+    const STATUS_400: u8 = 0x8c;
+    let cases = [
+        "admin.example.com:1:2",
+        "a.example:@admin.example.com",
+        "admin.example.com:",
+        "admin.example.com:99999",
+        "127.1",
+        "[0::1]",
+        "other.example",
+        "other.example:8080",
+    ];
+    let mut failures = Vec::new();
+    for authority in cases {
+        let probe = format!("h2-host-{}", NEXT_PROBE.fetch_add(1, Ordering::Relaxed));
+        for host_header in [None, Some(authority)] {
+            let mut fields = vec![
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/x"),
+                (":authority", authority),
+                ("x-test-probe", probe.as_str()),
+            ];
+            if let Some(host) = host_header {
+                fields.push(("host", host));
+            }
+            let got = h2_request(gateway.addr, &fields).await;
+            let upstream_saw = seen(&upstream, &probe);
+            let valid = authority.starts_with("other.example");
+            let ok = if valid {
+                got == Ok(STATUS_200) && upstream_saw.as_ref().is_some_and(|r| r.uri.starts_with("/pub/"))
+            } else {
+                matches!(got, Ok(STATUS_400) | Err(_))
+                    && got != Err("timed out".into())
+                    && upstream_saw.is_none()
+            };
+            if !ok {
+                failures.push(format!(
+                    "{authority:?} (host header {host_header:?}): got {got:?}, upstream saw {upstream_saw:?}"
+                ));
+            }
+        }
+    }
+    assert_all("HTTP/2 authorities", cases.len() * 2, &failures);
+}
+
 // =============================================================================================
 // 3. Connection slots held by chatter
 // =============================================================================================

@@ -4,6 +4,8 @@
 //! (a listener handed to `serve` is already bound, so the gateway accepts as soon as it exists).
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod browser;
+
 use std::error::Error as StdError;
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;

@@ -29,6 +29,8 @@ fn table(n: usize) -> (KeyTable, Vec<String>) {
             expires_at,
             revoked_at: None,
             rate_limit: None,
+            meta: Box::default(),
+            allowed_ips: None,
         };
         entries.push(entry);
         if i % (n / 10).max(1) == 0 {

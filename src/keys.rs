@@ -237,6 +237,10 @@ pub struct KeyEntry {
     pub expires_at: Option<SystemTime>,
     pub revoked_at: Option<SystemTime>,
     pub rate_limit: Option<RateLimit>,
+    /// `x-keygate-meta-<name>` headers, names and values ready to send.
+    pub meta: Box<[(http::HeaderName, HeaderValue)]>,
+    /// `None`: any client address; else only addresses inside one of these networks.
+    pub allowed_ips: Option<Arc<[ipnet::IpNet]>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,6 +260,12 @@ impl KeyEntry {
         } else {
             KeyState::Active
         }
+    }
+
+    /// Whether the key may be used by a client at `ip` (already unmapped from `::ffff:a.b.c.d`,
+    /// see `proxy::client`).
+    pub fn admits(&self, ip: std::net::IpAddr) -> bool {
+        self.allowed_ips.as_ref().is_none_or(|nets| nets.iter().any(|net| net.contains(&ip)))
     }
 }
 

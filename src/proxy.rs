@@ -2,6 +2,8 @@
 //! [`Gateway::handle`] is the only place a [`GatewayError`] becomes a response.
 
 pub mod auth;
+pub mod client;
+pub mod cors;
 pub mod forward;
 pub mod host;
 pub mod path;
@@ -109,14 +111,23 @@ impl Gateway {
         let request_id = self.request_id(request.headers());
         let mut log = AccessLog::new(request.method(), &request_id);
         let mut matched = None;
+        let origin = request.headers().get(http::header::ORIGIN).cloned();
         let forwarded = self.forward(&snapshot, client, request, &request_id, &mut log, &mut matched).await;
         let mut response = match forwarded {
-            Ok(response) => response.map(Either::Left),
+            Ok(response) => response,
             Err(error) => {
                 log.reason = Some(error.code());
                 error.to_response().map(Either::Right)
             }
         };
+        // On a route with `[routes.cors]`, every answer to an allowed origin says so, keygate's
+        // own 401/403/429 included: otherwise a browser app could not read why it was refused.
+        if let (Some(route), Some(origin)) = (matched, &origin)
+            && let Some(cors) = &route.cors
+            && let Some(allow_origin) = cors.allow_origin(origin)
+        {
+            cors.decorate(response.headers_mut(), allow_origin);
+        }
         response.headers_mut().insert(X_REQUEST_ID, request_id);
         if let Some(quota) = &log.quota {
             crate::error::set_quota_headers(response.headers_mut(), quota);
@@ -145,7 +156,7 @@ impl Gateway {
         request_id: &HeaderValue,
         log: &mut AccessLog,
         matched: &mut Option<&'s Route>,
-    ) -> Result<Response<UpstreamBody>, GatewayError> {
+    ) -> Result<Response<ProxyBody>, GatewayError> {
         let (mut parts, body) = request.into_parts();
         // Framing first: a request whose size or body boundaries are in doubt is refused before
         // anything else looks at it.
@@ -161,8 +172,19 @@ impl Gateway {
             snapshot.routes.find(host.as_ref().map(RequestHost::name), path).ok_or(GatewayError::NoRoute)?;
         log.route = Some(route.label.clone());
         *matched = Some(route);
+        let address = client::resolve(&client, &parts.headers, &snapshot.server.trusted_proxies);
+        log.client = Some(address.ip);
 
-        let key = if route.public {
+        // A preflight carries no key (browsers send none): keygate answers it for a route with
+        // a CORS policy, else the upstream does, as it did before keygate, without identity.
+        let preflight = cors::is_preflight(&parts);
+        if preflight && let Some(policy) = &route.cors {
+            let origin = parts.headers.get(http::header::ORIGIN);
+            origin.and_then(|o| policy.allow_origin(o)).ok_or(GatewayError::OriginNotAllowed)?;
+            return Ok(policy.preflight().map(Either::Right));
+        }
+
+        let key = if route.public || preflight {
             None
         } else {
             let credential = auth::extract(&snapshot.auth.sources, &parts.headers, parts.uri.query())?
@@ -170,6 +192,11 @@ impl Gateway {
             let key = auth::verify(credential.key(), &snapshot.auth, &snapshot.keys, SystemTime::now())?;
             // From here on the key is known, so a 403 is logged against it.
             log.key_id = Some(key.id.clone());
+            // After revocation and expiry (a dead key says so wherever it is used from), before
+            // scope: the address decides whether this caller may use the key at all.
+            if !key.admits(address.ip) {
+                return Err(GatewayError::IpNotAllowed);
+            }
             auth::authorize(route.scopes.as_ref(), key, &parts.method, &parts.headers, parts.uri.query())?;
             // Last: a refused request must not spend a token.
             if let Some(rate) = key.rate_limit {
@@ -204,7 +231,7 @@ impl Gateway {
             parts.headers.insert(UPGRADE, protocol.clone());
         }
         let host = host.map(|h| h.value);
-        forward::set_forwarding(&mut parts.headers, &client, host.as_ref());
+        forward::set_forwarding(&mut parts.headers, &client, &address, host.as_ref());
         let upstream = &route.upstream;
         let upstream_host = match (&host, route.preserve_host) {
             (Some(host), true) => host.clone(),
@@ -278,11 +305,11 @@ impl Gateway {
             forward::remove_hop_by_hop(&mut parts.headers);
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(UPGRADE, protocol);
-            return Ok(Response::from_parts(parts, body));
+            return Ok(Response::from_parts(parts, Either::Left(body)));
         }
         let (mut parts, body) = response.into_parts();
         forward::remove_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body))
+        Ok(Response::from_parts(parts, Either::Left(body)))
     }
 
     /// The client's `x-request-id` if it sent one sane value, else a fresh one.
@@ -330,11 +357,12 @@ fn default_trust() -> Arc<rustls::ClientConfig> {
 }
 
 /// The error codes that count as `keygate_auth_rejections_total{reason}`.
-const AUTH_REJECTIONS: [&str; 6] = [
+const AUTH_REJECTIONS: [&str; 7] = [
     "missing_api_key",
     "invalid_api_key",
     "revoked_api_key",
     "expired_api_key",
+    "ip_not_allowed",
     "insufficient_scope",
     "rate_limited",
 ];

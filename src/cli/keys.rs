@@ -209,7 +209,7 @@ fn grant(args: GrantArgs, now: OffsetDateTime) -> Result<Grant, String> {
         return Err(format!("--rate-limit {rate:?} must be N/s, N/m or N/h with N > 0"));
     }
     let expires_at = expires.map(|e| parse_expiry(&e, now)).transpose()?.flatten();
-    Ok(Grant { name, scopes, expires_at, rate_limit })
+    Ok(Grant { name, scopes, expires_at, rate_limit, ..Grant::default() })
 }
 
 /// `never`, a duration from now, or an RFC 3339 instant.

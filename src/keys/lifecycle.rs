@@ -38,6 +38,10 @@ pub struct Grant {
     pub scopes: Vec<String>,
     pub expires_at: Option<OffsetDateTime>,
     pub rate_limit: Option<String>,
+    /// `meta` entries, written as an inline table when there are any.
+    pub meta: Vec<(String, String)>,
+    /// `allowed_ips` networks; empty means the field is left out (any address).
+    pub allowed_ips: Vec<String>,
 }
 
 /// A time as the key file writes it: RFC 3339, whole seconds, UTC.
@@ -135,6 +139,16 @@ pub fn append(
     if let Some(rate) = &grant.rate_limit {
         table.insert("rate_limit", value(rate.as_str()));
     }
+    if !grant.meta.is_empty() {
+        let mut meta = toml_edit::InlineTable::new();
+        for (name, text) in &grant.meta {
+            meta.insert(name, text.as_str().into());
+        }
+        table.insert("meta", value(meta));
+    }
+    if !grant.allowed_ips.is_empty() {
+        table.insert("allowed_ips", value(grant.allowed_ips.iter().map(String::as_str).collect::<Array>()));
+    }
     // Comments in a file with no entries yet are the document's trailing text; they belong
     // above the first entry, not below it.
     let leading = doc.trailing().as_str().unwrap_or("").to_string();
@@ -209,7 +223,7 @@ pub fn remove(doc: &mut DocumentMut, index: usize) -> Result<(String, String), L
     Ok((text(&table, "id").to_string(), text(&table, "name").to_string()))
 }
 
-/// What a rotation carries over: name, scopes, rate limit, and the old key's lifetime
+/// What a rotation carries over: name, scopes, rate limit, meta, allowed_ips, and the old key's lifetime
 /// (created → expires) applied from now, when it had one.
 pub fn successor_grant(
     doc: &DocumentMut,
@@ -231,6 +245,16 @@ pub fn successor_grant(
         scopes,
         expires_at: lifetime.map(|l| now + l),
         rate_limit: table.get("rate_limit").and_then(Item::as_str).map(str::to_string),
+        meta: table
+            .get("meta")
+            .and_then(Item::as_table_like)
+            .map(|m| m.iter().filter_map(|(k, v)| Some((k.to_string(), v.as_str()?.to_string()))).collect())
+            .unwrap_or_default(),
+        allowed_ips: table
+            .get("allowed_ips")
+            .and_then(Item::as_array)
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default(),
     })
 }
 
@@ -343,5 +367,30 @@ mod tests {
         assert_eq!(grant.expires_at, Some(later + time::Duration::days(1)), "same lifetime from now");
         assert_eq!(remove(&mut doc, 0).unwrap(), ("a1".to_string(), "sync".to_string()));
         assert!(views(&doc, NOW).is_empty());
+    }
+
+    #[test]
+    fn rotation_keeps_meta_and_allowed_ips() {
+        let mut doc = doc_with(&[]);
+        let grant = Grant {
+            name: "edge".into(),
+            meta: vec![("tenant".into(), "acme".into()), ("plan".into(), "pro".into())],
+            allowed_ips: vec!["203.0.113.0/24".into(), "2001:db8::/32".into()],
+            ..Grant::default()
+        };
+        append(&mut doc, "a1", "sha256:00", Some("AAAAAA"), &grant, NOW).unwrap();
+        let text = doc.to_string();
+        assert!(text.contains("meta = { tenant = \"acme\", plan = \"pro\" }"), "{text}");
+        assert!(text.contains("allowed_ips = [\"203.0.113.0/24\", \"2001:db8::/32\"]"), "{text}");
+        let successor = successor_grant(&doc, 0, NOW).unwrap();
+        assert_eq!(successor.meta, grant.meta);
+        assert_eq!(successor.allowed_ips, grant.allowed_ips);
+        // Written by hand as a sub-table, meta is carried over just the same.
+        let by_hand: DocumentMut =
+            "[[keys]]\nid = \"b\"\nname = \"n\"\n[keys.meta]\ntenant = \"x\"\n".parse().unwrap();
+        assert_eq!(
+            successor_grant(&by_hand, 0, NOW).unwrap().meta,
+            [("tenant".to_string(), "x".to_string())]
+        );
     }
 }

@@ -294,30 +294,44 @@ pub struct ClientInfo {
 
 impl ClientInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> Self {
-        // An IP address printed is always a valid header value.
-        let ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        let ip = crate::proxy::client::address_header(crate::proxy::client::canonical(peer.ip()));
         Self { peer, tls, ip }
+    }
+
+    /// The peer's address as a header value.
+    pub fn ip_header(&self) -> &HeaderValue {
+        &self.ip
     }
 }
 
-/// Sets `x-forwarded-*` and `x-real-ip` from the connection, replacing what the client sent,
-/// except that `x-forwarded-for` keeps the client's chain and appends the peer to it.
-pub fn set_forwarding(headers: &mut HeaderMap, client: &ClientInfo, host: Option<&HeaderValue>) {
-    let ip = &client.ip;
-    match headers.entry(X_FORWARDED_FOR) {
-        Entry::Vacant(entry) => {
-            entry.insert(ip.clone());
-        }
-        Entry::Occupied(mut entry) => {
-            let chain: Vec<&str> = entry.iter().filter_map(|v| v.to_str().ok()).collect();
-            let forwarded_for = if chain.is_empty() {
-                ip.clone()
-            } else {
-                // A client chain of visible ASCII plus an address is always a valid value.
-                let joined = format!("{}, {}", chain.join(", "), ip.to_str().unwrap_or("unknown"));
-                HeaderValue::from_str(&joined).unwrap_or_else(|_| ip.clone())
-            };
-            entry.insert(forwarded_for);
+/// Sets `x-forwarded-*` and `x-real-ip` from the connection and the client address, replacing
+/// what the client sent, except that `x-forwarded-for` keeps the client's chain and appends the
+/// client address to it (behind a trusted proxy: the chain up to the client's entry).
+pub fn set_forwarding(
+    headers: &mut HeaderMap,
+    client: &ClientInfo,
+    address: &crate::proxy::client::ClientAddress,
+    host: Option<&HeaderValue>,
+) {
+    let ip = &address.header;
+    if let Some(chain) = &address.chain {
+        headers.insert(X_FORWARDED_FOR, chain.clone());
+    } else {
+        match headers.entry(X_FORWARDED_FOR) {
+            Entry::Vacant(entry) => {
+                entry.insert(ip.clone());
+            }
+            Entry::Occupied(mut entry) => {
+                let chain: Vec<&str> = entry.iter().filter_map(|v| v.to_str().ok()).collect();
+                let forwarded_for = if chain.is_empty() {
+                    ip.clone()
+                } else {
+                    // A client chain of visible ASCII plus an address is always a valid value.
+                    let joined = format!("{}, {}", chain.join(", "), ip.to_str().unwrap_or("unknown"));
+                    HeaderValue::from_str(&joined).unwrap_or_else(|_| ip.clone())
+                };
+                entry.insert(forwarded_for);
+            }
         }
     }
     headers.insert(X_REAL_IP, ip.clone());
@@ -333,6 +347,9 @@ pub fn set_identity(headers: &mut HeaderMap, key: &KeyEntry) {
     headers.insert(X_KEYGATE_KEY_ID, key.id.clone());
     headers.insert(X_KEYGATE_KEY_NAME, key.name.clone());
     headers.insert(X_KEYGATE_SCOPES, key.scopes.header().clone());
+    for (name, value) in &key.meta {
+        headers.insert(name.clone(), value.clone());
+    }
 }
 
 #[cfg(test)]
@@ -376,8 +393,9 @@ mod tests {
         headers.insert(FORWARDED, HeaderValue::from_static("for=evil"));
         headers.insert(X_REAL_IP, HeaderValue::from_static("6.6.6.6"));
         let client = ClientInfo::new("127.0.0.1:5000".parse().unwrap(), false);
+        let address = crate::proxy::client::resolve(&client, &headers, &[]);
         scrub_request(&mut headers);
-        set_forwarding(&mut headers, &client, Some(&HeaderValue::from_static("api.test")));
+        set_forwarding(&mut headers, &client, &address, Some(&HeaderValue::from_static("api.test")));
         assert_eq!(headers.get_all(X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(headers[X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 127.0.0.1");
         assert_eq!(headers[X_REAL_IP], "127.0.0.1");

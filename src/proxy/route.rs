@@ -50,6 +50,8 @@ pub struct Route {
     pub preserve_host: bool,
     /// `None`: any valid key is admitted.
     pub scopes: Option<ScopeRule>,
+    /// `[routes.cors]`: keygate answers this route's preflights itself.
+    pub cors: Option<crate::proxy::cors::Cors>,
     /// The route's metric handles; the gateway fills this in when it takes a snapshot.
     pub metrics: Option<std::sync::Arc<crate::metrics::RouteMetrics>>,
 }
@@ -74,6 +76,7 @@ impl Route {
             public,
             preserve_host: false,
             scopes: None,
+            cors: None,
             metrics: None,
         }
     }

@@ -4,6 +4,8 @@
 //! (a listener handed to `serve` is already bound, so the gateway accepts as soon as it exists).
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod browser;
+
 use std::error::Error as StdError;
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
@@ -242,6 +244,7 @@ pub struct Route {
     host: Option<String>,
     preserve_host: bool,
     scopes: Vec<(String, Vec<String>)>,
+    cors: Option<String>,
 }
 
 impl Route {
@@ -253,7 +256,14 @@ impl Route {
             host: None,
             preserve_host: false,
             scopes: Vec::new(),
+            cors: None,
         }
+    }
+
+    /// A `[routes.cors]` table; `body` is its raw TOML lines (`allow_origins = ["*"]`).
+    pub fn cors(mut self, body: &str) -> Self {
+        self.cors = Some(body.to_owned());
+        self
     }
 
     pub fn public(mut self) -> Self {
@@ -300,6 +310,11 @@ impl Route {
                 let _ = writeln!(out, "{} = {value}", toml_str(method));
             }
         }
+        if let Some(cors) = &self.cors {
+            out.push_str("[routes.cors]\n");
+            out.push_str(cors);
+            out.push('\n');
+        }
         out
     }
 }
@@ -313,6 +328,8 @@ pub struct Key {
     pub scopes: Vec<String>,
     expires_at: Option<String>,
     revoked_at: Option<String>,
+    /// Further raw TOML lines of the entry (`meta = {…}`, `allowed_ips = […]`, `rate_limit`).
+    extra: Vec<String>,
 }
 
 impl Key {
@@ -324,7 +341,28 @@ impl Key {
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
             expires_at: None,
             revoked_at: None,
+            extra: Vec::new(),
         }
+    }
+
+    /// `meta = { name = "value", … }`.
+    pub fn meta(mut self, entries: &[(&str, &str)]) -> Self {
+        let pairs: Vec<String> = entries.iter().map(|(n, v)| format!("{n} = {}", toml_str(v))).collect();
+        self.extra.push(format!("meta = {{ {} }}", pairs.join(", ")));
+        self
+    }
+
+    /// `allowed_ips = [networks…]`.
+    pub fn allowed_ips(mut self, networks: &[&str]) -> Self {
+        let networks: Vec<String> = networks.iter().map(|n| (*n).to_owned()).collect();
+        self.extra.push(format!("allowed_ips = {}", toml_list(&networks)));
+        self
+    }
+
+    /// `rate_limit = "N/s"` and the like.
+    pub fn rate_limit(mut self, rate: &str) -> Self {
+        self.extra.push(format!("rate_limit = {}", toml_str(rate)));
+        self
     }
 
     /// A key in keygate's own format (`kg_<id>_<secret><checksum>`), made by the library.
@@ -357,6 +395,9 @@ impl Key {
         }
         if let Some(at) = &self.revoked_at {
             let _ = writeln!(out, "revoked_at = {at}");
+        }
+        for line in &self.extra {
+            let _ = writeln!(out, "{line}");
         }
         out
     }
@@ -475,6 +516,7 @@ impl GatewayConfig {
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    pub gateway: Arc<keygate::proxy::Gateway>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -498,10 +540,10 @@ impl TestGateway {
         let addr = listener.local_addr().expect("gateway local addr");
         let gateway = Arc::new(keygate::proxy::Gateway::new(snapshot));
         let (shutdown, stop) = oneshot::channel::<()>();
-        let task = tokio::spawn(keygate::server::serve(listener, gateway, async move {
+        let task = tokio::spawn(keygate::server::serve(listener, Arc::clone(&gateway), async move {
             let _ = stop.await;
         }));
-        Self { addr, dir, shutdown: Some(shutdown), task }
+        Self { addr, dir, gateway, shutdown: Some(shutdown), task }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -519,6 +561,30 @@ impl TestGateway {
     /// Sends raw bytes on a fresh connection and reads the answer; see [`raw_exchange`].
     pub async fn raw(&self, request: &[u8]) -> RawExchange {
         raw_exchange(self.addr, request).await
+    }
+}
+
+/// `keygate::admin::serve` on 127.0.0.1:0 for an in-process gateway, stopped when dropped.
+pub struct AdminListener {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl AdminListener {
+    pub async fn start(gateway: Arc<keygate::proxy::Gateway>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin listener");
+        let addr = listener.local_addr().expect("admin local addr");
+        Self { addr, task: tokio::spawn(keygate::admin::serve(listener, gateway)) }
+    }
+
+    pub fn get(&self, path: &str) -> Call {
+        Call::new(self.addr, Method::GET, path)
+    }
+}
+
+impl Drop for AdminListener {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -545,6 +611,8 @@ pub struct Call {
     headers: Vec<(String, String)>,
     body: Bytes,
     http2: bool,
+    /// The address the client socket is bound to (all of 127/8 is loopback on Linux).
+    from: Option<std::net::IpAddr>,
 }
 
 impl Call {
@@ -556,7 +624,15 @@ impl Call {
             headers: Vec::new(),
             body: Bytes::new(),
             http2: false,
+            from: None,
         }
+    }
+
+    /// Connects from `ip` (say `127.0.0.2`) instead of the system's choice, so the gateway
+    /// sees another client address.
+    pub fn local_ip(mut self, ip: &str) -> Self {
+        self.from = Some(ip.parse().expect("a client IP address"));
+        self
     }
 
     /// Appends a header line; calling twice with one name sends it twice.
@@ -601,7 +677,7 @@ impl Call {
         let request = builder
             .body(Full::new(self.body.clone()))
             .map_err(|e| format!("could not build the request: {e}\nsent:\n{sent}"))?;
-        match tokio::time::timeout(IO_TIMEOUT, roundtrip(self.addr, request, self.http2)).await {
+        match tokio::time::timeout(IO_TIMEOUT, roundtrip(self.addr, self.from, request, self.http2)).await {
             Err(_) => Err(format!("no complete response within {IO_TIMEOUT:?}\nsent:\n{sent}")),
             Ok(Err(e)) => Err(format!("transport error: {e:?}\nsent:\n{sent}")),
             Ok(Ok(response)) => {
@@ -620,7 +696,8 @@ impl Call {
 
     fn describe(&self, probe: &str, has_host: bool) -> String {
         let version = if self.http2 { "HTTP/2" } else { "HTTP/1.1" };
-        let mut out = format!("  {} {} {version} (to {})\n", self.method, self.target, self.addr);
+        let from = self.from.map(|ip| format!(" from {ip}")).unwrap_or_default();
+        let mut out = format!("  {} {} {version} (to {}{from})\n", self.method, self.target, self.addr);
         if !self.http2 && !has_host {
             let _ = writeln!(out, "    host: {}", self.addr);
         }
@@ -635,10 +712,23 @@ impl Call {
 
 async fn roundtrip(
     addr: SocketAddr,
+    from: Option<std::net::IpAddr>,
     request: Request<Full<Bytes>>,
     http2: bool,
 ) -> Result<(http::response::Parts, Bytes), Box<dyn StdError + Send + Sync>> {
-    let io = TokioIo::new(TcpStream::connect(addr).await?);
+    let stream = match from {
+        None => TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let socket = if ip.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+    };
+    let io = TokioIo::new(stream);
     let response = if http2 {
         let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
         tokio::spawn(conn);

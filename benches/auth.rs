@@ -31,6 +31,8 @@ fn table(n: usize) -> (KeyTable, Vec<String>) {
             rate_limit: None,
             meta: Box::default(),
             allowed_ips: None,
+            quota: None,
+            consumer: None,
         };
         entries.push(entry);
         if i % (n / 10).max(1) == 0 {

@@ -20,7 +20,10 @@ use toml::Spanned;
 pub use error::{ConfigError, ConfigErrors};
 pub use snapshot::{AdminSettings, ServerSettings, Snapshot, Summary};
 
-use crate::keys::{Duplicate, KeyEntry, KeyHash, KeyTable, RateLimit, ScopeSet};
+use crate::counters::{ClusterSettings, StoreSettings};
+use crate::quota::QuotaLimit;
+
+use crate::keys::{Consumer, Duplicate, KeyEntry, KeyHash, KeyTable, RateLimit, ScopeSet};
 use crate::proxy::auth::{AuthSettings, Source};
 use crate::proxy::forward::upstream_client;
 use crate::proxy::path::normalize;
@@ -61,6 +64,7 @@ pub fn load(config_path: &Path) -> Result<Snapshot, ConfigErrors> {
             admin: gateway.admin,
             auth: gateway.auth,
             routes: gateway.routes,
+            store: gateway.store,
             keys,
             loaded_at: SystemTime::now(),
         }),
@@ -92,6 +96,18 @@ pub fn key_file_of(config_path: &Path) -> Result<(PathBuf, String), ConfigErrors
     }
 }
 
+/// Where usage and quota counts are kept, from a valid `keygate.toml`; the key file is not read.
+pub fn store_of(config_path: &Path) -> Result<StoreSettings, ConfigErrors> {
+    let text = read(config_path)?;
+    let mut source = SourceFile::new(config_path, &text);
+    let file: GatewayFile = toml::from_str(&text).map_err(|e| source.toml_error(&e))?;
+    let base = config_path.parent().unwrap_or(Path::new(""));
+    match build_gateway(&mut source, file, base) {
+        Some(gateway) if source.errors.is_empty() => Ok(gateway.store),
+        _ => Err(ConfigErrors(source.errors)),
+    }
+}
+
 /// Parses a duration as the config files write them (`500ms`, `30s`, `90d`).
 pub fn parse_duration_text(text: &str) -> Result<Duration, String> {
     parse_duration(&text.to_string())
@@ -108,6 +124,7 @@ struct Gateway {
     admin: Option<AdminSettings>,
     auth: AuthSettings,
     routes: RouteTable,
+    store: StoreSettings,
 }
 
 /// Runs `parse` on a spanned value, recording a located error on failure.
@@ -206,6 +223,7 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
     };
     let trusted_proxies = networks(source, s.trusted_proxies.as_deref().unwrap_or_default());
     let auth = build_auth(source, &file);
+    let store = build_store(source, &file, base);
     let allow_encoded_slashes = s.allow_encoded_slashes.unwrap_or(false);
     let key_headers = auth.as_ref().map(AuthSettings::key_headers).unwrap_or_default();
     let routes = build_routes(source, file.routes, base, &key_headers);
@@ -227,7 +245,59 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
         admin: admin?,
         auth: auth?,
         routes: routes?,
+        store: store?,
     })
+}
+
+/// `[cluster]` wins over `[state]`: with both, counts live in Redis and the file is unused.
+fn build_store(source: &mut SourceFile, file: &GatewayFile, base: &Path) -> Option<StoreSettings> {
+    if let Some(cluster) = &file.cluster {
+        let client = check(source, &cluster.redis, |url| {
+            let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+            if !scheme_ok {
+                return Err(format!("redis {url:?} must be a redis:// or rediss:// URL"));
+            }
+            ::redis::Client::open(url.as_str()).map_err(|e| format!("redis URL is not valid: {e}"))
+        });
+        let namespace = match &cluster.namespace {
+            Some(n) => check(source, n, |n| {
+                if !n.is_empty()
+                    && n.len() <= 64
+                    && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+                {
+                    Ok(n.clone())
+                } else {
+                    Err("namespace must be 1 to 64 letters, digits, '.', '_', ':' or '-'".to_string())
+                }
+            }),
+            None => Some("keygate".to_string()),
+        };
+        let timeout = duration_or(source, &cluster.timeout, Duration::from_millis(50));
+        let display = redacted_url(cluster.redis.get_ref());
+        return Some(StoreSettings::Cluster(Box::new(ClusterSettings {
+            client: client?,
+            display,
+            namespace: namespace?,
+            timeout: timeout?,
+        })));
+    }
+    match &file.state {
+        Some(state) => Some(StoreSettings::Local { path: base.join(state.path.get_ref()) }),
+        None => Some(StoreSettings::Memory),
+    }
+}
+
+/// A Redis URL fit for a log line: any password replaced.
+fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
+        }
+        None => url.to_string(),
+    }
 }
 
 fn build_auth(source: &mut SourceFile, file: &GatewayFile) -> Option<AuthSettings> {
@@ -706,6 +776,7 @@ struct ParsedKey {
 struct KeyValidator {
     scope_sets: HashMap<Vec<String>, Arc<ScopeSet>>,
     networks: HashMap<Vec<ipnet::IpNet>, Arc<[ipnet::IpNet]>>,
+    consumers: HashMap<String, Arc<Consumer>>,
 }
 
 impl KeyValidator {
@@ -768,6 +839,26 @@ impl KeyValidator {
                 Some(Arc::clone(shared))
             }),
         };
+        let quota = match &key.quota {
+            Some(q) => check(source, q, |q| {
+                QuotaLimit::parse(q).ok_or_else(|| format!("quota {q:?} must be N/day or N/month with N > 0"))
+            })
+            .map(Some),
+            None => Some(None),
+        };
+        let consumer = match &key.consumer {
+            Some(c) => check(source, c, |c| {
+                if c.len() > 128 {
+                    return Err("consumer must be at most 128 bytes".to_string());
+                }
+                header_text("consumer")(c)
+            })
+            .map(|name| {
+                let text = key.consumer.as_ref().map(|c| c.get_ref().clone()).unwrap_or_default();
+                Some(Arc::clone(self.consumers.entry(text).or_insert_with(|| Arc::new(Consumer { name }))))
+            }),
+            None => Some(None),
+        };
         let scopes = match self.scope_sets.get(&scopes) {
             Some(set) => Some(Arc::clone(set)),
             None => ScopeSet::new(scopes.clone()).ok().map(|set| {
@@ -786,6 +877,8 @@ impl KeyValidator {
             rate_limit: rate_limit?,
             meta: meta?,
             allowed_ips: allowed_ips?,
+            quota: quota?,
+            consumer: consumer?,
         };
         created?;
         Some(ParsedKey { entry, id_span: key.id.span(), hash_span: key.hash.span() })

@@ -12,6 +12,9 @@ use hashbrown::HashTable;
 use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
+use crate::counters::Subject;
+use crate::quota::{Period, QuotaLimit};
+
 /// A key as presented by a client. Its `Debug` and `Display` never show it, so it cannot reach
 /// a log line by accident.
 #[derive(Clone, Copy)]
@@ -241,6 +244,16 @@ pub struct KeyEntry {
     pub meta: Box<[(http::HeaderName, HeaderValue)]>,
     /// `None`: any client address; else only addresses inside one of these networks.
     pub allowed_ips: Option<Arc<[ipnet::IpNet]>>,
+    pub quota: Option<QuotaLimit>,
+    /// Shared by every key naming the same consumer: one bucket, one quota.
+    pub consumer: Option<Arc<Consumer>>,
+}
+
+/// A consumer: the account several keys (a rotated pair, say) belong to.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Consumer {
+    /// Ready for `x-keygate-consumer`.
+    pub name: HeaderValue,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +264,19 @@ pub enum KeyState {
 }
 
 impl KeyEntry {
+    /// Whose bucket and quota this key spends.
+    pub fn subject(&self) -> Subject<'_> {
+        match &self.consumer {
+            Some(consumer) => Subject::Consumer(consumer.name.as_bytes()),
+            None => Subject::Key(self.id.as_bytes()),
+        }
+    }
+
+    /// The period its usage is counted in: its quota's, else the calendar month.
+    pub fn usage_period(&self) -> Period {
+        self.quota.map_or(Period::Month, |q| q.period)
+    }
+
     /// Judged against `now` on every request, so a key expires on time without a reload.
     pub fn state_at(&self, now: SystemTime) -> KeyState {
         if self.revoked_at.is_some_and(|t| t <= now) {

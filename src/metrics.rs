@@ -151,6 +151,8 @@ pub struct Current {
     pub keys_active: u64,
     pub keys_expired: u64,
     pub keys_revoked: u64,
+    /// Failed or timed-out calls to the shared counters store (Redis).
+    pub cluster_errors: u64,
 }
 
 impl Metrics {
@@ -224,6 +226,13 @@ impl Metrics {
         }
         dynamic.register("keygate_keys", "Keys in the running key table, by state", keys);
         process::Sample::read().register(&mut dynamic);
+        let cluster_errors = Counter::<u64>::default();
+        cluster_errors.inc_by(current.cluster_errors);
+        dynamic.register(
+            "keygate_cluster_errors",
+            "Redis calls of the [cluster] counters that failed or were slower than timeout",
+            cluster_errors,
+        );
         let mut out = String::new();
         prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)?;
         prometheus_client::encoding::text::encode_registry(&mut out, &dynamic)?;
@@ -262,6 +271,7 @@ mod tests {
             keys_active: 5,
             keys_expired: 0,
             keys_revoked: 1,
+            cluster_errors: 0,
         };
         let text = metrics.render(&current).unwrap();
         for want in [
@@ -310,6 +320,7 @@ mod tests {
             keys_active: 0,
             keys_expired: 0,
             keys_revoked: 0,
+            cluster_errors: 0,
         };
         let text = metrics.render(&current).unwrap();
         for want in [

@@ -26,9 +26,9 @@ use http_body_util::{Either, Full};
 use hyper::upgrade::OnUpgrade;
 
 use crate::config::Snapshot;
+use crate::counters::{Ask, Counters};
 use crate::error::GatewayError;
 use crate::metrics::{LabelText, Metrics, Observation};
-use crate::ratelimit::RateLimiter;
 use crate::reload::ReloadStatus;
 use crate::telemetry::AccessLog;
 use forward::{ClientInfo, RequestBody, UpstreamClient, X_REQUEST_ID};
@@ -46,7 +46,8 @@ pub struct Gateway {
     /// Every upstream's connection pool so far, handed on from snapshot to snapshot.
     pools: std::sync::Mutex<HashMap<Authority, Http1Pool>>,
     request_ids: RequestIds,
-    rate_limiter: RateLimiter,
+    /// Rate limits, quotas and usage: the store chosen at start, kept across reloads.
+    counters: Arc<dyn Counters>,
     reload_status: ReloadStatus,
     metrics: Metrics,
     /// Set when shutdown begins: `/readyz` then answers 503.
@@ -56,7 +57,13 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(mut snapshot: Snapshot) -> Self {
+    /// A gateway whose counts live in memory, whatever the config says (tests, the demo).
+    pub fn new(snapshot: Snapshot) -> Self {
+        Self::with_counters(snapshot, Arc::new(crate::counters::memory::Memory::default()))
+    }
+
+    /// A gateway with the counters store opened from the config ([`crate::counters::open`]).
+    pub fn with_counters(mut snapshot: Snapshot, counters: Arc<dyn Counters>) -> Self {
         let mut pools = HashMap::new();
         adopt_pools(&mut pools, &mut snapshot);
         let metrics = Metrics::default();
@@ -66,7 +73,7 @@ impl Gateway {
             client: forward::upstream_client(default_trust()),
             pools: std::sync::Mutex::new(pools),
             request_ids: RequestIds::new(),
-            rate_limiter: RateLimiter::default(),
+            counters,
             reload_status: ReloadStatus::new(),
             metrics,
             draining: AtomicBool::new(false),
@@ -82,6 +89,10 @@ impl Gateway {
 
     pub fn reload_status(&self) -> &ReloadStatus {
         &self.reload_status
+    }
+
+    pub fn counters(&self) -> &dyn Counters {
+        &*self.counters
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -189,7 +200,8 @@ impl Gateway {
         } else {
             let credential = auth::extract(&snapshot.auth.sources, &parts.headers, parts.uri.query())?
                 .ok_or(GatewayError::MissingApiKey)?;
-            let key = auth::verify(credential.key(), &snapshot.auth, &snapshot.keys, SystemTime::now())?;
+            let now = SystemTime::now();
+            let key = auth::verify(credential.key(), &snapshot.auth, &snapshot.keys, now)?;
             // From here on the key is known, so a 403 is logged against it.
             log.key_id = Some(key.id.clone());
             // After revocation and expiry (a dead key says so wherever it is used from), before
@@ -198,14 +210,20 @@ impl Gateway {
                 return Err(GatewayError::IpNotAllowed);
             }
             auth::authorize(route.scopes.as_ref(), key, &parts.method, &parts.headers, parts.uri.query())?;
-            // Last: a refused request must not spend a token.
-            if let Some(rate) = key.rate_limit {
-                let quota =
-                    self.rate_limiter.acquire(key.id.as_bytes(), rate, Instant::now()).map_err(|e| {
-                        GatewayError::RateLimited { retry_after_secs: e.retry_after_secs, quota: e.quota }
-                    })?;
-                log.quota = Some(quota);
+            // Last, rate limit then quota: a request refused for any other reason spends
+            // neither. Keys with neither never reach the counters store here.
+            if key.rate_limit.is_some() || key.quota.is_some() {
+                let ask = Ask {
+                    subject: key.subject(),
+                    rate: key.rate_limit,
+                    quota: key.quota,
+                    now,
+                    instant: Instant::now(),
+                };
+                log.quota = self.counters.admit(ask).await?;
             }
+            // Batched in memory; the store writes it out off the request path.
+            self.counters.record(key.id.as_bytes(), key.usage_period(), now);
             Some(key)
         };
 
@@ -357,7 +375,7 @@ fn default_trust() -> Arc<rustls::ClientConfig> {
 }
 
 /// The error codes that count as `keygate_auth_rejections_total{reason}`.
-const AUTH_REJECTIONS: [&str; 7] = [
+const AUTH_REJECTIONS: [&str; 8] = [
     "missing_api_key",
     "invalid_api_key",
     "revoked_api_key",
@@ -365,6 +383,7 @@ const AUTH_REJECTIONS: [&str; 7] = [
     "ip_not_allowed",
     "insufficient_scope",
     "rate_limited",
+    "quota_exceeded",
 ];
 
 /// Refuses a request head larger than `max_header_bytes` with a JSON 431. (hyper itself cuts

@@ -11,6 +11,8 @@ use toml::value::Datetime;
 pub struct GatewayFile {
     pub server: ServerFile,
     pub admin: Option<AdminFile>,
+    pub state: Option<StateFile>,
+    pub cluster: Option<ClusterFile>,
     pub auth: AuthFile,
     #[serde(default)]
     pub routes: Vec<Spanned<RouteFile>>,
@@ -40,6 +42,20 @@ pub struct AdminFile {
     pub listen: Spanned<String>,
     pub per_key_metrics: Option<bool>,
     pub hosts: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    pub path: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    pub redis: Spanned<String>,
+    pub namespace: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,4 +130,6 @@ pub struct KeyFile {
     pub rate_limit: Option<Spanned<String>>,
     pub meta: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
     pub allowed_ips: Option<Spanned<Vec<Spanned<String>>>>,
+    pub quota: Option<Spanned<String>>,
+    pub consumer: Option<Spanned<String>>,
 }

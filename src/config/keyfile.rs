@@ -92,6 +92,8 @@ struct Partial {
     rate_limit: Option<Spanned<String>>,
     meta: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
     allowed_ips: Option<Spanned<Vec<Spanned<String>>>>,
+    quota: Option<Spanned<String>>,
+    consumer: Option<Spanned<String>>,
 }
 
 enum Value {
@@ -128,6 +130,8 @@ impl Partial {
             ("scopes", Value::List(v)) => put(&mut self.scopes, v.into_inner()),
             ("allowed_ips", Value::List(v)) => put(&mut self.allowed_ips, v),
             ("meta", Value::Table(v)) => put(&mut self.meta, v),
+            ("quota", Value::Text(v)) => put(&mut self.quota, v),
+            ("consumer", Value::Text(v)) => put(&mut self.consumer, v),
             ("created_at", Value::Date(v)) => put(&mut self.created_at, v),
             ("expires_at", Value::Date(v)) => put(&mut self.expires_at, v),
             ("revoked_at", Value::Date(v)) => put(&mut self.revoked_at, v),
@@ -148,6 +152,8 @@ impl Partial {
             rate_limit: self.rate_limit,
             meta: self.meta,
             allowed_ips: self.allowed_ips,
+            quota: self.quota,
+            consumer: self.consumer,
         })
     }
 }
@@ -259,7 +265,8 @@ mod tests {
             "# keys\n[[keys]]\nid = \"a1\"\nname = \"billing sync #1\" # note\n",
             "hash = \"sha256:00\"\ntail = 'Zc81Qa'\nscopes = [\"read\", 'write',]\n",
             "created_at = 2026-11-22T10:00:00Z\nexpires_at = 2027-02-20T10:00:00.5+02:00 # x\n",
-            "  revoked_at=2026-12-01 08:00:00Z\r\nrate_limit = \"100/s\"\n\n",
+            "  revoked_at=2026-12-01 08:00:00Z\r\nrate_limit = \"100/s\"\n",
+            "quota = \"1000/month\" # billed\nconsumer = 'acme'\n\n",
             "[[keys]] # second\nid = \"b\"\nname = \"\"\nhash = \"h\"\nscopes = []\n",
             "meta = { tenant = \"acme\", plan='pro',x-y = \"\" } # m\n",
             "allowed_ips = [\"203.0.113.0/24\", '2001:db8::/32'] # a\n",

@@ -29,6 +29,15 @@ pub struct KeyView {
     pub created: Option<String>,
     pub expires: Option<String>,
     pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
+    /// Filled in by `keys list` when usage is kept ([state] or [cluster]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used: Option<u64>,
 }
 
 /// What a new key holds besides its secret.
@@ -42,6 +51,8 @@ pub struct Grant {
     pub meta: Vec<(String, String)>,
     /// `allowed_ips` networks; empty means the field is left out (any address).
     pub allowed_ips: Vec<String>,
+    pub quota: Option<String>,
+    pub consumer: Option<String>,
 }
 
 /// A time as the key file writes it: RFC 3339, whole seconds, UTC.
@@ -149,6 +160,12 @@ pub fn append(
     if !grant.allowed_ips.is_empty() {
         table.insert("allowed_ips", value(grant.allowed_ips.iter().map(String::as_str).collect::<Array>()));
     }
+    if let Some(quota) = &grant.quota {
+        table.insert("quota", value(quota.as_str()));
+    }
+    if let Some(consumer) = &grant.consumer {
+        table.insert("consumer", value(consumer.as_str()));
+    }
     // Comments in a file with no entries yet are the document's trailing text; they belong
     // above the first entry, not below it.
     let leading = doc.trailing().as_str().unwrap_or("").to_string();
@@ -223,7 +240,7 @@ pub fn remove(doc: &mut DocumentMut, index: usize) -> Result<(String, String), L
     Ok((text(&table, "id").to_string(), text(&table, "name").to_string()))
 }
 
-/// What a rotation carries over: name, scopes, rate limit, meta, allowed_ips, and the old key's lifetime
+/// What a rotation carries over: name, scopes, rate limit, quota, consumer, meta, allowed_ips, and the old key's lifetime
 /// (created → expires) applied from now, when it had one.
 pub fn successor_grant(
     doc: &DocumentMut,
@@ -255,6 +272,9 @@ pub fn successor_grant(
             .and_then(Item::as_array)
             .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
             .unwrap_or_default(),
+        // The successor spends the same quota: a rotated pair never gets twice the limit.
+        quota: table.get("quota").and_then(Item::as_str).map(str::to_string),
+        consumer: table.get("consumer").and_then(Item::as_str).map(str::to_string),
     })
 }
 
@@ -284,6 +304,10 @@ pub fn views(doc: &DocumentMut, now: OffsetDateTime) -> Vec<KeyView> {
                 } else {
                     "active"
                 },
+                quota: t.get("quota").and_then(Item::as_str).map(str::to_string),
+                consumer: t.get("consumer").and_then(Item::as_str).map(str::to_string),
+                last_used_at: None,
+                used: None,
             }
         })
         .collect()
@@ -358,12 +382,20 @@ mod tests {
         assert!(!revoke(&mut doc, 0, NOW + time::Duration::hours(1)).unwrap(), "first revocation stands");
         assert_eq!(views(&doc, NOW)[0].status, "revoked");
 
-        let mut doc = doc_with(&[("a1", "sync", "AAAAAA")]);
+        let mut doc: DocumentMut = "".parse().unwrap();
+        let grant = Grant {
+            name: "sync".into(),
+            consumer: Some("acme".into()),
+            quota: Some("10/day".into()),
+            ..Grant::default()
+        };
+        append(&mut doc, "a1", "sha256:00", Some("AAAAAA"), &grant, NOW).unwrap();
         let later = NOW + time::Duration::days(1);
         assert_eq!(expire(&mut doc, 0, later).unwrap(), later);
         assert_eq!(expire(&mut doc, 0, later + time::Duration::days(1)).unwrap(), later, "earlier end kept");
         let grant = successor_grant(&doc, 0, later).unwrap();
         assert_eq!(grant.name, "sync");
+        assert_eq!((grant.consumer.as_deref(), grant.quota.as_deref()), (Some("acme"), Some("10/day")));
         assert_eq!(grant.expires_at, Some(later + time::Duration::days(1)), "same lifetime from now");
         assert_eq!(remove(&mut doc, 0).unwrap(), ("a1".to_string(), "sync".to_string()));
         assert!(views(&doc, NOW).is_empty());

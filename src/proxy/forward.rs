@@ -131,6 +131,7 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
 const X_KEYGATE_KEY_NAME: HeaderName = HeaderName::from_static("x-keygate-key-name");
 const X_KEYGATE_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
+const X_KEYGATE_CONSUMER: HeaderName = HeaderName::from_static("x-keygate-consumer");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -349,6 +350,9 @@ pub fn set_identity(headers: &mut HeaderMap, key: &KeyEntry) {
     headers.insert(X_KEYGATE_SCOPES, key.scopes.header().clone());
     for (name, value) in &key.meta {
         headers.insert(name.clone(), value.clone());
+    }
+    if let Some(consumer) = &key.consumer {
+        headers.insert(X_KEYGATE_CONSUMER, consumer.name.clone());
     }
 }
 

@@ -5,6 +5,8 @@
 #![allow(dead_code)] // each test crate uses a different part of this module
 
 pub mod browser;
+pub mod redis;
+pub mod served;
 
 use std::error::Error as StdError;
 use std::fmt::{self, Write as _};

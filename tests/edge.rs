@@ -191,6 +191,62 @@ async fn behind_a_trusted_proxy_the_rightmost_untrusted_forwarded_for_entry_is_t
     assert_eq!(seen.header_all("x-forwarded-for"), ["203.0.113.7, 127.0.0.2"], "{ctx}");
 }
 
+/// Every log line of this test process, as `KEYGATE_LOG_FORMAT=json` writes them.
+fn captured_logs() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOGS: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs: &'static std::sync::Mutex<Vec<u8>> = Box::leak(Box::default());
+        struct Sink(&'static std::sync::Mutex<Vec<u8>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("log buffer").extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_env_filter("keygate::access=info")
+            .with_writer(move || Sink(logs))
+            .try_init()
+            .expect("the only subscriber of this test binary");
+        logs
+    })
+}
+
+#[tokio::test]
+async fn the_access_log_names_the_client_address_and_never_the_key() {
+    let logs = captured_logs();
+    let upstream = RecordingUpstream::start().await;
+    let gateway = GatewayConfig::new()
+        .server("trusted_proxies", "[\"127.0.0.1\"]")
+        .route(Route::new("/", &upstream.url()))
+        .key(Key::new("logged01", "logged", SECRET, &["read"]))
+        .start()
+        .await;
+    let exchange = gateway
+        .get("/x")
+        .header("x-api-key", SECRET)
+        .header("x-forwarded-for", "203.0.113.77")
+        .local_ip("127.0.0.1")
+        .send()
+        .await;
+    assert_eq!(exchange.status, 200, "{exchange}");
+    let request_id = exchange.header("x-request-id").expect("a request id").to_string();
+    let text = String::from_utf8_lossy(&logs.lock().expect("log buffer")).into_owned();
+    let event: serde_json::Value = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|event| event["request_id"] == request_id.as_str())
+        .unwrap_or_else(|| panic!("no access event for request {request_id} in:\n{text}"));
+    assert_eq!(event["client"], "203.0.113.77", "{event}");
+    assert_eq!(event["key_id"], "logged01", "{event}");
+    assert!(!text.contains(SECRET), "the key is in the log:\n{text}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // cookie: source
 // ---------------------------------------------------------------------------------------------

@@ -247,6 +247,62 @@ async fn the_access_log_names_the_client_address_and_never_the_key() {
     assert!(!text.contains(SECRET), "the key is in the log:\n{text}");
 }
 
+/// Sends `call()` until `done` holds for what it gets (a reload is in effect), within 10 s.
+async fn poll_until(call: impl Fn() -> support::Call, done: impl Fn(&Exchange) -> bool, what: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = call().send().await;
+        if done(&got) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not in effect after 10 s; last answer:\n{got}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn allowed_ips_and_trusted_proxies_follow_a_reload() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let open = GatewayConfig::new().route(Route::new("/", &upstream.url())).key(Key::new(
+        "reload01",
+        "r",
+        SECRET,
+        &[],
+    ));
+    std::fs::write(dir.path().join("keygate.toml"), open.gateway_toml()).expect("write keygate.toml");
+    std::fs::write(dir.path().join("keys.toml"), open.keys_toml()).expect("write keys.toml");
+    let gateway = support::WatchedGateway::start(&dir.path().join("keygate.toml")).await;
+    let keyed = || {
+        gateway
+            .get("/x")
+            .header("x-api-key", SECRET)
+            .header("x-forwarded-for", "203.0.113.5")
+            .local_ip("127.0.0.1")
+    };
+    let first = keyed().send().await;
+    assert_eq!(first.status, 200, "{first}");
+
+    let fenced = Key::new("reload01", "r", SECRET, &[]).allowed_ips(&["203.0.113.0/24"]);
+    std::fs::write(dir.path().join("keys.toml"), support::keys_toml(&[fenced])).expect("rewrite keys.toml");
+    poll_until(
+        keyed,
+        |got| got.error_code().as_deref() == Some("ip_not_allowed"),
+        "allowed_ips added to the key",
+    )
+    .await;
+
+    let behind_proxy = open.clone().server("trusted_proxies", "[\"127.0.0.1\"]");
+    std::fs::write(dir.path().join("keygate.toml"), behind_proxy.gateway_toml())
+        .expect("rewrite keygate.toml");
+    poll_until(keyed, |got| got.status == 200, "127.0.0.1 trusted as a proxy").await;
+    let seen = upstream.requests().pop().expect("the last request reached the upstream");
+    assert_eq!(seen.header("x-real-ip"), Some("203.0.113.5"), "{seen:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // cookie: source
 // ---------------------------------------------------------------------------------------------

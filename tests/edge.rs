@@ -98,6 +98,24 @@ async fn allowed_ips_admit_listed_addresses_and_refuse_others_with_403() {
 }
 
 #[tokio::test]
+async fn allowed_ips_take_ipv6_networks() {
+    let upstream = RecordingUpstream::start().await;
+    let config = GatewayConfig::new()
+        .route(Route::new("/", &upstream.url()))
+        .key(Key::new("v6loop01", "loopback", SECRET, &[]).allowed_ips(&["::1/128"]))
+        .key(
+            Key::new("v6docs01", "documentation", OTHER, &[]).allowed_ips(&["2001:db8::/32", "127.0.0.0/8"]),
+        );
+    let gateway = TestGateway::start_at(&config.gateway_toml(), &config.keys_toml(), "[::1]:0").await;
+    let allowed = gateway.get("/x").header("x-api-key", SECRET).send().await;
+    assert_eq!(allowed.status, 200, "{allowed}");
+    let seen = upstream.expect_received(&allowed);
+    assert_eq!(seen.header_all("x-real-ip"), ["::1"], "{}", both(&allowed, &seen));
+    let refused = gateway.get("/x").header("x-api-key", OTHER).send().await;
+    assert_rejected(&refused, &upstream, 403, "ip_not_allowed");
+}
+
+#[tokio::test]
 async fn allowed_ips_is_judged_after_expiry_and_before_scope() {
     let upstream = RecordingUpstream::start().await;
     let revoked = Key::new("revoked1", "r", OTHER, &["read"])

@@ -474,6 +474,30 @@ async fn preflight_on_a_route_without_cors_goes_upstream_without_key_or_identity
 }
 
 #[tokio::test]
+async fn a_forged_preflight_with_an_override_a_body_or_an_upgrade_needs_a_key() {
+    let upstream = RecordingUpstream::start().await;
+    let gateway = cors_gateway(&upstream).await;
+    let forged = [
+        preflight(&gateway, "/plain/items", APP).header("x-http-method-override", "DELETE"),
+        preflight(&gateway, "/plain/items", APP).header("X_Method_Override", "DELETE"),
+        preflight(&gateway, "/plain/items?_method=DELETE", APP),
+        preflight(&gateway, "/plain/items", APP).body("{\"drop\": true}"),
+        preflight(&gateway, "/plain/items", APP).body("{\"drop\": true}").http2(),
+        preflight(&gateway, "/plain/items", APP)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket"),
+    ];
+    for call in forged {
+        let exchange = call.send().await;
+        assert_rejected(&exchange, &upstream, 401, "missing_api_key");
+    }
+    // The same over HTTP/2 without a body is a preflight like any other.
+    let h2 = preflight(&gateway, "/plain/items", APP).http2().send().await;
+    assert_eq!(h2.status, 200, "{h2}");
+    upstream.expect_received(&h2);
+}
+
+#[tokio::test]
 async fn preflight_on_a_cors_route_is_answered_by_keygate() {
     let upstream = RecordingUpstream::start().await;
     let gateway = cors_gateway(&upstream).await;

@@ -578,10 +578,13 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 }
 
 #[tokio::test]
-async fn metrics_include_the_standard_process_metrics() {
+async fn metrics_include_the_standard_process_metrics_and_ip_rejections() {
     let upstream = RecordingUpstream::start().await;
-    let gateway = GatewayConfig::new().route(Route::new("/", &upstream.url()).public()).start().await;
+    let gateway =
+        GatewayConfig::new().route(Route::new("/", &upstream.url())).key(office_key()).start().await;
     let admin = AdminListener::start(std::sync::Arc::clone(&gateway.gateway)).await;
+    let refused = gateway.get("/x").header("x-api-key", SECRET).local_ip("127.0.0.1").send().await;
+    assert_rejected(&refused, &upstream, 403, "ip_not_allowed");
     let scrape = admin.get("/metrics").send().await;
     assert_eq!(scrape.status, 200, "{scrape}");
     let text = String::from_utf8_lossy(&scrape.body).into_owned();
@@ -596,6 +599,8 @@ async fn metrics_include_the_standard_process_metrics() {
         assert!(text.contains(&format!("\n# TYPE {family} {kind}\n")), "missing TYPE of {family}\n{text}");
     }
     let value = |name: &str| sample(&text, name).unwrap_or_else(|| panic!("no sample {name}\n{text}"));
+    // A refusal by address counts as an auth rejection, under its own reason.
+    assert_eq!(value("keygate_auth_rejections_total{reason=\"ip_not_allowed\"}"), 1.0, "{text}");
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
     assert!(value("process_cpu_seconds_total") >= 0.0, "{text}");

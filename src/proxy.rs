@@ -188,7 +188,8 @@ impl Gateway {
 
         // A preflight carries no key (browsers send none): keygate answers it for a route with
         // a CORS policy, else the upstream does, as it did before keygate, without identity.
-        let preflight = cors::is_preflight(&parts);
+        // (An HTTP/2 body needs no length header: the stream itself says whether one follows.)
+        let preflight = cors::is_preflight(&parts) && hyper::body::Body::is_end_stream(&body);
         if preflight && let Some(policy) = &route.cors {
             let origin = parts.headers.get(http::header::ORIGIN);
             origin.and_then(|o| policy.allow_origin(o)).ok_or(GatewayError::OriginNotAllowed)?;

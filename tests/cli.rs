@@ -253,7 +253,7 @@ async fn check_rejects_bad_duration() {
 
 #[tokio::test]
 async fn check_rejects_bad_source() {
-    assert_gateway_toml_rejected("sources = [\"header:x-api-key\"]", "sources = [\"cookie:session\"]").await;
+    assert_gateway_toml_rejected("sources = [\"header:x-api-key\"]", "sources = [\"bogus:session\"]").await;
 }
 
 #[tokio::test]

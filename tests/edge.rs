@@ -98,6 +98,24 @@ async fn allowed_ips_admit_listed_addresses_and_refuse_others_with_403() {
 }
 
 #[tokio::test]
+async fn allowed_ips_take_ipv6_networks() {
+    let upstream = RecordingUpstream::start().await;
+    let config = GatewayConfig::new()
+        .route(Route::new("/", &upstream.url()))
+        .key(Key::new("v6loop01", "loopback", SECRET, &[]).allowed_ips(&["::1/128"]))
+        .key(
+            Key::new("v6docs01", "documentation", OTHER, &[]).allowed_ips(&["2001:db8::/32", "127.0.0.0/8"]),
+        );
+    let gateway = TestGateway::start_at(&config.gateway_toml(), &config.keys_toml(), "[::1]:0").await;
+    let allowed = gateway.get("/x").header("x-api-key", SECRET).send().await;
+    assert_eq!(allowed.status, 200, "{allowed}");
+    let seen = upstream.expect_received(&allowed);
+    assert_eq!(seen.header_all("x-real-ip"), ["::1"], "{}", both(&allowed, &seen));
+    let refused = gateway.get("/x").header("x-api-key", OTHER).send().await;
+    assert_rejected(&refused, &upstream, 403, "ip_not_allowed");
+}
+
+#[tokio::test]
 async fn allowed_ips_is_judged_after_expiry_and_before_scope() {
     let upstream = RecordingUpstream::start().await;
     let revoked = Key::new("revoked1", "r", OTHER, &["read"])
@@ -189,6 +207,118 @@ async fn behind_a_trusted_proxy_the_rightmost_untrusted_forwarded_for_entry_is_t
     let ctx = both(&untrusted_open, &seen);
     assert_eq!(seen.header_all("x-real-ip"), ["127.0.0.2"], "{ctx}");
     assert_eq!(seen.header_all("x-forwarded-for"), ["203.0.113.7, 127.0.0.2"], "{ctx}");
+}
+
+/// Every log line of this test process, as `KEYGATE_LOG_FORMAT=json` writes them.
+fn captured_logs() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOGS: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs: &'static std::sync::Mutex<Vec<u8>> = Box::leak(Box::default());
+        struct Sink(&'static std::sync::Mutex<Vec<u8>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("log buffer").extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_env_filter("keygate::access=info")
+            .with_writer(move || Sink(logs))
+            .try_init()
+            .expect("the only subscriber of this test binary");
+        logs
+    })
+}
+
+#[tokio::test]
+async fn the_access_log_names_the_client_address_and_never_the_key() {
+    let logs = captured_logs();
+    let upstream = RecordingUpstream::start().await;
+    let gateway = GatewayConfig::new()
+        .server("trusted_proxies", "[\"127.0.0.1\"]")
+        .route(Route::new("/", &upstream.url()))
+        .key(Key::new("logged01", "logged", SECRET, &["read"]))
+        .start()
+        .await;
+    let exchange = gateway
+        .get("/x")
+        .header("x-api-key", SECRET)
+        .header("x-forwarded-for", "203.0.113.77")
+        .local_ip("127.0.0.1")
+        .send()
+        .await;
+    assert_eq!(exchange.status, 200, "{exchange}");
+    let request_id = exchange.header("x-request-id").expect("a request id").to_string();
+    let text = String::from_utf8_lossy(&logs.lock().expect("log buffer")).into_owned();
+    let event: serde_json::Value = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|event| event["request_id"] == request_id.as_str())
+        .unwrap_or_else(|| panic!("no access event for request {request_id} in:\n{text}"));
+    assert_eq!(event["client"], "203.0.113.77", "{event}");
+    assert_eq!(event["key_id"], "logged01", "{event}");
+    assert!(!text.contains(SECRET), "the key is in the log:\n{text}");
+}
+
+/// Sends `call()` until `done` holds for what it gets (a reload is in effect), within 10 s.
+async fn poll_until(call: impl Fn() -> support::Call, done: impl Fn(&Exchange) -> bool, what: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = call().send().await;
+        if done(&got) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not in effect after 10 s; last answer:\n{got}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn allowed_ips_and_trusted_proxies_follow_a_reload() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let open = GatewayConfig::new().route(Route::new("/", &upstream.url())).key(Key::new(
+        "reload01",
+        "r",
+        SECRET,
+        &[],
+    ));
+    std::fs::write(dir.path().join("keygate.toml"), open.gateway_toml()).expect("write keygate.toml");
+    std::fs::write(dir.path().join("keys.toml"), open.keys_toml()).expect("write keys.toml");
+    let gateway = support::WatchedGateway::start(&dir.path().join("keygate.toml")).await;
+    let keyed = || {
+        gateway
+            .get("/x")
+            .header("x-api-key", SECRET)
+            .header("x-forwarded-for", "203.0.113.5")
+            .local_ip("127.0.0.1")
+    };
+    let first = keyed().send().await;
+    assert_eq!(first.status, 200, "{first}");
+
+    let fenced = Key::new("reload01", "r", SECRET, &[]).allowed_ips(&["203.0.113.0/24"]);
+    std::fs::write(dir.path().join("keys.toml"), support::keys_toml(&[fenced])).expect("rewrite keys.toml");
+    poll_until(
+        keyed,
+        |got| got.error_code().as_deref() == Some("ip_not_allowed"),
+        "allowed_ips added to the key",
+    )
+    .await;
+
+    let behind_proxy = open.clone().server("trusted_proxies", "[\"127.0.0.1\"]");
+    std::fs::write(dir.path().join("keygate.toml"), behind_proxy.gateway_toml())
+        .expect("rewrite keygate.toml");
+    poll_until(keyed, |got| got.status == 200, "127.0.0.1 trusted as a proxy").await;
+    let seen = upstream.requests().pop().expect("the last request reached the upstream");
+    assert_eq!(seen.header("x-real-ip"), Some("203.0.113.5"), "{seen:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -344,6 +474,30 @@ async fn preflight_on_a_route_without_cors_goes_upstream_without_key_or_identity
 }
 
 #[tokio::test]
+async fn a_forged_preflight_with_an_override_a_body_or_an_upgrade_needs_a_key() {
+    let upstream = RecordingUpstream::start().await;
+    let gateway = cors_gateway(&upstream).await;
+    let forged = [
+        preflight(&gateway, "/plain/items", APP).header("x-http-method-override", "DELETE"),
+        preflight(&gateway, "/plain/items", APP).header("X_Method_Override", "DELETE"),
+        preflight(&gateway, "/plain/items?_method=DELETE", APP),
+        preflight(&gateway, "/plain/items", APP).body("{\"drop\": true}"),
+        preflight(&gateway, "/plain/items", APP).body("{\"drop\": true}").http2(),
+        preflight(&gateway, "/plain/items", APP)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket"),
+    ];
+    for call in forged {
+        let exchange = call.send().await;
+        assert_rejected(&exchange, &upstream, 401, "missing_api_key");
+    }
+    // The same over HTTP/2 without a body is a preflight like any other.
+    let h2 = preflight(&gateway, "/plain/items", APP).http2().send().await;
+    assert_eq!(h2.status, 200, "{h2}");
+    upstream.expect_received(&h2);
+}
+
+#[tokio::test]
 async fn preflight_on_a_cors_route_is_answered_by_keygate() {
     let upstream = RecordingUpstream::start().await;
     let gateway = cors_gateway(&upstream).await;
@@ -424,10 +578,13 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 }
 
 #[tokio::test]
-async fn metrics_include_the_standard_process_metrics() {
+async fn metrics_include_the_standard_process_metrics_and_ip_rejections() {
     let upstream = RecordingUpstream::start().await;
-    let gateway = GatewayConfig::new().route(Route::new("/", &upstream.url()).public()).start().await;
+    let gateway =
+        GatewayConfig::new().route(Route::new("/", &upstream.url())).key(office_key()).start().await;
     let admin = AdminListener::start(std::sync::Arc::clone(&gateway.gateway)).await;
+    let refused = gateway.get("/x").header("x-api-key", SECRET).local_ip("127.0.0.1").send().await;
+    assert_rejected(&refused, &upstream, 403, "ip_not_allowed");
     let scrape = admin.get("/metrics").send().await;
     assert_eq!(scrape.status, 200, "{scrape}");
     let text = String::from_utf8_lossy(&scrape.body).into_owned();
@@ -442,6 +599,8 @@ async fn metrics_include_the_standard_process_metrics() {
         assert!(text.contains(&format!("\n# TYPE {family} {kind}\n")), "missing TYPE of {family}\n{text}");
     }
     let value = |name: &str| sample(&text, name).unwrap_or_else(|| panic!("no sample {name}\n{text}"));
+    // A refusal by address counts as an auth rejection, under its own reason.
+    assert_eq!(value("keygate_auth_rejections_total{reason=\"ip_not_allowed\"}"), 1.0, "{text}");
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
     assert!(value("process_cpu_seconds_total") >= 0.0, "{text}");

@@ -153,10 +153,37 @@ impl Cors {
 
 /// A CORS preflight: `OPTIONS` with `Origin` and `Access-Control-Request-Method`. Browsers
 /// never send credentials with one, so it must not need a key.
+///
+/// Nor does a browser's preflight ever carry a body, an `Upgrade`, or a method override: an
+/// `OPTIONS` with any of those is an ordinary request and needs a key, so that a forged
+/// "preflight" cannot take a `DELETE` (by override), a body or a WebSocket past
+/// authentication to an upstream that acts on them.
 pub fn is_preflight(parts: &Parts) -> bool {
     parts.method == Method::OPTIONS
         && parts.headers.contains_key(header::ORIGIN)
         && parts.headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+        && !parts.headers.contains_key(header::UPGRADE)
+        && !parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts.headers.get_all(header::CONTENT_LENGTH).iter().all(|v| v.as_bytes().trim_ascii() == b"0")
+        && !parts.headers.keys().any(|name| names_method_override(name.as_str()))
+        && !parts.uri.query().is_some_and(has_method_parameter)
+}
+
+/// `X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`, in any `_` spelling.
+fn names_method_override(name: &str) -> bool {
+    ["x-http-method-override", "x-http-method", "x-method-override"].iter().any(|o| {
+        o.len() == name.len() && o.bytes().zip(name.bytes()).all(|(a, b)| a == b || (a == b'-' && b == b'_'))
+    })
+}
+
+/// A `_method` query parameter (as Rails and Laravel read it), also percent-encoded or in
+/// another case: erring towards "needs a key" costs a real preflight nothing.
+fn has_method_parameter(query: &str) -> bool {
+    query.split('&').any(|pair| {
+        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+        let name = name.replace("%5F", "_").replace("%5f", "_");
+        name.eq_ignore_ascii_case("_method")
+    })
 }
 
 #[cfg(test)]
@@ -228,5 +255,36 @@ mod tests {
         );
         policy.decorate(&mut headers, HeaderValue::from_static("https://app.test"));
         assert_eq!(headers.get_all(header::VARY).iter().count(), 2, "Origin is added once");
+    }
+
+    #[test]
+    fn only_a_bodiless_plain_options_is_a_preflight() {
+        let parts = |target: &str, extra: &[(&str, &str)]| {
+            let mut request = http::Request::builder()
+                .method(Method::OPTIONS)
+                .uri(target)
+                .header("origin", "https://app.test")
+                .header("access-control-request-method", "DELETE");
+            for (name, value) in extra {
+                request = request.header(*name, *value);
+            }
+            request.body(()).unwrap().into_parts().0
+        };
+        assert!(is_preflight(&parts("/x", &[])));
+        assert!(is_preflight(&parts("/x?method=a", &[("content-length", "0")])));
+        for (target, extra) in [
+            ("/x", &[("x-http-method-override", "DELETE")][..]),
+            ("/x", &[("x_method_override", "DELETE")][..]),
+            ("/x?a=1&_method=DELETE", &[][..]),
+            ("/x?%5Fmethod=DELETE", &[][..]),
+            ("/x", &[("content-length", "5")][..]),
+            ("/x", &[("transfer-encoding", "chunked")][..]),
+            ("/x", &[("upgrade", "websocket"), ("connection", "upgrade")][..]),
+        ] {
+            assert!(!is_preflight(&parts(target, extra)), "{target} {extra:?}");
+        }
+        let mut get = parts("/x", &[]);
+        get.method = Method::GET;
+        assert!(!is_preflight(&get));
     }
 }

@@ -315,24 +315,26 @@ pub fn set_forwarding(
     host: Option<&HeaderValue>,
 ) {
     let ip = &address.header;
-    if let Some(chain) = &address.chain {
-        headers.insert(X_FORWARDED_FOR, chain.clone());
-    } else {
-        match headers.entry(X_FORWARDED_FOR) {
-            Entry::Vacant(entry) => {
-                entry.insert(ip.clone());
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Vacant(entry) => {
+            entry.insert(ip.clone());
+        }
+        // Behind a trusted proxy, `proxy::client` has already cut the chain at the client.
+        Entry::Occupied(mut entry) if address.chain.is_some() => {
+            if let Some(chain) = &address.chain {
+                entry.insert(chain.clone());
             }
-            Entry::Occupied(mut entry) => {
-                let chain: Vec<&str> = entry.iter().filter_map(|v| v.to_str().ok()).collect();
-                let forwarded_for = if chain.is_empty() {
-                    ip.clone()
-                } else {
-                    // A client chain of visible ASCII plus an address is always a valid value.
-                    let joined = format!("{}, {}", chain.join(", "), ip.to_str().unwrap_or("unknown"));
-                    HeaderValue::from_str(&joined).unwrap_or_else(|_| ip.clone())
-                };
-                entry.insert(forwarded_for);
-            }
+        }
+        Entry::Occupied(mut entry) => {
+            let chain: Vec<&str> = entry.iter().filter_map(|v| v.to_str().ok()).collect();
+            let forwarded_for = if chain.is_empty() {
+                ip.clone()
+            } else {
+                // A client chain of visible ASCII plus an address is always a valid value.
+                let joined = format!("{}, {}", chain.join(", "), ip.to_str().unwrap_or("unknown"));
+                HeaderValue::from_str(&joined).unwrap_or_else(|_| ip.clone())
+            };
+            entry.insert(forwarded_for);
         }
     }
     headers.insert(X_REAL_IP, ip.clone());

@@ -528,6 +528,11 @@ impl TestGateway {
     /// `keygate::config::load`, and serves on a listener bound to 127.0.0.1:0 (the `listen`
     /// in the file is not used: the test binds its own, as `main` hands `serve` a bound one).
     pub async fn start(gateway_toml: &str, keys_toml: &str) -> Self {
+        Self::start_at(gateway_toml, keys_toml, "127.0.0.1:0").await
+    }
+
+    /// [`start`](Self::start) on another loopback address, such as `[::1]:0` for IPv6 clients.
+    pub async fn start_at(gateway_toml: &str, keys_toml: &str, bind: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("keygate.toml");
         std::fs::write(&config_path, gateway_toml).expect("write keygate.toml");
@@ -538,7 +543,7 @@ impl TestGateway {
                 "keygate rejected the test config:\n{errors}\n--- keygate.toml ---\n{gateway_toml}\n--- keys.toml ---\n{keys_toml}"
             ),
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind gateway listener");
+        let listener = TcpListener::bind(bind).await.expect("bind gateway listener");
         let addr = listener.local_addr().expect("gateway local addr");
         let gateway = Arc::new(keygate::proxy::Gateway::new(snapshot));
         let (shutdown, stop) = oneshot::channel::<()>();

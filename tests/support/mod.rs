@@ -4,11 +4,14 @@
 //! (a listener handed to `serve` is already bound, so the gateway accepts as soon as it exists).
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod h2;
+pub mod pki;
+
 use std::error::Error as StdError;
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -114,7 +117,15 @@ impl fmt::Debug for Recorded {
 pub struct RecordingUpstream {
     addr: SocketAddr,
     log: Arc<Mutex<Vec<Recorded>>>,
+    load: Arc<InFlight>,
     accept: JoinHandle<()>,
+}
+
+/// Requests being answered now, and the most there ever were at once.
+#[derive(Default)]
+struct InFlight {
+    now: AtomicUsize,
+    most: AtomicUsize,
 }
 
 impl RecordingUpstream {
@@ -122,8 +133,15 @@ impl RecordingUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind recording upstream");
         let addr = listener.local_addr().expect("upstream local addr");
         let log = Arc::new(Mutex::new(Vec::new()));
-        let accept = tokio::spawn(upstream_accept_loop(listener, Arc::clone(&log)));
-        Self { addr, log, accept }
+        let load = Arc::new(InFlight::default());
+        let accept = tokio::spawn(upstream_accept_loop(listener, Arc::clone(&log), Arc::clone(&load)));
+        Self { addr, log, load, accept }
+    }
+
+    /// The most requests this upstream was answering at the same time (from the moment a
+    /// request's head arrived until its response was handed back).
+    pub fn most_in_flight(&self) -> usize {
+        self.load.most.load(Ordering::SeqCst)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -173,12 +191,22 @@ impl Drop for RecordingUpstream {
     }
 }
 
-async fn upstream_accept_loop(listener: TcpListener, log: Arc<Mutex<Vec<Recorded>>>) {
+async fn upstream_accept_loop(listener: TcpListener, log: Arc<Mutex<Vec<Recorded>>>, load: Arc<InFlight>) {
     // Ends when the task is aborted (the upstream is dropped) or accept fails.
     while let Ok((stream, peer)) = listener.accept().await {
         let log = Arc::clone(&log);
+        let load = Arc::clone(&load);
         tokio::spawn(async move {
-            let service = service_fn(move |req| upstream_answer(req, peer, Arc::clone(&log)));
+            let service = service_fn(move |req| {
+                let (log, load) = (Arc::clone(&log), Arc::clone(&load));
+                async move {
+                    let now = load.now.fetch_add(1, Ordering::SeqCst) + 1;
+                    load.most.fetch_max(now, Ordering::SeqCst);
+                    let answer = upstream_answer(req, peer, log).await;
+                    load.now.fetch_sub(1, Ordering::SeqCst);
+                    answer
+                }
+            });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -954,6 +982,21 @@ pub fn strip_ansi(text: &str) -> String {
         }
     }
     out
+}
+
+/// The path of `program`, found on `PATH`; fails the test with one sentence saying how to
+/// install it when it is missing (`scripts/test` installs every program the suite needs).
+pub fn require_program(program: &str, install: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(candidate).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(|| {
+            panic!("this test needs `{program}`, which is not on PATH: install it with `{install}` (or run scripts/test, which does)")
+        })
 }
 
 /// `keygate` (the real binary) with a clean environment — no inherited config or log

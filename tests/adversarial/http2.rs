@@ -2,107 +2,6 @@
 
 use super::*;
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len();
-    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-/// An HPACK integer with an `prefix`-bit prefix, the high bits of the first byte set to `first`.
-fn hpack_int(out: &mut Vec<u8>, prefix: u32, first: u8, value: usize) {
-    let max = (1usize << prefix) - 1;
-    if value < max {
-        out.push(first | value as u8);
-        return;
-    }
-    out.push(first | max as u8);
-    let mut rest = value - max;
-    while rest >= 128 {
-        out.push((rest % 128) as u8 | 0x80);
-        rest /= 128;
-    }
-    out.push(rest as u8);
-}
-
-/// A header block of "literal without indexing, new name" fields: exactly these bytes, in this
-/// order, with nothing checked — the point is to send what a client library would refuse.
-fn hpack_block(fields: &[(&[u8], &[u8])]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, value) in fields {
-        out.push(0x00);
-        hpack_int(&mut out, 7, 0x00, name.len());
-        out.extend_from_slice(name);
-        hpack_int(&mut out, 7, 0x00, value.len());
-        out.extend_from_slice(value);
-    }
-    out
-}
-
-/// Decodes a Huffman-coded string of decimal digits (RFC 7541 Appendix B), enough for a status.
-fn huffman_digits(bytes: &[u8]) -> Option<String> {
-    let bits: Vec<u32> =
-        bytes.iter().flat_map(|b| (0..8).rev().map(move |i| u32::from(b >> i & 1))).collect();
-    let take = |at: usize, n: usize| bits.get(at..at + n).map(|s| s.iter().fold(0, |acc, b| acc << 1 | b));
-    let mut out = String::new();
-    let mut at = 0;
-    while out.len() < 3 {
-        let five = take(at, 5)?;
-        if five <= 2 {
-            out.push(char::from(b'0' + five as u8));
-            at += 5;
-            continue;
-        }
-        let six = take(at, 6)?;
-        if !(0x19..=0x1f).contains(&six) {
-            return None;
-        }
-        out.push(char::from(b'0' + (six - 0x16) as u8));
-        at += 6;
-    }
-    Some(out)
-}
-
-/// The `:status` of a response header block, which a server encodes first.
-fn h2_status(block: &[u8]) -> Option<u16> {
-    let mut at = 0;
-    // Dynamic table size updates may come first.
-    while block.get(at).is_some_and(|b| b & 0xe0 == 0x20) {
-        at += 1;
-        while block.get(at).is_some_and(|b| b & 0x80 != 0) {
-            at += 1;
-        }
-        if block.get(at - 1).is_some_and(|b| b & 0x1f == 0x1f) {
-            at += 1;
-        }
-    }
-    let first = *block.get(at)?;
-    if first & 0x80 != 0 {
-        return [200, 204, 206, 304, 400, 404, 500].get(usize::from(first & 0x7f).checked_sub(8)?).copied();
-    }
-    let index = if first & 0xc0 == 0x40 { first & 0x3f } else { first & 0x0f };
-    if !(8..=14).contains(&index) {
-        return None;
-    }
-    let length = *block.get(at + 1)?;
-    let value = block.get(at + 2..at + 2 + usize::from(length & 0x7f))?;
-    let text =
-        if length & 0x80 != 0 { huffman_digits(value)? } else { String::from_utf8(value.to_vec()).ok()? };
-    text.parse().ok()
-}
-
-#[test]
-fn h2_status_decoder_reads_indexed_and_huffman_statuses() {
-    assert_eq!(h2_status(&[0x88]), Some(200));
-    assert_eq!(h2_status(&[0x8d]), Some(404));
-    // "401" Huffman-coded: 011010 00000 00001 + EOS padding.
-    assert_eq!(h2_status(&[0x48, 0x82, 0x68, 0x01]), Some(401));
-    assert_eq!(h2_status(&[0x08, 0x03, b'4', b'0', b'3']), Some(403));
-}
-
 /// How the server ended stream 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum H2End {
@@ -116,60 +15,30 @@ enum H2End {
 /// Opens a connection, sends `fields` as the one HEADERS frame of stream 1 (END_STREAM unless
 /// `body` is given) and reads until the server answers, resets or closes.
 async fn h2_raw(addr: SocketAddr, fields: &[(&[u8], &[u8])], body: Option<&[u8]>) -> (H2End, String) {
-    let mut transcript = String::new();
-    let Ok(Ok(mut stream)) = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr)).await else {
-        return (H2End::Closed, "connect failed".into());
-    };
-    let mut out = H2_PREFACE.to_vec();
-    out.extend(h2_frame(0x4, 0, 0, &[]));
-    let flags = if body.is_some() { 0x4 } else { 0x5 };
-    out.extend(h2_frame(0x1, flags, 1, &hpack_block(fields)));
-    if let Some(body) = body {
-        out.extend(h2_frame(0x0, 0x1, 1, body));
-    }
-    let _ = write!(transcript, "sent fields: ");
+    let mut transcript = String::from("sent fields: ");
     for (name, value) in fields {
         let _ = write!(transcript, "{}: {} | ", name.escape_ascii(), value.escape_ascii());
     }
-    if stream.write_all(&out).await.is_err() {
+    let mut conn = h2::Conn::connect(addr).await;
+    let mut out = h2::frame(h2::HEADERS, h2::END_HEADERS, 1, &h2::literal_block(fields));
+    if let Some(body) = body {
+        out.extend(h2::frame(h2::DATA, h2::END_STREAM, 1, body));
+    } else {
+        out[4] |= h2::END_STREAM;
+    }
+    if conn.try_send(&out).await.is_err() {
         return (H2End::Closed, transcript);
     }
-    let deadline = Instant::now() + IO_TIMEOUT;
-    for _ in 0..1_000 {
-        let mut header = [0u8; 9];
-        match tokio::time::timeout_at(deadline, stream.read_exact(&mut header)).await {
-            Err(_) => return (H2End::TimedOut, transcript),
-            Ok(Err(_)) => return (H2End::Closed, transcript),
-            Ok(Ok(_)) => {}
-        }
-        let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
-        let (kind, flags) = (header[3], header[4]);
-        let id = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
-        let mut payload = vec![0u8; len];
-        if !matches!(tokio::time::timeout_at(deadline, stream.read_exact(&mut payload)).await, Ok(Ok(_))) {
-            return (H2End::Closed, transcript);
-        }
-        let _ = write!(transcript, "\ngot frame type {kind} flags {flags:#x} stream {id} len {len}");
-        let code =
-            |at: usize| payload.get(at..at + 4).map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-        match (kind, id) {
-            (0x4, 0) if flags & 1 == 0 => {
-                let _ = stream.write_all(&h2_frame(0x4, 0x1, 0, &[])).await;
-            }
-            (0x6, 0) if flags & 1 == 0 => {
-                let _ = stream.write_all(&h2_frame(0x6, 0x1, 0, &payload)).await;
-            }
-            (0x1, 1) => {
-                let status = h2_status(&payload);
-                let _ = write!(transcript, " :status {status:?}");
-                return (status.map_or(H2End::Closed, H2End::Status), transcript);
-            }
-            (0x3, 1) => return (H2End::Reset(code(0)), transcript),
-            (0x7, 0) if code(4) != 0 => return (H2End::GoAway(code(4)), transcript),
-            _ => {}
-        }
-    }
-    (H2End::TimedOut, transcript)
+    let end = match conn.outcome(1, Instant::now() + IO_TIMEOUT).await {
+        h2::Outcome::Response(status) => H2End::Status(status),
+        h2::Outcome::Reset(code) => H2End::Reset(code),
+        h2::Outcome::GoAway(code) => H2End::GoAway(code),
+        h2::Outcome::Closed => H2End::Closed,
+        h2::Outcome::TimedOut => H2End::TimedOut,
+    };
+    transcript.push('\n');
+    transcript.push_str(&conn.transcript);
+    (end, transcript)
 }
 
 /// What a raw HTTP/2 request must come to.

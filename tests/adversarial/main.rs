@@ -36,6 +36,7 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::h2;
 use support::{
     Call, GatewayConfig, IO_TIMEOUT, Key, PROBE_HEADER, RawExchange, Recorded, RecordingUpstream, Route,
     TestGateway, WatchedGateway, keys_toml, preview, raw_exchange, sha256_ref,

@@ -31,6 +31,17 @@ use tokio::time::Instant;
 /// Upper bound for any single network exchange a test makes.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How [`Call::try_send`] and [`raw_exchange`] begin the message of a wait that ran out: the
+/// server neither answered nor closed. Tell it apart with [`timed_out`].
+const TIMED_OUT: &str = "no complete response";
+
+/// Whether an error from [`Call::try_send`] means the server went silent (timed out), as
+/// opposed to closing or resetting the connection: a hung gateway must never pass for one that
+/// refused.
+pub fn timed_out(error: &str) -> bool {
+    error.contains(TIMED_OUT)
+}
+
 /// Header the client helpers add to every request so a test can find *its* request upstream.
 pub const PROBE_HEADER: &str = "x-test-probe";
 
@@ -630,7 +641,7 @@ impl Call {
             .body(Full::new(self.body.clone()))
             .map_err(|e| format!("could not build the request: {e}\nsent:\n{sent}"))?;
         match tokio::time::timeout(IO_TIMEOUT, roundtrip(self.addr, request, self.http2)).await {
-            Err(_) => Err(format!("no complete response within {IO_TIMEOUT:?}\nsent:\n{sent}")),
+            Err(_) => Err(format!("{TIMED_OUT} within {IO_TIMEOUT:?}\nsent:\n{sent}")),
             Ok(Err(e)) => Err(format!("transport error: {e:?}\nsent:\n{sent}")),
             Ok(Ok(response)) => {
                 let (parts, body) = response;
@@ -778,6 +789,11 @@ pub struct RawExchange {
 }
 
 impl RawExchange {
+    /// The server neither finished a response nor closed within the wait: it went silent.
+    pub fn timed_out(&self) -> bool {
+        self.error.as_deref().is_some_and(|e| timed_out(e) || e.contains("timed out"))
+    }
+
     fn head_end(&self) -> Option<usize> {
         find(&self.received, b"\r\n\r\n").map(|i| i + 4)
     }
@@ -885,7 +901,7 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawExchange {
                 break;
             }
             Err(_) => {
-                exchange.error = Some(format!("read: no complete response in {IO_TIMEOUT:?}"));
+                exchange.error = Some(format!("read: {TIMED_OUT} in {IO_TIMEOUT:?}"));
                 break;
             }
         }

@@ -8,25 +8,21 @@
 mod support;
 
 use std::collections::HashSet;
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{
-    Call, Exchange, GatewayConfig, RecordingUpstream, Route, WatchedGateway, sha256_ref, strip_ansi,
-};
+use support::process::{PROCESS_TIMEOUT, Process};
+use support::{Call, Exchange, GatewayConfig, RecordingUpstream, Route, WatchedGateway, sha256_ref};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// Bound on one run of the binary, or on `keygate serve` reaching "listening on".
-const PROCESS_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a test waits for a key-file change to show on the wire. The product target is 1 s.
 const DEADLINE: Duration = Duration::from_secs(3);
 /// How often a test looks again while waiting.
@@ -531,76 +527,6 @@ impl Live {
     }
 }
 
-/// A `keygate serve` child, killed when dropped, with its stderr collected line by line.
-struct Serve {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
-}
-
-impl Serve {
-    fn start(ws: &Workspace) -> Self {
-        let mut command = keygate(ws.dir.path());
-        command.arg("serve").arg("-c").arg(ws.config()).stdout(Stdio::null());
-        let mut child = command.spawn().unwrap_or_else(|e| panic!("could not start {command:?}: {e}"));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stderr).lines();
-            // Ends at EOF, when the child exits.
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(strip_ansi(&line)).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines, seen: Vec::new() }
-    }
-
-    /// Waits (bounded) for `listening on ADDR` on stderr.
-    async fn listening_addr(&mut self) -> SocketAddr {
-        let deadline = Instant::now() + PROCESS_TIMEOUT;
-        loop {
-            if let Some(addr) = self.seen.iter().find_map(|l| listening_on(l)) {
-                return addr;
-            }
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) => self.seen.push(line),
-                Ok(None) | Err(_) => {
-                    panic!("no `listening on 127.0.0.1:PORT` on stderr\n{}", self.transcript())
-                }
-            }
-        }
-    }
-
-    /// Everything logged so far (drains what has arrived without waiting).
-    fn transcript(&mut self) -> String {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-        let mut out = String::from("--- keygate serve stderr ---\n");
-        for line in &self.seen {
-            let _ = writeln!(out, "{line}");
-        }
-        out
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-fn listening_on(line: &str) -> Option<SocketAddr> {
-    let after = &line[line.find("listening on ")? + "listening on ".len()..];
-    let start = after.find("127.0.0.1:")?;
-    let candidate = &after[start..];
-    let end =
-        candidate.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':')).unwrap_or(candidate.len());
-    candidate[..end].parse().ok()
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. create
 // ---------------------------------------------------------------------------------------------
@@ -846,26 +772,31 @@ async fn create_revoke_delete_take_effect_on_a_running_keygate_serve() {
     let ws = Workspace::new(&gateway_toml(&upstream.url()));
     // Another key stays in the file throughout, so no edit leaves it empty.
     let anchor = ws.create(&["--name", "anchor"]).await;
-    let mut serve = Serve::start(&ws);
+    let mut serve = Process::serve(&ws.config());
     let addr = serve.listening_addr().await;
     expect(with_key(addr, &anchor)(), &upstream, OK, "the anchor key before any edit").await;
 
     let key = ws.create(&["--name", "fresh", "--scope", "read"]).await;
     let created = Instant::now();
-    let t_create =
-        wait_for(with_key(addr, &key), &upstream, (INVALID, OK), created, "create", || serve.transcript())
-            .await;
+    let t_create = wait_for(with_key(addr, &key), &upstream, (INVALID, OK), created, "create", || {
+        serve.stderr.drain();
+        serve.transcript()
+    })
+    .await;
 
     let id = key.split('_').nth(1).expect("id part").to_owned();
     ws.keys_ok(&["revoke", &id]).await;
     let revoked = Instant::now();
-    let t_revoke =
-        wait_for(with_key(addr, &key), &upstream, (OK, REVOKED), revoked, "revoke", || serve.transcript())
-            .await;
+    let t_revoke = wait_for(with_key(addr, &key), &upstream, (OK, REVOKED), revoked, "revoke", || {
+        serve.stderr.drain();
+        serve.transcript()
+    })
+    .await;
 
     ws.keys_ok(&["delete", &id]).await;
     let deleted = Instant::now();
     let t_delete = wait_for(with_key(addr, &key), &upstream, (REVOKED, INVALID), deleted, "delete", || {
+        serve.stderr.drain();
         serve.transcript()
     })
     .await;

@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,13 +22,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use support::pki::{Leaf, Pki};
+use support::process::Process;
 use support::{
     Call, GatewayConfig, IO_TIMEOUT, Key, PROBE_HEADER, Recorded, RecordingUpstream, Route, WatchedGateway,
     assert_error, assert_rejected, pattern, preview, raw_exchange,
 };
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
@@ -41,8 +40,6 @@ const DEADLINE: Duration = Duration::from_secs(5);
 const POLL_EVERY: Duration = Duration::from_millis(25);
 /// Upper bound on the attempts of one wait, so every loop is bounded by count as well as time.
 const MAX_POLLS: u32 = 1_000;
-/// Bound on the binary reaching "listening on", and on its exit.
-const PROCESS_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
 // Waiting
@@ -1032,85 +1029,6 @@ async fn idle_timeout_closes_idle_keep_alive_and_stalled_bodies() {
 // 7. SIGTERM drain of the real binary
 // ---------------------------------------------------------------------------------------------
 
-/// A running `keygate serve`, killed when dropped.
-struct Served {
-    child: tokio::process::Child,
-    stderr: mpsc::UnboundedReceiver<String>,
-    lines: Vec<String>,
-}
-
-impl Served {
-    fn spawn(dir: &Path) -> Self {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .arg("serve")
-            .arg("-c")
-            .arg(dir.join("keygate.toml"))
-            .current_dir(dir)
-            .env_remove("KEYGATE_CONFIG")
-            .env_remove("KEYGATE_LOG_FORMAT")
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start keygate serve");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            // Ends at EOF, when the child exits.
-            while let Ok(Some(line)) = lines.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, stderr: rx, lines: Vec::new() }
-    }
-
-    /// Waits for a stderr line for which `pick` gives a value.
-    async fn wait_line<T>(&mut self, what: &str, pick: impl Fn(&str) -> Option<T>) -> T {
-        let deadline = Instant::now() + PROCESS_TIMEOUT;
-        for _ in 0..100_000 {
-            if let Some(found) = self.lines.iter().find_map(|l| pick(l)) {
-                return found;
-            }
-            match tokio::time::timeout_at(deadline, self.stderr.recv()).await {
-                Ok(Some(line)) => self.lines.push(line),
-                Ok(None) | Err(_) => break,
-            }
-        }
-        panic!("no {what} on stderr\n{}", self.transcript());
-    }
-
-    /// Collects what stderr has said so far without waiting.
-    fn drain_lines(&mut self) {
-        while let Ok(line) = self.stderr.try_recv() {
-            self.lines.push(line);
-        }
-    }
-
-    fn transcript(&self) -> String {
-        format!("--- keygate stderr ---\n{}", self.lines.join("\n"))
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-/// The address after `marker` in a log line, e.g. `listening on 127.0.0.1:4000`.
-fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
-    let after = &line[line.find(marker)? + marker.len()..];
-    let token: String =
-        after.trim_start().chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect();
-    token.parse().ok()
-}
-
 #[tokio::test]
 async fn sigterm_drains_in_flight_request_then_exits_0() {
     let upstream = RecordingUpstream::start().await;
@@ -1122,13 +1040,9 @@ async fn sigterm_drains_in_flight_request_then_exits_0() {
         .key(key.clone());
     let dir = tempfile::tempdir().expect("temp dir");
     write_config(dir.path(), &config, "[admin]\nlisten = \"127.0.0.1:0\"\n");
-    let mut server = Served::spawn(dir.path());
-    let addr = server
-        .wait_line("`listening on ADDR`", |l| {
-            (!l.contains("admin listening on")).then(|| addr_after(l, "listening on")).flatten()
-        })
-        .await;
-    let admin = server.wait_line("`admin listening on ADDR`", |l| addr_after(l, "admin listening on")).await;
+    let mut server = Process::serve(&dir.path().join("keygate.toml"));
+    let addr = server.listening_addr().await;
+    let admin = server.admin_addr().await;
     let ready = Call::new(admin, Method::GET, "/readyz").send().await;
     assert_eq!(ready.status, StatusCode::OK, "/readyz before SIGTERM\n{ready}");
 
@@ -1170,7 +1084,7 @@ async fn sigterm_drains_in_flight_request_then_exits_0() {
             Err(e) => last = e,
         }
     }
-    server.drain_lines();
+    server.stderr.drain();
     assert!(
         draining,
         "/readyz never said 503 after SIGTERM ({}); last: {last}\n{}",
@@ -1218,7 +1132,7 @@ async fn sigterm_drains_in_flight_request_then_exits_0() {
         .await
         .unwrap_or_else(|_| panic!("keygate did not exit after the drain\n{}", server.transcript()))
         .expect("wait for keygate");
-    server.drain_lines();
+    server.stderr.drain();
     eprintln!("keygate exited {} after SIGTERM with {exit}", ms(signalled_at.elapsed()));
     assert_eq!(exit.code(), Some(0), "exit status after SIGTERM\n{}", server.transcript());
     // The drain ends when the request does (about 5 s), far inside shutdown_timeout (30 s).

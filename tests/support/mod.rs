@@ -6,6 +6,7 @@
 
 pub mod h2;
 pub mod pki;
+pub mod process;
 
 use std::error::Error as StdError;
 use std::fmt::{self, Write as _};

@@ -22,6 +22,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use support::pki::{Leaf, Pki};
+use support::poll::{Attempts, DEADLINE, POLL_EVERY, ms};
 use support::process::Process;
 use support::{
     Call, GatewayConfig, IO_TIMEOUT, Key, PROBE_HEADER, Recorded, RecordingUpstream, Route, WatchedGateway,
@@ -32,51 +33,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
-
-/// How long a test waits for something the product promises "within about a second": five
-/// times that, so a loaded two-core machine does not fail a correct gateway.
-const DEADLINE: Duration = Duration::from_secs(5);
-/// How often a test looks again while waiting.
-const POLL_EVERY: Duration = Duration::from_millis(25);
-/// Upper bound on the attempts of one wait, so every loop is bounded by count as well as time.
-const MAX_POLLS: u32 = 1_000;
-
-// ---------------------------------------------------------------------------------------------
-// Waiting
-// ---------------------------------------------------------------------------------------------
-
-/// A bounded poll: `while poll.again().await { … }` runs the body at once, then every
-/// [`POLL_EVERY`] until `within` has passed or [`MAX_POLLS`] attempts were made.
-struct Attempts {
-    start: Instant,
-    within: Duration,
-    count: u32,
-}
-
-impl Attempts {
-    fn within(within: Duration) -> Self {
-        Self { start: Instant::now(), within, count: 0 }
-    }
-
-    async fn again(&mut self) -> bool {
-        if self.count > 0 {
-            if self.start.elapsed() >= self.within || self.count >= MAX_POLLS {
-                return false;
-            }
-            tokio::time::sleep(POLL_EVERY).await;
-        }
-        self.count += 1;
-        true
-    }
-
-    fn report(&self) -> String {
-        format!("{} attempts in {} ms", self.count, self.start.elapsed().as_millis())
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{} ms", d.as_millis())
-}
 
 // ---------------------------------------------------------------------------------------------
 // Files

@@ -17,16 +17,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use keygate::reload::StatusView;
+use support::poll::{DEADLINE, MAX_POLLS, POLL_EVERY, ms};
 use support::process::Process;
 use support::{Call, Exchange, GatewayConfig, Key, RecordingUpstream, Route, WatchedGateway, keys_toml};
 use tokio::time::Instant;
-
-/// How long a test waits for a change to show. The product target is 1 s.
-const DEADLINE: Duration = Duration::from_secs(3);
-/// How often a test looks again while waiting.
-const POLL_EVERY: Duration = Duration::from_millis(20);
-/// Upper bound on polls in one wait, so the loop is bounded by count as well as by time.
-const MAX_POLLS: u32 = 1_000;
 
 // ---------------------------------------------------------------------------------------------
 // Keys and configs
@@ -150,10 +144,6 @@ fn k8s_swap_link(dir: &Path, stamp: &str, files: &[(&str, &str)]) -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 
 use support::Outcome;
-
-fn ms(d: Duration) -> String {
-    format!("{} ms", d.as_millis())
-}
 
 #[track_caller]
 fn assert_outcome(exchange: &Exchange, outcome: Outcome, context: &str) {

@@ -6,6 +6,7 @@
 
 pub mod h2;
 pub mod pki;
+pub mod poll;
 pub mod process;
 
 use std::error::Error as StdError;

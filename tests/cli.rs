@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use http::Method;
 use serde_json::Value;
+use support::leak;
 use support::process::{PROCESS_TIMEOUT, Process, listening_on};
 use support::{Call, GatewayConfig, Key, RecordingUpstream, Route, keys_toml};
 use tokio::process::Command;
@@ -274,26 +275,10 @@ async fn check_rejects_toml_syntax_error() {
 
 /// A key whose checksum fails: keygate's shape, so it must be rejected before any lookup.
 fn forged_key() -> String {
-    let mut key = Key::generated("forged", &[]).secret;
-    let last = key.pop().expect("non-empty key");
-    key.push(if last == 'A' { 'B' } else { 'A' });
-    key
+    leak::tampered(&Key::generated("forged", &[]).secret)
 }
 
 const RANDOM_KEY: &str = "Rq8vT2mXw9LpZk4Ny7Hc3Bd6Fg1Js5Ua0VeQ";
-
-/// Every 8-character piece of `key` that reaches past its public `<prefix>_<id>_` head.
-fn secret_pieces(key: &str) -> Vec<&str> {
-    let parts: Vec<&str> = key.splitn(3, '_').collect();
-    let public = match parts.as_slice() {
-        [prefix, id, _] if id.len() == 8 => prefix.len() + 1 + id.len() + 1,
-        _ => 0,
-    };
-    (0..=key.len().saturating_sub(8))
-        .filter(|start| start + 8 > public)
-        .map(|start| &key[start..start + 8])
-        .collect()
-}
 
 /// A finished `keygate serve` run and what was sent to it.
 struct ServeRun {
@@ -396,14 +381,7 @@ async fn serve_with_probes(json_logs: bool) -> ServeRun {
 }
 
 fn assert_no_key_in_logs(server: &Process, secrets: &[String]) {
-    let mut leaks = Vec::new();
-    for secret in secrets {
-        for piece in secret_pieces(secret) {
-            for line in server.all_lines().filter(|l| l.contains(piece)) {
-                leaks.push(format!("piece {piece:?} of key {secret:?} in: {line}"));
-            }
-        }
-    }
+    let mut leaks = leak::leaks(server.all_lines(), secrets);
     leaks.dedup();
     assert!(
         leaks.is_empty(),

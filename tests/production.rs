@@ -24,6 +24,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Server
 use support::pki::{Leaf, Pki};
 use support::poll::{Attempts, DEADLINE, POLL_EVERY, ms};
 use support::process::Process;
+use support::rename_over;
 use support::{
     Call, GatewayConfig, IO_TIMEOUT, Key, PROBE_HEADER, Recorded, RecordingUpstream, Route, WatchedGateway,
     assert_error, assert_rejected, pattern, preview, raw_exchange,
@@ -45,14 +46,6 @@ fn write_config(dir: &Path, config: &GatewayConfig, extra: &str) -> PathBuf {
     std::fs::write(&path, format!("{}\n{extra}", config.gateway_toml())).expect("write keygate.toml");
     std::fs::write(dir.join("keys.toml"), config.keys_toml()).expect("write keys.toml");
     path
-}
-
-/// Replaces `path` the way deploy tools do: write a temporary file beside it, then rename.
-fn rename_over(path: &Path, text: &str) {
-    let name = path.file_name().expect("file name").to_string_lossy();
-    let temp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&temp, text).expect("write temporary file");
-    std::fs::rename(&temp, path).expect("rename over");
 }
 
 // ---------------------------------------------------------------------------------------------

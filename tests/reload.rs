@@ -10,7 +10,6 @@ mod support;
 
 use std::collections::HashSet;
 use std::io::Write as _;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +19,7 @@ use keygate::reload::StatusView;
 use support::poll::{DEADLINE, MAX_POLLS, POLL_EVERY, ms};
 use support::process::Process;
 use support::{Call, Exchange, GatewayConfig, Key, RecordingUpstream, Route, WatchedGateway, keys_toml};
+use support::{inode, rename_over};
 use tokio::time::Instant;
 
 // ---------------------------------------------------------------------------------------------
@@ -54,10 +54,6 @@ fn write_plain(dir: &Path, gateway_toml: &str, keys: &str) -> PathBuf {
 // Changing files the ways tools do
 // ---------------------------------------------------------------------------------------------
 
-fn inode(path: &Path) -> u64 {
-    std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display())).ino()
-}
-
 /// Truncates the file and writes `text` into the same inode with a single `write` call, as
 /// `echo … > file` or an editor set to overwrite does. One call keeps the window in which the
 /// file is empty as short as the kernel allows.
@@ -72,23 +68,6 @@ fn write_in_place(path: &Path, text: &str) {
     assert_eq!(written, text.len(), "a short write to {}: the test needs one write call", path.display());
     drop(file);
     assert_eq!(inode(path), before, "an in-place write must keep the inode of {}", path.display());
-}
-
-/// Writes `text` to a temporary file in the same folder, then renames it over `path`, as
-/// `keygate keys …`, `mv` and most editors do: readers see the old file or the new one.
-fn rename_over(path: &Path, text: &str) {
-    let name = path.file_name().expect("a file name").to_string_lossy();
-    let temp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    {
-        let mut file =
-            std::fs::File::create(&temp).unwrap_or_else(|e| panic!("create {}: {e}", temp.display()));
-        file.write_all(text.as_bytes()).unwrap_or_else(|e| panic!("write {}: {e}", temp.display()));
-        file.sync_all().unwrap_or_else(|e| panic!("sync {}: {e}", temp.display()));
-    }
-    let before = path.exists().then(|| inode(path));
-    std::fs::rename(&temp, path)
-        .unwrap_or_else(|e| panic!("rename {} over {}: {e}", temp.display(), path.display()));
-    assert_ne!(before, Some(inode(path)), "a rename over {} must replace its inode", path.display());
 }
 
 /// vim's default save: rename the file to `file~`, write a new file, delete the backup. For a

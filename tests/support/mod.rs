@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test crate uses a different part of this module
 
 pub mod h2;
+pub mod leak;
 pub mod pki;
 pub mod poll;
 pub mod process;
@@ -1000,6 +1001,30 @@ pub fn strip_ansi(text: &str) -> String {
         }
     }
     out
+}
+
+/// Writes `text` to a temporary file in the same folder, then renames it over `path`, as
+/// `keygate keys …`, `mv` and most editors do: readers see the old file or the new one.
+pub fn rename_over(path: &std::path::Path, text: &str) {
+    use std::io::Write as _;
+    let name = path.file_name().expect("a file name").to_string_lossy();
+    let temp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    {
+        let mut file =
+            std::fs::File::create(&temp).unwrap_or_else(|e| panic!("create {}: {e}", temp.display()));
+        file.write_all(text.as_bytes()).unwrap_or_else(|e| panic!("write {}: {e}", temp.display()));
+        file.sync_all().unwrap_or_else(|e| panic!("sync {}: {e}", temp.display()));
+    }
+    let before = path.exists().then(|| inode(path));
+    std::fs::rename(&temp, path)
+        .unwrap_or_else(|e| panic!("rename {} over {}: {e}", temp.display(), path.display()));
+    assert_ne!(before, Some(inode(path)), "a rename over {} must replace its inode", path.display());
+}
+
+/// The inode number of `path`: a rename over it changes it, an in-place write does not.
+pub fn inode(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display())).ino()
 }
 
 /// The path of `program`, found on `PATH`; fails the test with one sentence saying how to

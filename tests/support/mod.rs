@@ -5,6 +5,11 @@
 #![allow(dead_code)] // each test crate uses a different part of this module
 
 pub mod browser;
+pub mod h2;
+pub mod leak;
+pub mod pki;
+pub mod poll;
+pub mod process;
 pub mod redis;
 pub mod served;
 
@@ -12,7 +17,7 @@ use std::error::Error as StdError;
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +36,17 @@ use tokio::time::Instant;
 
 /// Upper bound for any single network exchange a test makes.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How [`Call::try_send`] and [`raw_exchange`] begin the message of a wait that ran out: the
+/// server neither answered nor closed. Tell it apart with [`timed_out`].
+const TIMED_OUT: &str = "no complete response";
+
+/// Whether an error from [`Call::try_send`] means the server went silent (timed out), as
+/// opposed to closing or resetting the connection: a hung gateway must never pass for one that
+/// refused.
+pub fn timed_out(error: &str) -> bool {
+    error.contains(TIMED_OUT)
+}
 
 /// Header the client helpers add to every request so a test can find *its* request upstream.
 pub const PROBE_HEADER: &str = "x-test-probe";
@@ -118,7 +134,15 @@ impl fmt::Debug for Recorded {
 pub struct RecordingUpstream {
     addr: SocketAddr,
     log: Arc<Mutex<Vec<Recorded>>>,
+    load: Arc<InFlight>,
     accept: JoinHandle<()>,
+}
+
+/// Requests being answered now, and the most there ever were at once.
+#[derive(Default)]
+struct InFlight {
+    now: AtomicUsize,
+    most: AtomicUsize,
 }
 
 impl RecordingUpstream {
@@ -126,8 +150,15 @@ impl RecordingUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind recording upstream");
         let addr = listener.local_addr().expect("upstream local addr");
         let log = Arc::new(Mutex::new(Vec::new()));
-        let accept = tokio::spawn(upstream_accept_loop(listener, Arc::clone(&log)));
-        Self { addr, log, accept }
+        let load = Arc::new(InFlight::default());
+        let accept = tokio::spawn(upstream_accept_loop(listener, Arc::clone(&log), Arc::clone(&load)));
+        Self { addr, log, load, accept }
+    }
+
+    /// The most requests this upstream was answering at the same time (from the moment a
+    /// request's head arrived until its response was handed back).
+    pub fn most_in_flight(&self) -> usize {
+        self.load.most.load(Ordering::SeqCst)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -177,12 +208,22 @@ impl Drop for RecordingUpstream {
     }
 }
 
-async fn upstream_accept_loop(listener: TcpListener, log: Arc<Mutex<Vec<Recorded>>>) {
+async fn upstream_accept_loop(listener: TcpListener, log: Arc<Mutex<Vec<Recorded>>>, load: Arc<InFlight>) {
     // Ends when the task is aborted (the upstream is dropped) or accept fails.
     while let Ok((stream, peer)) = listener.accept().await {
         let log = Arc::clone(&log);
+        let load = Arc::clone(&load);
         tokio::spawn(async move {
-            let service = service_fn(move |req| upstream_answer(req, peer, Arc::clone(&log)));
+            let service = service_fn(move |req| {
+                let (log, load) = (Arc::clone(&log), Arc::clone(&load));
+                async move {
+                    let now = load.now.fetch_add(1, Ordering::SeqCst) + 1;
+                    load.most.fetch_max(now, Ordering::SeqCst);
+                    let answer = upstream_answer(req, peer, log).await;
+                    load.now.fetch_sub(1, Ordering::SeqCst);
+                    answer
+                }
+            });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -685,7 +726,11 @@ impl Call {
             .body(Full::new(self.body.clone()))
             .map_err(|e| format!("could not build the request: {e}\nsent:\n{sent}"))?;
         match tokio::time::timeout(IO_TIMEOUT, roundtrip(self.addr, self.from, request, self.http2)).await {
-            Err(_) => Err(format!("no complete response within {IO_TIMEOUT:?}\nsent:\n{sent}")),
+            Err(_) => Err(format!(
+                "{TIMED_OUT} within {IO_TIMEOUT:?}
+sent:
+{sent}"
+            )),
             Ok(Err(e)) => Err(format!("transport error: {e:?}\nsent:\n{sent}")),
             Ok(Ok(response)) => {
                 let (parts, body) = response;
@@ -847,6 +892,11 @@ pub struct RawExchange {
 }
 
 impl RawExchange {
+    /// The server neither finished a response nor closed within the wait: it went silent.
+    pub fn timed_out(&self) -> bool {
+        self.error.as_deref().is_some_and(|e| timed_out(e) || e.contains("timed out"))
+    }
+
     fn head_end(&self) -> Option<usize> {
         find(&self.received, b"\r\n\r\n").map(|i| i + 4)
     }
@@ -954,7 +1004,7 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawExchange {
                 break;
             }
             Err(_) => {
-                exchange.error = Some(format!("read: no complete response in {IO_TIMEOUT:?}"));
+                exchange.error = Some(format!("read: {TIMED_OUT} in {IO_TIMEOUT:?}"));
                 break;
             }
         }
@@ -1051,6 +1101,45 @@ pub fn strip_ansi(text: &str) -> String {
         }
     }
     out
+}
+
+/// Writes `text` to a temporary file in the same folder, then renames it over `path`, as
+/// `keygate keys …`, `mv` and most editors do: readers see the old file or the new one.
+pub fn rename_over(path: &std::path::Path, text: &str) {
+    use std::io::Write as _;
+    let name = path.file_name().expect("a file name").to_string_lossy();
+    let temp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    {
+        let mut file =
+            std::fs::File::create(&temp).unwrap_or_else(|e| panic!("create {}: {e}", temp.display()));
+        file.write_all(text.as_bytes()).unwrap_or_else(|e| panic!("write {}: {e}", temp.display()));
+        file.sync_all().unwrap_or_else(|e| panic!("sync {}: {e}", temp.display()));
+    }
+    let before = path.exists().then(|| inode(path));
+    std::fs::rename(&temp, path)
+        .unwrap_or_else(|e| panic!("rename {} over {}: {e}", temp.display(), path.display()));
+    assert_ne!(before, Some(inode(path)), "a rename over {} must replace its inode", path.display());
+}
+
+/// The inode number of `path`: a rename over it changes it, an in-place write does not.
+pub fn inode(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display())).ino()
+}
+
+/// The path of `program`, found on `PATH`; fails the test with one sentence saying how to
+/// install it when it is missing (`scripts/test` installs every program the suite needs).
+pub fn require_program(program: &str, install: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(candidate).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(|| {
+            panic!("this test needs `{program}`, which is not on PATH: install it with `{install}` (or run scripts/test, which does)")
+        })
 }
 
 /// `keygate` (the real binary) with a clean environment — no inherited config or log

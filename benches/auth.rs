@@ -29,6 +29,8 @@ fn table(n: usize) -> (KeyTable, Vec<String>) {
             expires_at,
             revoked_at: None,
             rate_limit: None,
+            meta: Box::default(),
+            allowed_ips: None,
             quota: None,
             consumer: None,
         };

@@ -55,7 +55,38 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> 
     respond(status, "application/json", value.to_string())
 }
 
+/// Whether the admin listener answers a request naming this Host: an IP literal, `localhost`,
+/// or a name in `[admin] hosts`. Anything else may be a DNS-rebinding page in an operator's
+/// browser that has pointed its own name at this address.
+fn host_allowed(gateway: &Gateway, request: &Request<Incoming>) -> bool {
+    let raw = match request.uri().authority() {
+        Some(authority) => authority.as_str().as_bytes().to_vec(),
+        None => match request.headers().get(header::HOST) {
+            Some(host) => host.as_bytes().to_vec(),
+            // HTTP/1.0 without Host: no browser sends that.
+            None => return true,
+        },
+    };
+    let Ok(host) = crate::proxy::host::parse(&raw) else { return false };
+    let name = host.name();
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<std::net::IpAddr>().is_ok() || name.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    gateway
+        .snapshot()
+        .admin
+        .as_ref()
+        .is_some_and(|admin| admin.hosts.iter().any(|h| h.eq_ignore_ascii_case(name)))
+}
+
 pub async fn answer(gateway: &Gateway, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if !host_allowed(gateway, request) {
+        return json(
+            StatusCode::MISDIRECTED_REQUEST,
+            &serde_json::json!({"error": "misdirected_request", "message": "the admin listener does not answer for this Host; add it to [admin] hosts"}),
+        );
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -205,15 +205,28 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
         None => Some(10_000),
     };
     let admin = match &file.admin {
-        Some(a) => check(source, &a.listen, parse_addr).map(|listen| {
-            Some(AdminSettings { listen, per_key_metrics: a.per_key_metrics.unwrap_or(false) })
-        }),
+        Some(a) => {
+            let listen = check(source, &a.listen, parse_addr);
+            let hosts: Vec<Option<String>> =
+                a.hosts.iter().flatten().map(|h| check(source, h, |h| parse_host(h))).collect();
+            let hosts: Option<Vec<String>> = hosts.into_iter().collect();
+            match (listen, hosts) {
+                (Some(listen), Some(hosts)) => Some(Some(AdminSettings {
+                    listen,
+                    per_key_metrics: a.per_key_metrics.unwrap_or(false),
+                    hosts,
+                })),
+                _ => None,
+            }
+        }
         None => Some(None),
     };
+    let trusted_proxies = networks(source, s.trusted_proxies.as_deref().unwrap_or_default());
     let auth = build_auth(source, &file);
     let store = build_store(source, &file, base);
     let allow_encoded_slashes = s.allow_encoded_slashes.unwrap_or(false);
-    let routes = build_routes(source, file.routes, base);
+    let key_headers = auth.as_ref().map(AuthSettings::key_headers).unwrap_or_default();
+    let routes = build_routes(source, file.routes, base, &key_headers);
     Some(Gateway {
         tls: tls?,
         server: ServerSettings {
@@ -227,6 +240,7 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
             idle_timeout: idle_timeout?,
             h2_max_concurrent_streams: h2_streams?,
             max_connections: max_connections?,
+            trusted_proxies: trusted_proxies?.into(),
         },
         admin: admin?,
         auth: auth?,
@@ -312,14 +326,26 @@ fn build_auth(source: &mut SourceFile, file: &GatewayFile) -> Option<AuthSetting
     Some(AuthSettings { sources: sources?, key_prefix: key_prefix? })
 }
 
-fn build_routes(source: &mut SourceFile, files: Vec<Spanned<RouteFile>>, base: &Path) -> Option<RouteTable> {
+/// A list of networks (`trusted_proxies`, `allowed_ips`), each entry checked where it is written.
+fn networks(source: &mut SourceFile, list: &[Spanned<String>]) -> Option<Vec<ipnet::IpNet>> {
+    let parsed: Vec<Option<ipnet::IpNet>> =
+        list.iter().map(|n| check(source, n, |t| crate::proxy::client::parse_network(t))).collect();
+    parsed.into_iter().collect()
+}
+
+fn build_routes(
+    source: &mut SourceFile,
+    files: Vec<Spanned<RouteFile>>,
+    base: &Path,
+    key_headers: &[http::HeaderName],
+) -> Option<RouteTable> {
     let mut seen: HashMap<(Option<String>, String), ()> = HashMap::new();
     let mut routes = Vec::with_capacity(files.len());
     let mut ok = true;
     for spanned in files {
         let span = spanned.span();
         let file = spanned.into_inner();
-        match build_route(source, file, base) {
+        match build_route(source, file, base, key_headers) {
             Some(route) => {
                 if seen.insert((route.host.clone(), route.prefix.clone()), ()).is_some() {
                     source.push(
@@ -340,7 +366,12 @@ fn build_routes(source: &mut SourceFile, files: Vec<Spanned<RouteFile>>, base: &
     ok.then(|| RouteTable::new(routes))
 }
 
-fn build_route(source: &mut SourceFile, file: RouteFile, base: &Path) -> Option<Route> {
+fn build_route(
+    source: &mut SourceFile,
+    file: RouteFile,
+    base: &Path,
+    key_headers: &[http::HeaderName],
+) -> Option<Route> {
     let prefix = check(source, &file.prefix, |p| {
         if !p.starts_with('/') {
             return Err(format!("prefix {p:?} must start with '/'"));
@@ -378,6 +409,12 @@ fn build_route(source: &mut SourceFile, file: RouteFile, base: &Path) -> Option<
         source.push(file.prefix.span(), "a public route cannot require scopes");
         return None;
     }
+    let cors = match &file.cors {
+        Some(cors) => {
+            build_cors(source, cors, scopes.as_ref().and_then(Option::as_ref), key_headers).map(Some)
+        }
+        None => Some(None),
+    };
     let (prefix, host) = (prefix?, host?);
     Some(Route {
         label: crate::metrics::LabelText(format!("{}{prefix}", host.as_deref().unwrap_or("")).into()),
@@ -387,8 +424,45 @@ fn build_route(source: &mut SourceFile, file: RouteFile, base: &Path) -> Option<
         public: file.public,
         preserve_host: file.preserve_host,
         scopes: scopes?,
+        cors: cors?,
         metrics: None,
     })
+}
+
+fn build_cors(
+    source: &mut SourceFile,
+    file: &Spanned<file::CorsFile>,
+    scopes: Option<&ScopeRule>,
+    key_headers: &[http::HeaderName],
+) -> Option<crate::proxy::cors::Cors> {
+    let cors = file.get_ref();
+    let origins: Vec<Option<String>> = cors
+        .allow_origins
+        .get_ref()
+        .iter()
+        .map(|o| check(source, o, |t| crate::proxy::cors::parse_origin(t)))
+        .collect();
+    let headers: Vec<Option<http::HeaderName>> = cors
+        .allow_headers
+        .iter()
+        .map(|h| {
+            check(source, h, |t| {
+                http::HeaderName::from_bytes(t.trim().as_bytes())
+                    .map_err(|_| format!("allow_headers entry {t:?} is not a header name"))
+            })
+        })
+        .collect();
+    let max_age = duration_or(source, &cors.max_age, Duration::from_secs(600));
+    let (origins, headers, max_age): (Option<Vec<String>>, Option<Vec<http::HeaderName>>, _) =
+        (origins.into_iter().collect(), headers.into_iter().collect(), max_age);
+    let (origins, headers, max_age) = (origins?, headers?, max_age?);
+    match crate::proxy::cors::Cors::new(origins, scopes, key_headers, &headers, max_age) {
+        Ok(cors) => Some(cors),
+        Err(message) => {
+            source.push(cors.allow_origins.span(), message);
+            None
+        }
+    }
 }
 
 fn parse_upstream(text: &str) -> Result<Upstream, String> {
@@ -494,6 +568,53 @@ fn header_text(what: &str) -> impl Fn(&String) -> Result<HeaderValue, String> + 
         }
         HeaderValue::from_bytes(text.as_bytes()).map_err(|_| format!("{what} cannot travel in a header"))
     }
+}
+
+/// The longest `meta` value, so identity headers stay well inside any upstream's header limits.
+const META_VALUE_MAX: usize = 1024;
+
+/// `meta = { name = "value" }` → `x-keygate-meta-<name>` headers. Names are header names and
+/// so case-insensitive: two that differ only in case would be one header, and are refused.
+fn build_meta(
+    source: &mut SourceFile,
+    meta: &Spanned<std::collections::BTreeMap<String, Spanned<String>>>,
+) -> Option<Box<[(http::HeaderName, HeaderValue)]>> {
+    let mut out: Vec<(http::HeaderName, HeaderValue)> = Vec::with_capacity(meta.get_ref().len());
+    let mut ok = true;
+    for (name, value) in meta.get_ref() {
+        let header = check(source, value, |_| {
+            let valid_name = (1..=64).contains(&name.len())
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            if !valid_name {
+                return Err(format!("meta name {name:?} must be 1 to 64 letters, digits or '-'"));
+            }
+            http::HeaderName::from_bytes(format!("x-keygate-meta-{}", name.to_ascii_lowercase()).as_bytes())
+                .map_err(|_| format!("meta name {name:?} cannot be a header name"))
+        });
+        let text = check(source, value, |text| {
+            if text.len() > META_VALUE_MAX {
+                return Err(format!("meta value of {name:?} is longer than {META_VALUE_MAX} bytes"));
+            }
+            if text.chars().any(char::is_control) || text.trim_matches([' ', '\t']) != text.as_str() {
+                return Err(format!(
+                    "meta value of {name:?} must be free of control characters and of leading or trailing spaces"
+                ));
+            }
+            HeaderValue::from_bytes(text.as_bytes())
+                .map_err(|_| format!("meta value of {name:?} cannot travel in a header"))
+        });
+        match (header, text) {
+            (Some(header), Some(text)) => {
+                if out.iter().any(|(h, _)| *h == header) {
+                    source.push(value.span(), format!("meta name {name:?} is already given in another case"));
+                    ok = false;
+                }
+                out.push((header, text));
+            }
+            _ => ok = false,
+        }
+    }
+    ok.then(|| out.into_boxed_slice())
 }
 
 /// Files above this size are read by several threads, each taking a run of whole entries.
@@ -654,6 +775,7 @@ struct ParsedKey {
 #[derive(Default)]
 struct KeyValidator {
     scope_sets: HashMap<Vec<String>, Arc<ScopeSet>>,
+    networks: HashMap<Vec<ipnet::IpNet>, Arc<[ipnet::IpNet]>>,
     consumers: HashMap<String, Arc<Consumer>>,
 }
 
@@ -698,6 +820,25 @@ impl KeyValidator {
             .map(Some),
             None => Some(None),
         };
+        let meta = match &key.meta {
+            Some(meta) => build_meta(source, meta),
+            None => Some(Box::default()),
+        };
+        let allowed_ips = match &key.allowed_ips {
+            None => Some(None),
+            Some(list) if list.get_ref().is_empty() => {
+                source.push(
+                    list.span(),
+                    "allowed_ips is empty, so no client could use this key; remove it to allow any address",
+                );
+                None
+            }
+            Some(list) => networks(source, list.get_ref()).map(|nets| {
+                // Keys given the same networks (a team's office, say) share one list.
+                let shared = self.networks.entry(nets.clone()).or_insert_with(|| nets.into());
+                Some(Arc::clone(shared))
+            }),
+        };
         let quota = match &key.quota {
             Some(q) => check(source, q, |q| {
                 QuotaLimit::parse(q).ok_or_else(|| format!("quota {q:?} must be N/day or N/month with N > 0"))
@@ -734,6 +875,8 @@ impl KeyValidator {
             expires_at: expires_at?,
             revoked_at: revoked_at?,
             rate_limit: rate_limit?,
+            meta: meta?,
+            allowed_ips: allowed_ips?,
             quota: quota?,
             consumer: consumer?,
         };
@@ -802,7 +945,7 @@ GET = "read"
 
         let bad = GATEWAY
             .replace("http://127.0.0.1:3000/base/", "ftp://x")
-            .replace("[auth]", "[auth]\nsources = [\"cookie:x\"]");
+            .replace("[auth]", "[auth]\nsources = [\"bogus:x\"]");
         let errors = load_pair(&bad, &key("a", "k1").replace("sha256:", "md5:")).unwrap_err();
         assert_eq!(errors.0.len(), 3, "{errors}");
     }
@@ -894,6 +1037,128 @@ GET = "read"
         let errors = load_pair(GATEWAY, &with_same_key).unwrap_err().0;
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].message.contains("duplicate hash"), "{errors:?}");
+    }
+
+    #[test]
+    fn meta_allowed_ips_cors_and_trusted_proxies_load_ready() {
+        let gateway = GATEWAY.replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]",
+        ) + "[routes.cors]\nallow_origins = [\"https://App.test\"]\nallow_headers = [\"X-Client\"]\nmax_age = \"1h\"\n";
+        let keys = key("a", "k1")
+            + "meta = { tenant = \"acme\", Plan = \"pro plan\" }\nallowed_ips = [\"203.0.113.9/24\", \"2001:db8::/32\"]\n";
+        let snapshot = load_pair(&gateway, &keys).unwrap();
+        assert_eq!(snapshot.server.trusted_proxies.len(), 2);
+        let entry = snapshot.keys.get(&KeyHash::of("k1")).unwrap();
+        let meta: Vec<(String, String)> =
+            entry.meta.iter().map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string())).collect();
+        assert_eq!(
+            meta,
+            [
+                ("x-keygate-meta-plan".to_string(), "pro plan".to_string()),
+                ("x-keygate-meta-tenant".to_string(), "acme".to_string())
+            ]
+        );
+        assert!(entry.admits("203.0.113.200".parse().unwrap()));
+        assert!(entry.admits("2001:db8::7".parse().unwrap()));
+        assert!(!entry.admits("203.0.114.1".parse().unwrap()));
+        let route = snapshot.routes.find(None, "/x").unwrap();
+        let cors = route.cors.as_ref().unwrap();
+        assert!(cors.allow_origin(&HeaderValue::from_static("https://app.test")).is_some());
+        let preflight = cors.preflight();
+        assert_eq!(preflight.headers()["access-control-max-age"], "3600");
+        assert_eq!(preflight.headers()["access-control-allow-headers"], "x-api-key, content-type, x-client");
+    }
+
+    #[test]
+    fn meta_allowed_ips_cors_and_trusted_proxies_errors_say_where() {
+        let with_server = |line: &str| {
+            GATEWAY.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:0\"\n{line}"))
+        };
+        let with_cors = |body: &str| format!("{GATEWAY}[routes.cors]\n{body}");
+        let long = "x".repeat(1025);
+        let cases = [
+            (
+                GATEWAY.to_string(),
+                "meta = { \"bad name\" = \"x\" }\n".to_string(),
+                "keys.toml:6:23: meta name",
+            ),
+            (
+                GATEWAY.to_string(),
+                "meta = { tenant = \"a\\tb\" }\n".to_string(),
+                "keys.toml:6:19: meta value",
+            ),
+            (GATEWAY.to_string(), format!("meta = {{ tenant = \"{long}\" }}\n"), "longer than 1024"),
+            (GATEWAY.to_string(), "meta = { Tenant = \"a\", tenant = \"b\" }\n".to_string(), "another case"),
+            (GATEWAY.to_string(), "meta = { t = \" padded\" }\n".to_string(), "leading or trailing"),
+            (
+                GATEWAY.to_string(),
+                "allowed_ips = [\"10.0.0.0/33\"]\n".to_string(),
+                "keys.toml:6:16: \"10.0.0.0/33\" is not",
+            ),
+            (GATEWAY.to_string(), "allowed_ips = []\n".to_string(), "keys.toml:6:15: allowed_ips is empty"),
+            (
+                with_server("trusted_proxies = [\"nope\"]"),
+                String::new(),
+                "keygate.toml:4:20: \"nope\" is not",
+            ),
+            (
+                with_cors("allow_origins = [\"https://a.test/\"]\n"),
+                String::new(),
+                "keygate.toml:13:18: allow_origins entry",
+            ),
+            (with_cors("allow_origins = [\"*\", \"https://a.test\"]\n"), String::new(), "list no others"),
+            (with_cors("allow_origins = []\n"), String::new(), "at least one origin"),
+            (with_cors("allow_origins = [\"*\"]\nmax_age = \"soon\"\n"), String::new(), "duration"),
+            (
+                with_cors("allow_origins = [\"*\"]\nallow_headers = [\"bad header\"]\n"),
+                String::new(),
+                "not a header name",
+            ),
+            (with_cors("allow_origin = [\"*\"]\n"), String::new(), "unknown field"),
+        ];
+        for (gateway, extra, want) in cases {
+            let keys = if extra.is_empty() { String::new() } else { key("a", "k") + &extra };
+            let errors = load_pair(&gateway, &keys).unwrap_err().to_string();
+            assert!(errors.contains(want), "want {want:?} in {errors}");
+        }
+    }
+
+    #[test]
+    fn meta_and_allowed_ips_read_the_same_through_the_fast_reader_and_toml() {
+        let entry = |i: usize, meta: &str| {
+            key(&format!("id{i}"), &format!("k{i}"))
+                + &format!(
+                    "meta = {{ {meta} = \"t{i}\", plan = 'pro' }}\nallowed_ips = [\"10.{}.0.0/16\"]\n",
+                    i % 256
+                )
+        };
+        let check_table = |text: &str, n: usize| {
+            let snapshot = load_pair(GATEWAY, text).unwrap();
+            assert_eq!(snapshot.keys.len(), n);
+            for i in [0, n / 2, n - 1] {
+                let found = snapshot.keys.get(&KeyHash::of(&format!("k{i}"))).unwrap();
+                assert_eq!(found.meta.len(), 2);
+                assert_eq!(found.meta[1].0.as_str(), "x-keygate-meta-tenant");
+                assert_eq!(found.meta[1].1, format!("t{i}").as_str());
+                assert!(found.admits(format!("10.{}.3.4", i % 256).parse().unwrap()));
+                assert!(!found.admits(format!("10.{}.3.4", (i + 1) % 256).parse().unwrap()));
+            }
+        };
+        // Large enough to be read in parallel parts by the fast reader.
+        let mut plain = String::new();
+        let mut n = 0;
+        while plain.len() <= PARALLEL_ABOVE + 1024 {
+            plain += &entry(n, "tenant");
+            n += 1;
+        }
+        check_table(&plain, n);
+        // A quoted name leaves the plain form: the whole file goes through the TOML parser.
+        let mut mixed = String::new();
+        for i in 0..2000 {
+            mixed += &entry(i, if i == 1000 { "\"tenant\"" } else { "tenant" });
+        }
+        check_table(&mixed, 2000);
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Prometheus metrics: request counts and latencies by route and status, auth rejections by
 //! reason, reloads by result, keys by state. Labels are route labels and fixed words, never a
 //! raw path, so their number stays bounded; `key_id` appears only with `per_key_metrics`.
+//! The standard `process_*` metrics come from [`process`].
+
+pub mod process;
 
 use std::fmt;
 use std::sync::Arc;
@@ -222,6 +225,7 @@ impl Metrics {
             keys.get_or_create(&StateLabels { state }).set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         dynamic.register("keygate_keys", "Keys in the running key table, by state", keys);
+        process::Sample::read().register(&mut dynamic);
         let cluster_errors = Counter::<u64>::default();
         cluster_errors.inc_by(current.cluster_errors);
         dynamic.register(
@@ -277,6 +281,10 @@ mod tests {
             "keygate_request_duration_seconds_bucket{le=\"0.0005\",route=\"/api/\"} 2",
             "keygate_config_reloads_total{result=\"failure\"} 1",
             "keygate_keys{state=\"revoked\"} 1",
+            #[cfg(target_os = "linux")]
+            "# TYPE process_cpu_seconds counter",
+            #[cfg(target_os = "linux")]
+            "# TYPE process_resident_memory_bytes gauge",
             "# EOF",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");

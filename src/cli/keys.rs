@@ -83,6 +83,12 @@ pub fn run(config_path: &Path, command: KeysCommand) -> Outcome {
         KeysCommand::Import(args) => {
             let grant = grant(args, now)?;
             let key = read_stdin_key()?;
+            if key.chars().count() < keys::MIN_IMPORTED_KEY_LEN {
+                return Err(format!(
+                    "the key on stdin is shorter than {} characters: a key that short can be guessed; make a new one with `keygate keys create`",
+                    keys::MIN_IMPORTED_KEY_LEN
+                ));
+            }
             let hash = keys::hash_key(&key);
             let id = edit(config_path, |doc, _| {
                 if let Some(existing) = lifecycle::id_of_hash(doc, &hash) {
@@ -221,7 +227,7 @@ fn grant(args: GrantArgs, now: OffsetDateTime) -> Result<Grant, String> {
         return Err("--consumer must be 1 to 128 bytes of text without control characters".to_string());
     }
     let expires_at = expires.map(|e| parse_expiry(&e, now)).transpose()?.flatten();
-    Ok(Grant { name, scopes, expires_at, rate_limit, quota, consumer })
+    Ok(Grant { name, scopes, expires_at, rate_limit, quota, consumer, ..Grant::default() })
 }
 
 /// `never`, a duration from now, or an RFC 3339 instant.
@@ -249,6 +255,7 @@ fn read_stdin_key() -> Result<String, String> {
     if key.is_empty() {
         return Err("no key on stdin".to_string());
     }
+
     Ok(key.to_string())
 }
 

@@ -33,6 +33,7 @@ pub struct ServerFile {
     pub idle_timeout: Option<Spanned<String>>,
     pub h2_max_concurrent_streams: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub trusted_proxies: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -40,6 +41,7 @@ pub struct ServerFile {
 pub struct AdminFile {
     pub listen: Spanned<String>,
     pub per_key_metrics: Option<bool>,
+    pub hosts: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +78,17 @@ pub struct RouteFile {
     pub preserve_host: bool,
     pub ca_file: Option<Spanned<String>>,
     pub scopes: Option<Spanned<BTreeMap<String, Spanned<ScopeList>>>>,
+    pub cors: Option<Spanned<CorsFile>>,
+}
+
+/// `[routes.cors]`: keygate answers the route's CORS preflights itself.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsFile {
+    pub allow_origins: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub allow_headers: Vec<Spanned<String>>,
+    pub max_age: Option<Spanned<String>>,
 }
 
 /// A method's required scope: one name, or a list of which any one suffices.
@@ -115,6 +128,8 @@ pub struct KeyFile {
     pub expires_at: Option<Spanned<Datetime>>,
     pub revoked_at: Option<Spanned<Datetime>>,
     pub rate_limit: Option<Spanned<String>>,
+    pub meta: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
+    pub allowed_ips: Option<Spanned<Vec<Spanned<String>>>>,
     pub quota: Option<Spanned<String>>,
     pub consumer: Option<Spanned<String>>,
 }

@@ -38,12 +38,17 @@ pub struct ServerSettings {
     pub idle_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
     pub max_connections: usize,
+    /// Peers whose `X-Forwarded-For` is believed (`proxy::client`).
+    pub trusted_proxies: std::sync::Arc<[ipnet::IpNet]>,
 }
 
 #[derive(Debug, Clone)]
 pub struct AdminSettings {
     pub listen: SocketAddr,
     pub per_key_metrics: bool,
+    /// Host names the admin listener answers besides IP literals and `localhost`: lower case,
+    /// no trailing dot.
+    pub hosts: Vec<String>,
 }
 
 /// Counts for `keygate check` and `/status`.

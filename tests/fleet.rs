@@ -403,3 +403,33 @@ async fn a_state_file_is_written_while_running_and_survives_a_crash() {
     assert_error(&second.get("/a", &key.secret).send().await, 429, "quota_exceeded");
     assert_eq!(upstream.count(), 3);
 }
+
+#[tokio::test]
+async fn a_replica_started_before_redis_serves_and_joins_when_it_appears() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = Key::generated("limited", &[]);
+    let port = support::redis::free_port();
+    let cluster = format!(
+        "[cluster]\nredis = \"redis://127.0.0.1:{port}/0\"\nnamespace = \"test\"\ntimeout = \"100ms\"\n"
+    );
+    let config = write_config(dir.path(), &upstream, &cluster, &[key_with(&key, &[("rate_limit", "3/h")])]);
+    let replica = Served::start(&config).await;
+    let status = replica.status().await;
+    assert_eq!(status["cluster"]["connected"], false, "{status:#}");
+    assert_eq!(replica.lines_with("Redis is not reachable").len(), 1, "{}", replica.log());
+    // Served from the start, limited locally (one replica known: the whole rate).
+    let (forwarded, refused) = spread(std::slice::from_ref(&replica), &key.secret, 5, "rate_limited").await;
+    assert_eq!((forwarded, refused), (3, 2));
+    let redis = RedisServer::start_at(port).await;
+    replica
+        .wait_status("connected", |s| {
+            s["cluster"]["connected"] == true && s["cluster"]["last_error"].is_null()
+        })
+        .await;
+    // Shared counting from now on: a fresh bucket in Redis.
+    let (forwarded, _) = spread(std::slice::from_ref(&replica), &key.secret, 5, "rate_limited").await;
+    assert_eq!(forwarded, 3, "the bucket now lives in Redis");
+    let bucket = redis.command(&["EXISTS", &format!("test:{{k:{}}}:bucket", key.id)]).await;
+    assert_eq!(bucket.as_deref(), Some(":1\r\n"));
+}

@@ -249,7 +249,7 @@ async fn redis_trouble_refuses_nothing(gone: bool) {
         key_with(&billed, &[("quota", "5/day")]),
     ];
     let config = write_config(dir.path(), &upstream, &cluster_section(&redis, "100ms"), &keys);
-    let replicas = fleet(&config, 2).await;
+    let mut replicas = fleet(&config, 2).await;
     // One billed request while Redis counts: a gone Redis forgets it, a slow one does not.
     assert_eq!(spread(&replicas, &billed.secret, 1, "quota_exceeded").await, (1, 0));
 
@@ -271,8 +271,9 @@ async fn redis_trouble_refuses_nothing(gone: bool) {
     assert_eq!(forwarded, 4, "fallback buckets hold rate / replicas in all");
     // Quota counted locally meanwhile: 2 requests.
     assert_eq!(spread(&replicas, &billed.secret, 2, "quota_exceeded").await, (2, 0));
-    for replica in &replicas {
-        assert_eq!(replica.lines_with("Redis failed").len(), 1, "one warning per outage\n{}", replica.log());
+    for replica in &mut replicas {
+        let warnings = replica.count("Redis failed");
+        assert_eq!(warnings, 1, "one warning per outage\n{}", replica.log());
     }
 
     if gone {
@@ -414,10 +415,11 @@ async fn a_replica_started_before_redis_serves_and_joins_when_it_appears() {
         "[cluster]\nredis = \"redis://127.0.0.1:{port}/0\"\nnamespace = \"test\"\ntimeout = \"100ms\"\n"
     );
     let config = write_config(dir.path(), &upstream, &cluster, &[key_with(&key, &[("rate_limit", "3/h")])]);
-    let replica = Served::start(&config).await;
+    let mut replica = Served::start(&config).await;
     let status = replica.status().await;
     assert_eq!(status["cluster"]["connected"], false, "{status:#}");
-    assert_eq!(replica.lines_with("Redis is not reachable").len(), 1, "{}", replica.log());
+    let warnings = replica.count("Redis is not reachable");
+    assert_eq!(warnings, 1, "{}", replica.log());
     // Served from the start, limited locally (one replica known: the whole rate).
     let (forwarded, refused) = spread(std::slice::from_ref(&replica), &key.secret, 5, "rate_limited").await;
     assert_eq!((forwarded, refused), (3, 2));

@@ -7,6 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use support::poll::{Attempts, DEADLINE};
 use support::redis::RedisServer;
 use support::served::Served;
 use support::{GatewayConfig, Key, RecordingUpstream, Route, assert_error, keygate_command};
@@ -195,16 +196,13 @@ async fn quota_survives_a_restart(extra: &str) {
     assert_error(&fourth, 429, "quota_exceeded");
     assert_eq!(upstream.count(), 3, "the quota held across the restart");
     // Usage reaches the store within a flush, and `keys list` reads it while the gateway runs.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let listed = keys_list(&config, false).await;
-        if listed.contains("3/3") {
-            assert!(listed.contains("LAST USED") && listed.contains("USED"), "{listed}");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "keys list never showed 3/3 used:\n{listed}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut poll = Attempts::within(DEADLINE * 2);
+    let mut listed = String::new();
+    while poll.again().await && !listed.contains("3/3") {
+        listed = keys_list(&config, false).await;
     }
+    assert!(listed.contains("3/3"), "keys list never showed 3/3 used ({}):\n{listed}", poll.report());
+    assert!(listed.contains("LAST USED") && listed.contains("USED"), "{listed}");
     let json: serde_json::Value =
         serde_json::from_str(&keys_list(&config, true).await).expect("keys list --json");
     assert_eq!(json[0]["used"], 3, "{json:#}");
@@ -393,11 +391,12 @@ async fn a_state_file_is_written_while_running_and_survives_a_crash() {
         assert_eq!(first.get("/a", &key.secret).send().await.status, 200);
     }
     // The periodic write (every 2 s), not the one at shutdown: seen while the gateway runs.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !keys_list(&config, false).await.contains("2/3") {
-        assert!(tokio::time::Instant::now() < deadline, "the state file never showed 2/3");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut poll = Attempts::within(DEADLINE * 2);
+    let mut listed = String::new();
+    while poll.again().await && !listed.contains("2/3") {
+        listed = keys_list(&config, false).await;
     }
+    assert!(listed.contains("2/3"), "the state file never showed 2/3 ({}):\n{listed}", poll.report());
     first.kill().await; // no shutdown write
     let second = Served::start(&config).await;
     assert_eq!(second.get("/a", &key.secret).send().await.status, 200);

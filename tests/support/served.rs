@@ -2,13 +2,11 @@
 //! [`Process`](super::process::Process) plus its two addresses, requests with a key, `/status`
 //! polling, and the two ways a replica stops (SIGTERM, SIGKILL).
 
+use http::Method;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
-use http::Method;
-use tokio::time::Instant;
-
+use super::poll::{Attempts, DEADLINE};
 use super::process::{PROCESS_TIMEOUT, Process};
 use super::{Call, Exchange};
 
@@ -54,25 +52,22 @@ impl Served {
         exchange.json().unwrap_or_else(|| panic!("/status is not JSON\n{exchange}"))
     }
 
-    /// Polls `/status` (bounded, 10 s) until `done` holds for it; fails showing the last one.
+    /// Polls `/status` (bounded: twice [`DEADLINE`], Redis being probed every half second)
+    /// until `done` holds for it; fails showing the last one.
     pub async fn wait_status(
         &self,
         what: &str,
         done: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let status = self.status().await;
+        let mut poll = Attempts::within(DEADLINE * 2);
+        let mut status = serde_json::Value::Null;
+        while poll.again().await {
+            status = self.status().await;
             if done(&status) {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "/status never showed {what}: {status:#}\n{}",
-                self.process.transcript()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        panic!("/status never showed {what} ({}): {status:#}\n{}", poll.report(), self.process.transcript());
     }
 
     /// SIGTERM, then waits (bounded) for a clean exit: what a deploy does.

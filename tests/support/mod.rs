@@ -4,6 +4,8 @@
 //! (a listener handed to `serve` is already bound, so the gateway accepts as soon as it exists).
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod pki;
+
 use std::error::Error as StdError;
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
@@ -114,7 +116,47 @@ impl fmt::Debug for Recorded {
 pub struct RecordingUpstream {
     addr: SocketAddr,
     log: Arc<Mutex<Vec<Recorded>>>,
+    conns: Arc<ConnectionCount>,
     accept: JoinHandle<()>,
+}
+
+/// Connections a test server has accepted: in all, open now, and the most open at once.
+#[derive(Default, Debug)]
+pub struct ConnectionCount {
+    accepted: AtomicU64,
+    open: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl ConnectionCount {
+    /// Counts one accepted connection until the returned guard is dropped.
+    pub fn opened(self: &Arc<Self>) -> OpenConnection {
+        self.accepted.fetch_add(1, Ordering::SeqCst);
+        let open = self.open.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(open, Ordering::SeqCst);
+        OpenConnection(Arc::clone(self))
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::SeqCst)
+    }
+}
+
+/// One connection counted as open by a [`ConnectionCount`].
+pub struct OpenConnection(Arc<ConnectionCount>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl RecordingUpstream {
@@ -122,8 +164,31 @@ impl RecordingUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind recording upstream");
         let addr = listener.local_addr().expect("upstream local addr");
         let log = Arc::new(Mutex::new(Vec::new()));
-        let accept = tokio::spawn(upstream_accept_loop(listener, Arc::clone(&log)));
-        Self { addr, log, accept }
+        let conns = Arc::new(ConnectionCount::default());
+        let accept = tokio::spawn(upstream_accept_loop(listener, Arc::clone(&log), Arc::clone(&conns), None));
+        Self { addr, log, conns, accept }
+    }
+
+    /// The same upstream behind TLS with `config` (its certificate names `localhost`); use
+    /// [`https_url`](Self::https_url) for the route.
+    pub async fn start_tls(config: Arc<rustls::ServerConfig>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind recording upstream");
+        let addr = listener.local_addr().expect("upstream local addr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let conns = Arc::new(ConnectionCount::default());
+        let tls = Some(tokio_rustls::TlsAcceptor::from(config));
+        let accept = tokio::spawn(upstream_accept_loop(listener, Arc::clone(&log), Arc::clone(&conns), tls));
+        Self { addr, log, conns, accept }
+    }
+
+    /// `https://localhost:PORT`, for a route to an upstream made by [`start_tls`](Self::start_tls).
+    pub fn https_url(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
+
+    /// The connections keygate has opened to this upstream.
+    pub fn connections(&self) -> &ConnectionCount {
+        &self.conns
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -173,15 +238,31 @@ impl Drop for RecordingUpstream {
     }
 }
 
-async fn upstream_accept_loop(listener: TcpListener, log: Arc<Mutex<Vec<Recorded>>>) {
+async fn upstream_accept_loop(
+    listener: TcpListener,
+    log: Arc<Mutex<Vec<Recorded>>>,
+    conns: Arc<ConnectionCount>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     // Ends when the task is aborted (the upstream is dropped) or accept fails.
     while let Ok((stream, peer)) = listener.accept().await {
         let log = Arc::clone(&log);
+        let open = conns.opened();
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let _open = open;
             let service = service_fn(move |req| upstream_answer(req, peer, Arc::clone(&log)));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            match tls {
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                }
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(stream).await {
+                        let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                    }
+                }
+            }
         });
     }
 }
@@ -242,6 +323,8 @@ pub struct Route {
     host: Option<String>,
     preserve_host: bool,
     scopes: Vec<(String, Vec<String>)>,
+    /// Further raw TOML lines of the route (`protocol = "h2"`, `ca_file = "ca.pem"`).
+    extra: Vec<String>,
 }
 
 impl Route {
@@ -253,7 +336,14 @@ impl Route {
             host: None,
             preserve_host: false,
             scopes: Vec::new(),
+            extra: Vec::new(),
         }
+    }
+
+    /// Sets a further route field; `value` is raw TOML (`"\"h2\""`).
+    pub fn field(mut self, field: &str, value: &str) -> Self {
+        self.extra.push(format!("{field} = {value}"));
+        self
     }
 
     pub fn public(mut self) -> Self {
@@ -289,6 +379,10 @@ impl Route {
         }
         if self.preserve_host {
             out.push_str("preserve_host = true\n");
+        }
+        for line in &self.extra {
+            out.push_str(line);
+            out.push('\n');
         }
         if !self.scopes.is_empty() {
             out.push_str("[routes.scopes]\n");

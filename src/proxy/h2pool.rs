@@ -209,9 +209,10 @@ impl H2Pool {
             .initial_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
             .handshake::<_, Bytes>(io);
-        let (sender, connection) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+        let (sender, mut connection) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
             .await
             .map_err(|_| "h2 handshake timed out")??;
+        let ping_pong = connection.ping_pong();
         let closed = Arc::new(AtomicBool::new(false));
         let pool = Arc::downgrade(&self.shared);
         let driver_closed = Arc::clone(&closed);
@@ -227,6 +228,13 @@ impl H2Pool {
                 pool.changed.notify_waiters();
             }
         });
+        // The peer's SETTINGS (its stream limit above all) come before its answer to a PING,
+        // so after one round trip `current_max_send_streams` is the peer's, not h2's guess.
+        if let Some(mut ping_pong) = ping_pong {
+            tokio::time::timeout(CONNECT_TIMEOUT, ping_pong.ping(h2::Ping::opaque()))
+                .await
+                .map_err(|_| "h2 settings exchange timed out")??;
+        }
         let now = self.shared.now_ms();
         Ok(Arc::new(Conn { sender, streams: AtomicUsize::new(0), closed, last_used: AtomicU64::new(now) }))
     }
@@ -326,6 +334,13 @@ async fn copy_body(body: &mut RequestBody, stream: &mut SendStream<Bytes>) -> Re
         let frame = match frame.into_data() {
             Ok(mut data) => {
                 let end = body.is_end_stream();
+                if data.is_empty() {
+                    // An empty DATA frame carrying only END_STREAM (as tonic ends a call).
+                    if end {
+                        return stream.send_data(data, true).map_err(|_| Reason::CANCEL);
+                    }
+                    continue;
+                }
                 while !data.is_empty() {
                     stream.reserve_capacity(data.len());
                     let granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {

@@ -4,6 +4,7 @@
 //! (a listener handed to `serve` is already bound, so the gateway accepts as soon as it exists).
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod grpc;
 pub mod pki;
 
 use std::error::Error as StdError;
@@ -282,7 +283,12 @@ async fn upstream_answer(
     let response_bytes = header_number(&parts.headers, "x-test-response-bytes");
     log.lock().expect("upstream log").push(Recorded {
         method: parts.method,
-        uri: parts.uri.to_string(),
+        // HTTP/2 always carries scheme and authority as pseudo-headers, which hyper puts in
+        // the URI; the target itself is the path and query.
+        uri: match parts.version {
+            Version::HTTP_2 => parts.uri.path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.to_string()),
+            _ => parts.uri.to_string(),
+        },
         version: parts.version,
         headers: parts.headers,
         body: body.clone(),

@@ -34,6 +34,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection with no stream open this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Attempts at a request whose stream could not be opened (see [`H2Pool::send`]).
+const MAX_TRIES: u32 = 3;
 
 /// The HTTP/2 connections to one upstream; clones share them.
 #[derive(Clone)]
@@ -108,27 +110,55 @@ impl H2Pool {
     /// a shared connection and waits for the response head.
     pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<H2Body>, SendError> {
         let (head, body) = request.into_parts();
-        let (sender, claim) = loop {
-            let claim = self.claim().await?;
-            match claim.conn.sender.clone().ready().await {
-                Ok(sender) => break (sender, claim),
-                // Closed under us (GOAWAY, reset): nothing was sent, so another try is safe.
-                Err(error) => {
-                    tracing::debug!(upstream = %self.shared.authority, %error, "h2 connection unusable");
-                    claim.conn.closed.store(true, Ordering::Release);
-                }
-            }
-        };
-        let mut sender = sender;
         let end = body.is_end_stream();
-        let (response, stream) = sender.send_request(Request::from_parts(head, ()), end)?;
-        let (cancel, cancelled) = oneshot::channel();
-        let claim = Arc::new(claim);
-        if !end {
-            tokio::spawn(pump(body, stream, cancelled, Arc::clone(&claim)));
+        let mut body = Some(body);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let claim = self.claim().await?;
+            // A connection found closed (GOAWAY, reset) before the stream was opened, or a
+            // stream the peer refused unprocessed (REFUSED_STREAM, RFC 9113 §8.7, only when no
+            // body went out), is tried again on another: the upstream never acted on it.
+            let mut sender = match claim.conn.sender.clone().ready().await {
+                Ok(sender) => sender,
+                Err(error) if tries < MAX_TRIES => {
+                    self.unusable(&claim, &error);
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            let (response, stream) = match sender.send_request(copy_head(&head), end) {
+                Ok(sent) => sent,
+                Err(error) if tries < MAX_TRIES => {
+                    self.unusable(&claim, &error);
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            let (cancel, cancelled) = oneshot::channel();
+            let claim = Arc::new(claim);
+            if let Some(body) = body.take().filter(|_| !end) {
+                tokio::spawn(pump(body, stream, cancelled, Arc::clone(&claim)));
+            }
+            let response = match response.await {
+                Ok(response) => response,
+                Err(error) if end && tries < MAX_TRIES && error.reason() == Some(Reason::REFUSED_STREAM) => {
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            return Ok(response.map(|recv| H2Body {
+                recv,
+                data_done: false,
+                _cancel: cancel,
+                _claim: claim,
+            }));
         }
-        let response = response.await?;
-        Ok(response.map(|recv| H2Body { recv, data_done: false, _cancel: cancel, _claim: claim }))
+    }
+
+    fn unusable(&self, claim: &Claim, error: &h2::Error) {
+        tracing::debug!(upstream = %self.shared.authority, %error, "h2 upstream connection unusable");
+        claim.conn.closed.store(true, Ordering::Release);
     }
 
     /// A stream on a connection with room, opening a connection when none has any.
@@ -304,6 +334,16 @@ impl Drop for Claim {
             pool.changed.notify_one();
         }
     }
+}
+
+/// The request head for one attempt (a failed attempt consumes its copy).
+fn copy_head(head: &http::request::Parts) -> Request<()> {
+    let mut request = Request::new(());
+    *request.method_mut() = head.method.clone();
+    *request.uri_mut() = head.uri.clone();
+    *request.version_mut() = head.version;
+    *request.headers_mut() = head.headers.clone();
+    request
 }
 
 /// Copies the client's request body (data, then trailers) onto the upstream stream, within

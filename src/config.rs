@@ -744,6 +744,11 @@ GET = "read"
         let rule = route.scopes.as_ref().unwrap();
         assert_eq!(rule.required(&Method::DELETE).unwrap().len(), 2);
         assert_eq!(snapshot.server.request_timeout, Duration::from_secs(30));
+        assert_eq!(snapshot.server.upstream_max_connections, 512);
+        assert_eq!(route.upstream.transport.spec().protocol, crate::proxy::transport::Protocol::Http1);
+        let h2 = load_pair(&GATEWAY.replace("upstream = ", "protocol = \"h2\"\nupstream = "), "").unwrap();
+        let route = h2.routes.find(None, "/x").unwrap();
+        assert_eq!(route.upstream.transport.spec().protocol, crate::proxy::transport::Protocol::H2);
     }
 
     #[test]
@@ -786,6 +791,19 @@ GET = "read"
             (GATEWAY.to_string(), key("a", "k") + "rate_limit = \"5/d\"\n", "rate_limit"),
             (GATEWAY.to_string(), key("a", "k") + &key("b", "k"), "duplicate hash"),
             (GATEWAY.replace("\"/\"", "\"/a/../\""), String::new(), "normalised"),
+            (
+                GATEWAY.replace("upstream = ", "protocol = \"h3\"\nupstream = "),
+                String::new(),
+                "protocol \"h3\" must be",
+            ),
+            (
+                GATEWAY.replace(
+                    "listen = \"127.0.0.1:0\"",
+                    "listen = \"127.0.0.1:0\"\nupstream_max_connections = 0",
+                ),
+                String::new(),
+                "must be between 1 and 100000",
+            ),
         ];
         for (gateway, keys, want) in cases {
             let errors = load_pair(&gateway, &keys).unwrap_err().to_string();

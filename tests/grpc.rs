@@ -102,7 +102,9 @@ async fn rejections_reach_grpc_clients_as_grpc_statuses_and_never_the_server() {
     let client = GrpcClient::h2c(gateway.addr);
 
     assert_status(client.clone().echo("x").await, Code::Unauthenticated, "missing_api_key");
-    let bogus = format!("{}x", &caller.secret[..caller.secret.len() - 1]);
+    // The last character changed (so the checksum fails): never the key itself.
+    let (body, last) = caller.secret.split_at(caller.secret.len() - 1);
+    let bogus = format!("{body}{}", if last == "x" { "y" } else { "x" });
     assert_status(
         client.clone().with("x-api-key", &bogus).echo("x").await,
         Code::Unauthenticated,
@@ -481,6 +483,55 @@ async fn an_upstream_reset_mid_body_reaches_the_client_as_a_reset() {
     feed.send(Err(std::io::Error::other("the upstream gives up"))).await.expect("feed reset");
     let next = tokio::time::timeout(IO_TIMEOUT, body.frame()).await.expect("reset in time");
     assert!(matches!(next, Some(Err(_))), "the client's stream was not reset: {next:?}");
+    task.abort();
+}
+
+/// An h2c upstream that answers one request per connection and then closes it gracefully
+/// (GOAWAY), as nginx does after `keepalive_requests`; streams it will not serve it refuses.
+async fn one_request_per_connection_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else { return };
+                if let Some(Ok((_request, mut respond))) = conn.accept().await {
+                    if let Ok(mut body) = respond.send_response(Response::new(()), false) {
+                        let _ = body.send_data(Bytes::from_static(b"ok"), true);
+                    }
+                    conn.graceful_shutdown();
+                }
+                while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn an_upstream_closing_connections_gracefully_loses_no_request() {
+    let (upstream, task) = one_request_per_connection_upstream().await;
+    let key = Key::generated("goaway", &["read"]);
+    let gateway = GatewayConfig::new()
+        .route(Route::new("/", &format!("http://{upstream}")).field("protocol", "\"h2\""))
+        .key(key.clone())
+        .start()
+        .await;
+    for n in 0..5 {
+        let got = gateway.get("/one").header("x-api-key", &key.secret).send().await;
+        assert_eq!(got.status, StatusCode::OK, "request {n}\n{got}");
+    }
+    // At once: each connection serves one and refuses the others, which keygate sends again
+    // on the next connection (a pathological upstream: six requests need up to six tries).
+    let calls: Vec<_> =
+        (0..6).map(|_| tokio::spawn(gateway.get("/many").header("x-api-key", &key.secret).send())).collect();
+    for call in calls {
+        let got = call.await.expect("call");
+        assert_eq!(got.status, StatusCode::OK, "{got}");
+        assert_eq!(&got.body[..], b"ok", "{got}");
+    }
     task.abort();
 }
 

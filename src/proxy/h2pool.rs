@@ -35,7 +35,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// Attempts at a request whose stream could not be opened (see [`H2Pool::send`]).
-const MAX_TRIES: u32 = 3;
+const MAX_TRIES: u32 = 10;
 
 /// The HTTP/2 connections to one upstream; clones share them.
 #[derive(Clone)]
@@ -117,8 +117,9 @@ impl H2Pool {
             tries += 1;
             let claim = self.claim().await?;
             // A connection found closed (GOAWAY, reset) before the stream was opened, or a
-            // stream the peer refused unprocessed (REFUSED_STREAM, RFC 9113 §8.7, only when no
-            // body went out), is tried again on another: the upstream never acted on it.
+            // stream the peer left unprocessed (REFUSED_STREAM, or above a GOAWAY's last stream,
+            // RFC 9113 §8.7; only when no body went out), is tried again on another: the
+            // upstream never acted on it.
             let mut sender = match claim.conn.sender.clone().ready().await {
                 Ok(sender) => sender,
                 Err(error) if tries < MAX_TRIES => {
@@ -142,9 +143,7 @@ impl H2Pool {
             }
             let response = match response.await {
                 Ok(response) => response,
-                Err(error) if end && tries < MAX_TRIES && error.reason() == Some(Reason::REFUSED_STREAM) => {
-                    continue;
-                }
+                Err(error) if end && tries < MAX_TRIES && unprocessed(&error) => continue,
                 Err(error) => return Err(error.into()),
             };
             return Ok(response.map(|recv| H2Body {
@@ -334,6 +333,11 @@ impl Drop for Claim {
             pool.changed.notify_one();
         }
     }
+}
+
+/// The peer says it never processed the stream: refused, or cut off by its GOAWAY.
+fn unprocessed(error: &h2::Error) -> bool {
+    error.reason() == Some(Reason::REFUSED_STREAM) || (error.is_go_away() && error.is_remote())
 }
 
 /// The request head for one attempt (a failed attempt consumes its copy).

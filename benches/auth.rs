@@ -29,6 +29,10 @@ fn table(n: usize) -> (KeyTable, Vec<String>) {
             expires_at,
             revoked_at: None,
             rate_limit: None,
+            meta: Box::default(),
+            allowed_ips: None,
+            quota: None,
+            consumer: None,
         };
         entries.push(entry);
         if i % (n / 10).max(1) == 0 {

@@ -36,7 +36,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) {
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let gateway = Arc::clone(&gateway);
-                async move { Ok::<_, Infallible>(answer(&gateway, &request)) }
+                async move { Ok::<_, Infallible>(answer(&gateway, &request).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), service).await;
         });
@@ -55,7 +55,38 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> 
     respond(status, "application/json", value.to_string())
 }
 
-pub fn answer(gateway: &Gateway, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// Whether the admin listener answers a request naming this Host: an IP literal, `localhost`,
+/// or a name in `[admin] hosts`. Anything else may be a DNS-rebinding page in an operator's
+/// browser that has pointed its own name at this address.
+fn host_allowed(gateway: &Gateway, request: &Request<Incoming>) -> bool {
+    let raw = match request.uri().authority() {
+        Some(authority) => authority.as_str().as_bytes().to_vec(),
+        None => match request.headers().get(header::HOST) {
+            Some(host) => host.as_bytes().to_vec(),
+            // HTTP/1.0 without Host: no browser sends that.
+            None => return true,
+        },
+    };
+    let Ok(host) = crate::proxy::host::parse(&raw) else { return false };
+    let name = host.name();
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<std::net::IpAddr>().is_ok() || name.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    gateway
+        .snapshot()
+        .admin
+        .as_ref()
+        .is_some_and(|admin| admin.hosts.iter().any(|h| h.eq_ignore_ascii_case(name)))
+}
+
+pub async fn answer(gateway: &Gateway, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if !host_allowed(gateway, request) {
+        return json(
+            StatusCode::MISDIRECTED_REQUEST,
+            &serde_json::json!({"error": "misdirected_request", "message": "the admin listener does not answer for this Host; add it to [admin] hosts"}),
+        );
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -77,6 +108,7 @@ pub fn answer(gateway: &Gateway, request: &Request<Incoming>) -> Response<Full<B
                 keys_active: summary.active as u64,
                 keys_expired: summary.expired as u64,
                 keys_revoked: summary.revoked as u64,
+                cluster_errors: gateway.counters().status().cluster_errors,
             };
             match gateway.metrics().render(&current) {
                 Ok(text) => respond(
@@ -97,9 +129,8 @@ pub fn answer(gateway: &Gateway, request: &Request<Incoming>) -> Response<Full<B
             let loaded_at = time::OffsetDateTime::from(snapshot.loaded_at)
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default();
-            json(
-                StatusCode::OK,
-                &serde_json::json!({
+            let counters = gateway.counters().status();
+            let mut status = serde_json::json!({
                     "generation": reloads.generation,
                     "loaded_at": loaded_at,
                     "routes": summary.routes,
@@ -112,12 +143,64 @@ pub fn answer(gateway: &Gateway, request: &Request<Incoming>) -> Response<Full<B
                     "reloads": { "success": reloads.successes, "failure": reloads.failures },
                     "last_reload_error": reloads.last_error,
                     "draining": gateway.is_draining(),
-                }),
-            )
+                    "store": "file",
+                    "counters": counters.kind,
+            });
+            if let (Some(cluster), Some(object)) = (counters.cluster, status.as_object_mut()) {
+                object.insert("cluster".to_string(), serde_json::json!(cluster));
+            }
+            json(StatusCode::OK, &status)
         }
+        "/usage" => usage(gateway).await,
         _ => json(
             StatusCode::NOT_FOUND,
-            &serde_json::json!({"error": "not_found", "message": "admin endpoints: /healthz /readyz /metrics /status"}),
+            &serde_json::json!({"error": "not_found", "message": "admin endpoints: /healthz /readyz /metrics /status /usage"}),
+        ),
+    }
+}
+
+/// Every key's last use and requests this period, with its quota, from the counters store.
+async fn usage(gateway: &Gateway) -> Response<Full<Bytes>> {
+    let snapshot = gateway.snapshot();
+    let now = SystemTime::now();
+    let keys: Vec<(String, crate::quota::Period)> = snapshot
+        .keys
+        .entries()
+        .map(|k| (String::from_utf8_lossy(k.id.as_bytes()).into_owned(), k.usage_period()))
+        .collect();
+    match gateway.counters().usage(&keys, now).await {
+        Ok(usage) => {
+            let rows: Vec<serde_json::Value> = snapshot
+                .keys
+                .entries()
+                .zip(&keys)
+                .zip(usage)
+                .map(|((entry, (id, _)), usage)| {
+                    let quota = entry.quota.map(|q| {
+                        let unit = match q.period {
+                            crate::quota::Period::Day => "day",
+                            crate::quota::Period::Month => "month",
+                        };
+                        format!("{}/{unit}", q.limit)
+                    });
+                    let consumer = entry
+                        .consumer
+                        .as_ref()
+                        .map(|c| String::from_utf8_lossy(c.name.as_bytes()).into_owned());
+                    serde_json::json!({
+                        "id": id,
+                        "consumer": consumer,
+                        "quota": quota,
+                        "last_used_at": usage.last_used_at.map(crate::counters::usage_timestamp),
+                        "used": usage.used,
+                    })
+                })
+                .collect();
+            json(StatusCode::OK, &serde_json::json!({ "keys": rows }))
+        }
+        Err(error) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"error": "store_unavailable", "message": format!("usage could not be read: {error}")}),
         ),
     }
 }

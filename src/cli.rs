@@ -72,6 +72,9 @@ pub fn run(cli: Cli) -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
         Ok(snapshot) => {
+            if let Some(warning) = snapshot.store_warning() {
+                eprintln!("warning: {warning}");
+            }
             println!("ok: {}", snapshot.summary(SystemTime::now()));
             ExitCode::SUCCESS
         }
@@ -96,7 +99,11 @@ fn serve(path: &std::path::Path) -> ExitCode {
     block_on(workers, async move {
         let summary = snapshot.summary(SystemTime::now());
         tracing::info!(config = %snapshot.config_path.display(), "loaded {summary}");
-        let gateway = Arc::new(Gateway::new(snapshot));
+        if let Some(warning) = snapshot.store_warning() {
+            tracing::warn!("{warning}");
+        }
+        let counters = crate::counters::open(&snapshot.store).await?;
+        let gateway = Arc::new(Gateway::with_counters(snapshot, counters));
         // Signal handlers first: once "listening on" is logged, SIGHUP and SIGTERM must already
         // mean reload and drain, never the default of killing the process.
         let shutdown = server::shutdown_signal();
@@ -114,7 +121,9 @@ fn serve(path: &std::path::Path) -> ExitCode {
             }
             None => None,
         };
-        let served = server::serve(listener, gateway, shutdown).await.map_err(|e| e.to_string());
+        let served = server::serve(listener, Arc::clone(&gateway), shutdown).await.map_err(|e| e.to_string());
+        // What is still batched (usage, quota counts) is written before the process ends.
+        gateway.counters().flush().await;
         // The admin listener outlives the drain so `/readyz` can say 503 meanwhile.
         if let Some(admin) = admin {
             admin.abort();

@@ -20,7 +20,10 @@ use toml::Spanned;
 pub use error::{ConfigError, ConfigErrors};
 pub use snapshot::{AdminSettings, ServerSettings, Snapshot, Summary};
 
-use crate::keys::{Duplicate, KeyEntry, KeyHash, KeyTable, RateLimit, ScopeSet};
+use crate::counters::{ClusterSettings, StoreSettings};
+use crate::quota::QuotaLimit;
+
+use crate::keys::{Consumer, Duplicate, KeyEntry, KeyHash, KeyTable, RateLimit, ScopeSet};
 use crate::proxy::auth::{AuthSettings, Source};
 use crate::proxy::path::normalize;
 use crate::proxy::route::{Route, RouteTable, ScopeRule, Upstream};
@@ -61,6 +64,7 @@ pub fn load(config_path: &Path) -> Result<Snapshot, ConfigErrors> {
             admin: gateway.admin,
             auth: gateway.auth,
             routes: gateway.routes,
+            store: gateway.store,
             keys,
             loaded_at: SystemTime::now(),
         }),
@@ -92,6 +96,18 @@ pub fn key_file_of(config_path: &Path) -> Result<(PathBuf, String), ConfigErrors
     }
 }
 
+/// Where usage and quota counts are kept, from a valid `keygate.toml`; the key file is not read.
+pub fn store_of(config_path: &Path) -> Result<StoreSettings, ConfigErrors> {
+    let text = read(config_path)?;
+    let mut source = SourceFile::new(config_path, &text);
+    let file: GatewayFile = toml::from_str(&text).map_err(|e| source.toml_error(&e))?;
+    let base = config_path.parent().unwrap_or(Path::new(""));
+    match build_gateway(&mut source, file, base) {
+        Some(gateway) if source.errors.is_empty() => Ok(gateway.store),
+        _ => Err(ConfigErrors(source.errors)),
+    }
+}
+
 /// Parses a duration as the config files write them (`500ms`, `30s`, `90d`).
 pub fn parse_duration_text(text: &str) -> Result<Duration, String> {
     parse_duration(&text.to_string())
@@ -108,6 +124,7 @@ struct Gateway {
     admin: Option<AdminSettings>,
     auth: AuthSettings,
     routes: RouteTable,
+    store: StoreSettings,
 }
 
 /// Runs `parse` on a spanned value, recording a located error on failure.
@@ -192,14 +209,29 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
         None => Some(512),
     };
     let admin = match &file.admin {
-        Some(a) => check(source, &a.listen, parse_addr).map(|listen| {
-            Some(AdminSettings { listen, per_key_metrics: a.per_key_metrics.unwrap_or(false) })
-        }),
+        Some(a) => {
+            let listen = check(source, &a.listen, parse_addr);
+            let hosts: Vec<Option<String>> =
+                a.hosts.iter().flatten().map(|h| check(source, h, |h| parse_host(h))).collect();
+            let hosts: Option<Vec<String>> = hosts.into_iter().collect();
+            match (listen, hosts) {
+                (Some(listen), Some(hosts)) => Some(Some(AdminSettings {
+                    listen,
+                    per_key_metrics: a.per_key_metrics.unwrap_or(false),
+                    hosts,
+                })),
+                _ => None,
+            }
+        }
         None => Some(None),
     };
+    let trusted_proxies = networks(source, s.trusted_proxies.as_deref().unwrap_or_default());
     let auth = build_auth(source, &file);
+    let store = build_store(source, &file, base);
     let allow_encoded_slashes = s.allow_encoded_slashes.unwrap_or(false);
-    let routes = build_routes(source, file.routes, base, upstream_max_connections.unwrap_or(512));
+    let key_headers = auth.as_ref().map(AuthSettings::key_headers).unwrap_or_default();
+    let routes =
+        build_routes(source, file.routes, base, &key_headers, upstream_max_connections.unwrap_or(512));
     Some(Gateway {
         tls: tls?,
         server: ServerSettings {
@@ -214,11 +246,64 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
             h2_max_concurrent_streams: h2_streams?,
             max_connections: max_connections?,
             upstream_max_connections: upstream_max_connections?,
+            trusted_proxies: trusted_proxies?.into(),
         },
         admin: admin?,
         auth: auth?,
         routes: routes?,
+        store: store?,
     })
+}
+
+/// `[cluster]` wins over `[state]`: with both, counts live in Redis and the file is unused.
+fn build_store(source: &mut SourceFile, file: &GatewayFile, base: &Path) -> Option<StoreSettings> {
+    if let Some(cluster) = &file.cluster {
+        let client = check(source, &cluster.redis, |url| {
+            let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+            if !scheme_ok {
+                return Err(format!("redis {url:?} must be a redis:// or rediss:// URL"));
+            }
+            ::redis::Client::open(url.as_str()).map_err(|e| format!("redis URL is not valid: {e}"))
+        });
+        let namespace = match &cluster.namespace {
+            Some(n) => check(source, n, |n| {
+                if !n.is_empty()
+                    && n.len() <= 64
+                    && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+                {
+                    Ok(n.clone())
+                } else {
+                    Err("namespace must be 1 to 64 letters, digits, '.', '_', ':' or '-'".to_string())
+                }
+            }),
+            None => Some("keygate".to_string()),
+        };
+        let timeout = duration_or(source, &cluster.timeout, Duration::from_millis(50));
+        let display = redacted_url(cluster.redis.get_ref());
+        return Some(StoreSettings::Cluster(Box::new(ClusterSettings {
+            client: client?,
+            display,
+            namespace: namespace?,
+            timeout: timeout?,
+        })));
+    }
+    match &file.state {
+        Some(state) => Some(StoreSettings::Local { path: base.join(state.path.get_ref()) }),
+        None => Some(StoreSettings::Memory),
+    }
+}
+
+/// A Redis URL fit for a log line: any password replaced.
+fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
+        }
+        None => url.to_string(),
+    }
 }
 
 fn build_auth(source: &mut SourceFile, file: &GatewayFile) -> Option<AuthSettings> {
@@ -247,10 +332,18 @@ fn build_auth(source: &mut SourceFile, file: &GatewayFile) -> Option<AuthSetting
     Some(AuthSettings { sources: sources?, key_prefix: key_prefix? })
 }
 
+/// A list of networks (`trusted_proxies`, `allowed_ips`), each entry checked where it is written.
+fn networks(source: &mut SourceFile, list: &[Spanned<String>]) -> Option<Vec<ipnet::IpNet>> {
+    let parsed: Vec<Option<ipnet::IpNet>> =
+        list.iter().map(|n| check(source, n, |t| crate::proxy::client::parse_network(t))).collect();
+    parsed.into_iter().collect()
+}
+
 fn build_routes(
     source: &mut SourceFile,
     files: Vec<Spanned<RouteFile>>,
     base: &Path,
+    key_headers: &[http::HeaderName],
     max_connections: usize,
 ) -> Option<RouteTable> {
     let mut seen: HashMap<(Option<String>, String), ()> = HashMap::new();
@@ -259,7 +352,7 @@ fn build_routes(
     for spanned in files {
         let span = spanned.span();
         let file = spanned.into_inner();
-        match build_route(source, file, base, max_connections) {
+        match build_route(source, file, base, key_headers, max_connections) {
             Some(route) => {
                 if seen.insert((route.host.clone(), route.prefix.clone()), ()).is_some() {
                     source.push(
@@ -284,6 +377,7 @@ fn build_route(
     source: &mut SourceFile,
     file: RouteFile,
     base: &Path,
+    key_headers: &[http::HeaderName],
     max_connections: usize,
 ) -> Option<Route> {
     let prefix = check(source, &file.prefix, |p| {
@@ -350,6 +444,12 @@ fn build_route(
         source.push(file.prefix.span(), "a public route cannot require scopes");
         return None;
     }
+    let cors = match &file.cors {
+        Some(cors) => {
+            build_cors(source, cors, scopes.as_ref().and_then(Option::as_ref), key_headers).map(Some)
+        }
+        None => Some(None),
+    };
     let (prefix, host) = (prefix?, host?);
     Some(Route {
         label: crate::metrics::LabelText(format!("{}{prefix}", host.as_deref().unwrap_or("")).into()),
@@ -359,8 +459,45 @@ fn build_route(
         public: file.public,
         preserve_host: file.preserve_host,
         scopes: scopes?,
+        cors: cors?,
         metrics: None,
     })
+}
+
+fn build_cors(
+    source: &mut SourceFile,
+    file: &Spanned<file::CorsFile>,
+    scopes: Option<&ScopeRule>,
+    key_headers: &[http::HeaderName],
+) -> Option<crate::proxy::cors::Cors> {
+    let cors = file.get_ref();
+    let origins: Vec<Option<String>> = cors
+        .allow_origins
+        .get_ref()
+        .iter()
+        .map(|o| check(source, o, |t| crate::proxy::cors::parse_origin(t)))
+        .collect();
+    let headers: Vec<Option<http::HeaderName>> = cors
+        .allow_headers
+        .iter()
+        .map(|h| {
+            check(source, h, |t| {
+                http::HeaderName::from_bytes(t.trim().as_bytes())
+                    .map_err(|_| format!("allow_headers entry {t:?} is not a header name"))
+            })
+        })
+        .collect();
+    let max_age = duration_or(source, &cors.max_age, Duration::from_secs(600));
+    let (origins, headers, max_age): (Option<Vec<String>>, Option<Vec<http::HeaderName>>, _) =
+        (origins.into_iter().collect(), headers.into_iter().collect(), max_age);
+    let (origins, headers, max_age) = (origins?, headers?, max_age?);
+    match crate::proxy::cors::Cors::new(origins, scopes, key_headers, &headers, max_age) {
+        Ok(cors) => Some(cors),
+        Err(message) => {
+            source.push(cors.allow_origins.span(), message);
+            None
+        }
+    }
 }
 
 /// An upstream URL taken apart, before its transport is chosen.
@@ -473,6 +610,53 @@ fn header_text(what: &str) -> impl Fn(&String) -> Result<HeaderValue, String> + 
         }
         HeaderValue::from_bytes(text.as_bytes()).map_err(|_| format!("{what} cannot travel in a header"))
     }
+}
+
+/// The longest `meta` value, so identity headers stay well inside any upstream's header limits.
+const META_VALUE_MAX: usize = 1024;
+
+/// `meta = { name = "value" }` → `x-keygate-meta-<name>` headers. Names are header names and
+/// so case-insensitive: two that differ only in case would be one header, and are refused.
+fn build_meta(
+    source: &mut SourceFile,
+    meta: &Spanned<std::collections::BTreeMap<String, Spanned<String>>>,
+) -> Option<Box<[(http::HeaderName, HeaderValue)]>> {
+    let mut out: Vec<(http::HeaderName, HeaderValue)> = Vec::with_capacity(meta.get_ref().len());
+    let mut ok = true;
+    for (name, value) in meta.get_ref() {
+        let header = check(source, value, |_| {
+            let valid_name = (1..=64).contains(&name.len())
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            if !valid_name {
+                return Err(format!("meta name {name:?} must be 1 to 64 letters, digits or '-'"));
+            }
+            http::HeaderName::from_bytes(format!("x-keygate-meta-{}", name.to_ascii_lowercase()).as_bytes())
+                .map_err(|_| format!("meta name {name:?} cannot be a header name"))
+        });
+        let text = check(source, value, |text| {
+            if text.len() > META_VALUE_MAX {
+                return Err(format!("meta value of {name:?} is longer than {META_VALUE_MAX} bytes"));
+            }
+            if text.chars().any(char::is_control) || text.trim_matches([' ', '\t']) != text.as_str() {
+                return Err(format!(
+                    "meta value of {name:?} must be free of control characters and of leading or trailing spaces"
+                ));
+            }
+            HeaderValue::from_bytes(text.as_bytes())
+                .map_err(|_| format!("meta value of {name:?} cannot travel in a header"))
+        });
+        match (header, text) {
+            (Some(header), Some(text)) => {
+                if out.iter().any(|(h, _)| *h == header) {
+                    source.push(value.span(), format!("meta name {name:?} is already given in another case"));
+                    ok = false;
+                }
+                out.push((header, text));
+            }
+            _ => ok = false,
+        }
+    }
+    ok.then(|| out.into_boxed_slice())
 }
 
 /// Files above this size are read by several threads, each taking a run of whole entries.
@@ -633,6 +817,8 @@ struct ParsedKey {
 #[derive(Default)]
 struct KeyValidator {
     scope_sets: HashMap<Vec<String>, Arc<ScopeSet>>,
+    networks: HashMap<Vec<ipnet::IpNet>, Arc<[ipnet::IpNet]>>,
+    consumers: HashMap<String, Arc<Consumer>>,
 }
 
 impl KeyValidator {
@@ -676,6 +862,45 @@ impl KeyValidator {
             .map(Some),
             None => Some(None),
         };
+        let meta = match &key.meta {
+            Some(meta) => build_meta(source, meta),
+            None => Some(Box::default()),
+        };
+        let allowed_ips = match &key.allowed_ips {
+            None => Some(None),
+            Some(list) if list.get_ref().is_empty() => {
+                source.push(
+                    list.span(),
+                    "allowed_ips is empty, so no client could use this key; remove it to allow any address",
+                );
+                None
+            }
+            Some(list) => networks(source, list.get_ref()).map(|nets| {
+                // Keys given the same networks (a team's office, say) share one list.
+                let shared = self.networks.entry(nets.clone()).or_insert_with(|| nets.into());
+                Some(Arc::clone(shared))
+            }),
+        };
+        let quota = match &key.quota {
+            Some(q) => check(source, q, |q| {
+                QuotaLimit::parse(q).ok_or_else(|| format!("quota {q:?} must be N/day or N/month with N > 0"))
+            })
+            .map(Some),
+            None => Some(None),
+        };
+        let consumer = match &key.consumer {
+            Some(c) => check(source, c, |c| {
+                if c.len() > 128 {
+                    return Err("consumer must be at most 128 bytes".to_string());
+                }
+                header_text("consumer")(c)
+            })
+            .map(|name| {
+                let text = key.consumer.as_ref().map(|c| c.get_ref().clone()).unwrap_or_default();
+                Some(Arc::clone(self.consumers.entry(text).or_insert_with(|| Arc::new(Consumer { name }))))
+            }),
+            None => Some(None),
+        };
         let scopes = match self.scope_sets.get(&scopes) {
             Some(set) => Some(Arc::clone(set)),
             None => ScopeSet::new(scopes.clone()).ok().map(|set| {
@@ -692,6 +917,10 @@ impl KeyValidator {
             expires_at: expires_at?,
             revoked_at: revoked_at?,
             rate_limit: rate_limit?,
+            meta: meta?,
+            allowed_ips: allowed_ips?,
+            quota: quota?,
+            consumer: consumer?,
         };
         created?;
         Some(ParsedKey { entry, id_span: key.id.span(), hash_span: key.hash.span() })
@@ -763,7 +992,7 @@ GET = "read"
 
         let bad = GATEWAY
             .replace("http://127.0.0.1:3000/base/", "ftp://x")
-            .replace("[auth]", "[auth]\nsources = [\"cookie:x\"]");
+            .replace("[auth]", "[auth]\nsources = [\"bogus:x\"]");
         let errors = load_pair(&bad, &key("a", "k1").replace("sha256:", "md5:")).unwrap_err();
         assert_eq!(errors.0.len(), 3, "{errors}");
     }
@@ -868,6 +1097,128 @@ GET = "read"
         let errors = load_pair(GATEWAY, &with_same_key).unwrap_err().0;
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].message.contains("duplicate hash"), "{errors:?}");
+    }
+
+    #[test]
+    fn meta_allowed_ips_cors_and_trusted_proxies_load_ready() {
+        let gateway = GATEWAY.replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]",
+        ) + "[routes.cors]\nallow_origins = [\"https://App.test\"]\nallow_headers = [\"X-Client\"]\nmax_age = \"1h\"\n";
+        let keys = key("a", "k1")
+            + "meta = { tenant = \"acme\", Plan = \"pro plan\" }\nallowed_ips = [\"203.0.113.9/24\", \"2001:db8::/32\"]\n";
+        let snapshot = load_pair(&gateway, &keys).unwrap();
+        assert_eq!(snapshot.server.trusted_proxies.len(), 2);
+        let entry = snapshot.keys.get(&KeyHash::of("k1")).unwrap();
+        let meta: Vec<(String, String)> =
+            entry.meta.iter().map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string())).collect();
+        assert_eq!(
+            meta,
+            [
+                ("x-keygate-meta-plan".to_string(), "pro plan".to_string()),
+                ("x-keygate-meta-tenant".to_string(), "acme".to_string())
+            ]
+        );
+        assert!(entry.admits("203.0.113.200".parse().unwrap()));
+        assert!(entry.admits("2001:db8::7".parse().unwrap()));
+        assert!(!entry.admits("203.0.114.1".parse().unwrap()));
+        let route = snapshot.routes.find(None, "/x").unwrap();
+        let cors = route.cors.as_ref().unwrap();
+        assert!(cors.allow_origin(&HeaderValue::from_static("https://app.test")).is_some());
+        let preflight = cors.preflight();
+        assert_eq!(preflight.headers()["access-control-max-age"], "3600");
+        assert_eq!(preflight.headers()["access-control-allow-headers"], "x-api-key, content-type, x-client");
+    }
+
+    #[test]
+    fn meta_allowed_ips_cors_and_trusted_proxies_errors_say_where() {
+        let with_server = |line: &str| {
+            GATEWAY.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:0\"\n{line}"))
+        };
+        let with_cors = |body: &str| format!("{GATEWAY}[routes.cors]\n{body}");
+        let long = "x".repeat(1025);
+        let cases = [
+            (
+                GATEWAY.to_string(),
+                "meta = { \"bad name\" = \"x\" }\n".to_string(),
+                "keys.toml:6:23: meta name",
+            ),
+            (
+                GATEWAY.to_string(),
+                "meta = { tenant = \"a\\tb\" }\n".to_string(),
+                "keys.toml:6:19: meta value",
+            ),
+            (GATEWAY.to_string(), format!("meta = {{ tenant = \"{long}\" }}\n"), "longer than 1024"),
+            (GATEWAY.to_string(), "meta = { Tenant = \"a\", tenant = \"b\" }\n".to_string(), "another case"),
+            (GATEWAY.to_string(), "meta = { t = \" padded\" }\n".to_string(), "leading or trailing"),
+            (
+                GATEWAY.to_string(),
+                "allowed_ips = [\"10.0.0.0/33\"]\n".to_string(),
+                "keys.toml:6:16: \"10.0.0.0/33\" is not",
+            ),
+            (GATEWAY.to_string(), "allowed_ips = []\n".to_string(), "keys.toml:6:15: allowed_ips is empty"),
+            (
+                with_server("trusted_proxies = [\"nope\"]"),
+                String::new(),
+                "keygate.toml:4:20: \"nope\" is not",
+            ),
+            (
+                with_cors("allow_origins = [\"https://a.test/\"]\n"),
+                String::new(),
+                "keygate.toml:13:18: allow_origins entry",
+            ),
+            (with_cors("allow_origins = [\"*\", \"https://a.test\"]\n"), String::new(), "list no others"),
+            (with_cors("allow_origins = []\n"), String::new(), "at least one origin"),
+            (with_cors("allow_origins = [\"*\"]\nmax_age = \"soon\"\n"), String::new(), "duration"),
+            (
+                with_cors("allow_origins = [\"*\"]\nallow_headers = [\"bad header\"]\n"),
+                String::new(),
+                "not a header name",
+            ),
+            (with_cors("allow_origin = [\"*\"]\n"), String::new(), "unknown field"),
+        ];
+        for (gateway, extra, want) in cases {
+            let keys = if extra.is_empty() { String::new() } else { key("a", "k") + &extra };
+            let errors = load_pair(&gateway, &keys).unwrap_err().to_string();
+            assert!(errors.contains(want), "want {want:?} in {errors}");
+        }
+    }
+
+    #[test]
+    fn meta_and_allowed_ips_read_the_same_through_the_fast_reader_and_toml() {
+        let entry = |i: usize, meta: &str| {
+            key(&format!("id{i}"), &format!("k{i}"))
+                + &format!(
+                    "meta = {{ {meta} = \"t{i}\", plan = 'pro' }}\nallowed_ips = [\"10.{}.0.0/16\"]\n",
+                    i % 256
+                )
+        };
+        let check_table = |text: &str, n: usize| {
+            let snapshot = load_pair(GATEWAY, text).unwrap();
+            assert_eq!(snapshot.keys.len(), n);
+            for i in [0, n / 2, n - 1] {
+                let found = snapshot.keys.get(&KeyHash::of(&format!("k{i}"))).unwrap();
+                assert_eq!(found.meta.len(), 2);
+                assert_eq!(found.meta[1].0.as_str(), "x-keygate-meta-tenant");
+                assert_eq!(found.meta[1].1, format!("t{i}").as_str());
+                assert!(found.admits(format!("10.{}.3.4", i % 256).parse().unwrap()));
+                assert!(!found.admits(format!("10.{}.3.4", (i + 1) % 256).parse().unwrap()));
+            }
+        };
+        // Large enough to be read in parallel parts by the fast reader.
+        let mut plain = String::new();
+        let mut n = 0;
+        while plain.len() <= PARALLEL_ABOVE + 1024 {
+            plain += &entry(n, "tenant");
+            n += 1;
+        }
+        check_table(&plain, n);
+        // A quoted name leaves the plain form: the whole file goes through the TOML parser.
+        let mut mixed = String::new();
+        for i in 0..2000 {
+            mixed += &entry(i, if i == 1000 { "\"tenant\"" } else { "tenant" });
+        }
+        check_table(&mixed, 2000);
     }
 
     #[test]

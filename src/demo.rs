@@ -88,12 +88,12 @@ HEAD = "read"
     let created = time::OffsetDateTime::now_utc()
         .replace_nanosecond(0)?
         .format(&time::format_description::well_known::Rfc3339)?;
-    std::fs::write(
-        dir.join("keys.toml"),
-        format!(
+    crate::keys::store::write_private(
+        &dir.join("keys.toml"),
+        &format!(
             "# Written by `keygate demo`. Only the key's hash is stored.\n[[keys]]\nid = \"{id}\"\nname = \"demo\"\nhash = \"{}\"\ntail = \"{}\"\nscopes = [\"read\"]\ncreated_at = {created}\n",
             keys::hash_key(&key),
-            keys::tail(&key),
+            keys::tail(&key).unwrap_or_default(),
         ),
     )?;
     let snapshot = config::load(&config_path)?;

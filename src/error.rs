@@ -22,10 +22,16 @@ pub enum GatewayError {
     RevokedApiKey,
     #[error("the API key has expired")]
     ExpiredApiKey,
+    #[error("the API key may not be used from this client address")]
+    IpNotAllowed,
     #[error("the API key lacks the scope this request needs")]
     InsufficientScope,
+    #[error("this origin may not make cross-origin requests to this route")]
+    OriginNotAllowed,
     #[error("the API key is over its rate limit")]
     RateLimited { retry_after_secs: u64, quota: crate::ratelimit::Quota },
+    #[error("the API key has used its quota for this period")]
+    QuotaExceeded { retry_after_secs: u64 },
     #[error("the request headers are too large")]
     HeadersTooLarge,
     #[error("transfer codings other than chunked are not supported")]
@@ -48,8 +54,8 @@ impl GatewayError {
             Self::MissingApiKey | Self::InvalidApiKey | Self::RevokedApiKey | Self::ExpiredApiKey => {
                 StatusCode::UNAUTHORIZED
             }
-            Self::InsufficientScope => StatusCode::FORBIDDEN,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::IpNotAllowed | Self::InsufficientScope | Self::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } | Self::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::UnsupportedTransferEncoding => StatusCode::NOT_IMPLEMENTED,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
@@ -68,8 +74,11 @@ impl GatewayError {
             Self::InvalidApiKey => "invalid_api_key",
             Self::RevokedApiKey => "revoked_api_key",
             Self::ExpiredApiKey => "expired_api_key",
+            Self::IpNotAllowed => "ip_not_allowed",
             Self::InsufficientScope => "insufficient_scope",
+            Self::OriginNotAllowed => "origin_not_allowed",
             Self::RateLimited { .. } => "rate_limited",
+            Self::QuotaExceeded { .. } => "quota_exceeded",
             Self::HeadersTooLarge => "headers_too_large",
             Self::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
             Self::UpstreamUnavailable => "upstream_unavailable",
@@ -137,9 +146,25 @@ impl GatewayError {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
                 set_quota_headers(headers, quota);
             }
+            Self::QuotaExceeded { retry_after_secs } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
             _ => {}
         }
         response
+    }
+}
+
+impl From<crate::counters::Refusal> for GatewayError {
+    fn from(refusal: crate::counters::Refusal) -> Self {
+        match refusal {
+            crate::counters::Refusal::RateLimited(e) => {
+                Self::RateLimited { retry_after_secs: e.retry_after_secs, quota: e.quota }
+            }
+            crate::counters::Refusal::QuotaExceeded { retry_after_secs } => {
+                Self::QuotaExceeded { retry_after_secs }
+            }
+        }
     }
 }
 
@@ -167,8 +192,11 @@ mod tests {
             (GatewayError::InvalidApiKey, 401, "invalid_api_key"),
             (GatewayError::RevokedApiKey, 401, "revoked_api_key"),
             (GatewayError::ExpiredApiKey, 401, "expired_api_key"),
+            (GatewayError::IpNotAllowed, 403, "ip_not_allowed"),
             (GatewayError::InsufficientScope, 403, "insufficient_scope"),
+            (GatewayError::OriginNotAllowed, 403, "origin_not_allowed"),
             (GatewayError::RateLimited { retry_after_secs: 3, quota: QUOTA }, 429, "rate_limited"),
+            (GatewayError::QuotaExceeded { retry_after_secs: 60 }, 429, "quota_exceeded"),
             (GatewayError::HeadersTooLarge, 431, "headers_too_large"),
             (GatewayError::UnsupportedTransferEncoding, 501, "unsupported_transfer_encoding"),
             (GatewayError::UpstreamUnavailable, 502, "upstream_unavailable"),

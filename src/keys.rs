@@ -12,6 +12,9 @@ use hashbrown::HashTable;
 use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
+use crate::counters::Subject;
+use crate::quota::{Period, QuotaLimit};
+
 /// A key as presented by a client. Its `Debug` and `Display` never show it, so it cannot reach
 /// a log line by accident.
 #[derive(Clone, Copy)]
@@ -94,6 +97,8 @@ const ID_ALPHABET: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
 const ID_LEN: usize = 8;
 const SECRET_LEN: usize = 32;
 const CHECKSUM_LEN: usize = 6;
+/// What follows `<prefix>_` in a generated key: `<id>_<secret><checksum>`.
+pub const KEY_BODY_LEN: usize = ID_LEN + 1 + SECRET_LEN + CHECKSUM_LEN;
 
 /// Draws `len` characters of `alphabet` from the OS CSPRNG, without modulo bias.
 fn random_chars(alphabet: &[u8], len: usize) -> Result<String, getrandom::Error> {
@@ -155,10 +160,21 @@ pub fn plausible(key: &str, prefix: &str) -> bool {
     checksum(&key[..split]) == key[split..]
 }
 
-/// The last characters of a key, stored to help humans recognise it.
-pub fn tail(key: &str) -> &str {
+/// The shortest key `keys import` accepts: anything shorter is guessable, not a secret.
+pub const MIN_IMPORTED_KEY_LEN: usize = 16;
+
+/// The shortest key whose tail is stored: six characters of a shorter key would give away a
+/// quarter of it or more.
+pub const MIN_LEN_FOR_TAIL: usize = 24;
+
+/// The last six characters of a key, stored to help humans recognise it; `None` for a key too
+/// short to show any part of.
+pub fn tail(key: &str) -> Option<&str> {
+    if key.chars().count() < MIN_LEN_FOR_TAIL {
+        return None;
+    }
     let start = key.char_indices().rev().nth(5).map_or(0, |(i, _)| i);
-    &key[start..]
+    Some(&key[start..])
 }
 
 /// A key's scopes, shared by every key holding the same set.
@@ -224,6 +240,20 @@ pub struct KeyEntry {
     pub expires_at: Option<SystemTime>,
     pub revoked_at: Option<SystemTime>,
     pub rate_limit: Option<RateLimit>,
+    /// `x-keygate-meta-<name>` headers, names and values ready to send.
+    pub meta: Box<[(http::HeaderName, HeaderValue)]>,
+    /// `None`: any client address; else only addresses inside one of these networks.
+    pub allowed_ips: Option<Arc<[ipnet::IpNet]>>,
+    pub quota: Option<QuotaLimit>,
+    /// Shared by every key naming the same consumer: one bucket, one quota.
+    pub consumer: Option<Arc<Consumer>>,
+}
+
+/// A consumer: the account several keys (a rotated pair, say) belong to.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Consumer {
+    /// Ready for `x-keygate-consumer`.
+    pub name: HeaderValue,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,6 +264,19 @@ pub enum KeyState {
 }
 
 impl KeyEntry {
+    /// Whose bucket and quota this key spends.
+    pub fn subject(&self) -> Subject<'_> {
+        match &self.consumer {
+            Some(consumer) => Subject::Consumer(consumer.name.as_bytes()),
+            None => Subject::Key(self.id.as_bytes()),
+        }
+    }
+
+    /// The period its usage is counted in: its quota's, else the calendar month.
+    pub fn usage_period(&self) -> Period {
+        self.quota.map_or(Period::Month, |q| q.period)
+    }
+
     /// Judged against `now` on every request, so a key expires on time without a reload.
     pub fn state_at(&self, now: SystemTime) -> KeyState {
         if self.revoked_at.is_some_and(|t| t <= now) {
@@ -243,6 +286,12 @@ impl KeyEntry {
         } else {
             KeyState::Active
         }
+    }
+
+    /// Whether the key may be used by a client at `ip` (already unmapped from `::ffff:a.b.c.d`,
+    /// see `proxy::client`).
+    pub fn admits(&self, ip: std::net::IpAddr) -> bool {
+        self.allowed_ips.as_ref().is_none_or(|nets| nets.iter().any(|net| net.contains(&ip)))
     }
 }
 
@@ -432,7 +481,8 @@ mod tests {
 
     #[test]
     fn tail_is_the_last_six_characters() {
-        assert_eq!(tail("abcdefghij"), "efghij");
-        assert_eq!(tail("abc"), "abc");
+        assert_eq!(tail("abcdefghijklmnopqrstuvwxyz"), Some("uvwxyz"));
+        assert_eq!(tail("abcdefghijklmnopqrstuvw"), None, "23 characters: no tail");
+        assert_eq!(tail("abc"), None);
     }
 }

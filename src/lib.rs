@@ -4,7 +4,9 @@
 //! - [`config`]: the two TOML files → one validated, immutable [`config::Snapshot`]; the only way in.
 //! - [`keys`]: the presented key as a secret type, the generated key format, the hashed key table.
 //! - [`proxy`]: the request pipeline: route → extract → verify → authorize → rewrite → forward.
-//! - [`ratelimit`]: per-key token buckets that outlive reloads.
+//! - [`ratelimit`]: token-bucket arithmetic, shared by every counters store.
+//! - [`quota`]: `N/day` and `N/month` quotas and their UTC calendar periods.
+//! - [`counters`]: rate limits, quotas and usage behind one interface; memory, local file or Redis.
 //! - [`reload`]: file events and SIGHUP → debounce → load → atomic swap; bad files change nothing.
 //! - [`error`]: every rejection keygate answers itself, and the one place it becomes HTTP.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 connections, graceful drain.
@@ -20,11 +22,13 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod counters;
 pub mod demo;
 pub mod error;
 pub mod keys;
 pub mod metrics;
 pub mod proxy;
+pub mod quota;
 pub mod ratelimit;
 pub mod reload;
 pub mod server;

@@ -1,6 +1,9 @@
 //! Prometheus metrics: request counts and latencies by route and status, auth rejections by
 //! reason, reloads by result, keys by state. Labels are route labels and fixed words, never a
 //! raw path, so their number stays bounded; `key_id` appears only with `per_key_metrics`.
+//! The standard `process_*` metrics come from [`process`].
+
+pub mod process;
 
 use std::fmt;
 use std::sync::Arc;
@@ -160,6 +163,8 @@ pub struct Current {
     pub keys_active: u64,
     pub keys_expired: u64,
     pub keys_revoked: u64,
+    /// Failed or timed-out calls to the shared counters store (Redis).
+    pub cluster_errors: u64,
 }
 
 impl Metrics {
@@ -238,6 +243,14 @@ impl Metrics {
             keys.get_or_create(&StateLabels { state }).set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         dynamic.register("keygate_keys", "Keys in the running key table, by state", keys);
+        process::Sample::read().register(&mut dynamic);
+        let cluster_errors = Counter::<u64>::default();
+        cluster_errors.inc_by(current.cluster_errors);
+        dynamic.register(
+            "keygate_cluster_errors",
+            "Redis calls of the [cluster] counters that failed or were slower than timeout",
+            cluster_errors,
+        );
         let mut out = String::new();
         prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)?;
         prometheus_client::encoding::text::encode_registry(&mut out, &dynamic)?;
@@ -276,6 +289,7 @@ mod tests {
             keys_active: 5,
             keys_expired: 0,
             keys_revoked: 1,
+            cluster_errors: 0,
         };
         let text = metrics.render(&current).unwrap();
         for want in [
@@ -285,6 +299,10 @@ mod tests {
             "keygate_request_duration_seconds_bucket{le=\"0.0005\",route=\"/api/\"} 2",
             "keygate_config_reloads_total{result=\"failure\"} 1",
             "keygate_keys{state=\"revoked\"} 1",
+            #[cfg(target_os = "linux")]
+            "# TYPE process_cpu_seconds counter",
+            #[cfg(target_os = "linux")]
+            "# TYPE process_resident_memory_bytes gauge",
             "# EOF",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
@@ -320,6 +338,7 @@ mod tests {
             keys_active: 0,
             keys_expired: 0,
             keys_revoked: 0,
+            cluster_errors: 0,
         };
         let text = metrics.render(&current).unwrap();
         for want in [

@@ -2,11 +2,15 @@
 //! [`Gateway::handle`] is the only place a [`GatewayError`] becomes a response.
 
 pub mod auth;
+pub mod client;
+pub mod cors;
 pub mod forward;
 pub mod h2pool;
+pub mod host;
 pub mod limit;
 pub mod path;
 pub mod pool;
+pub mod redact;
 pub mod route;
 pub mod transport;
 
@@ -17,7 +21,9 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    CONNECTION, CONTENT_TYPE, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, TE, TRANSFER_ENCODING, UPGRADE,
+};
 use http::request::Parts;
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
@@ -25,12 +31,13 @@ use http_body_util::{Either, Full};
 use hyper::upgrade::OnUpgrade;
 
 use crate::config::Snapshot;
+use crate::counters::{Ask, Counters};
 use crate::error::GatewayError;
 use crate::metrics::{LabelText, Metrics, Observation};
-use crate::ratelimit::RateLimiter;
 use crate::reload::ReloadStatus;
 use crate::telemetry::AccessLog;
 use forward::{ClientInfo, RequestBody, X_REQUEST_ID};
+use host::RequestHost;
 use limit::{ConnectionLimit, Overdue};
 use route::Route;
 use transport::{Protocol, ResponseBody, Transport};
@@ -45,7 +52,8 @@ pub struct Gateway {
     /// snapshot.
     transports: std::sync::Mutex<Transports>,
     request_ids: RequestIds,
-    rate_limiter: RateLimiter,
+    /// Rate limits, quotas and usage: the store chosen at start, kept across reloads.
+    counters: Arc<dyn Counters>,
     reload_status: ReloadStatus,
     metrics: Metrics,
     /// Set when shutdown begins: `/readyz` then answers 503.
@@ -55,7 +63,13 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(mut snapshot: Snapshot) -> Self {
+    /// A gateway whose counts live in memory, whatever the config says (tests, the demo).
+    pub fn new(snapshot: Snapshot) -> Self {
+        Self::with_counters(snapshot, Arc::new(crate::counters::memory::Memory::default()))
+    }
+
+    /// A gateway with the counters store opened from the config ([`crate::counters::open`]).
+    pub fn with_counters(mut snapshot: Snapshot, counters: Arc<dyn Counters>) -> Self {
         let mut transports = Transports::default();
         let metrics = Metrics::default();
         adopt_transports(&mut transports, &metrics, &mut snapshot);
@@ -64,7 +78,7 @@ impl Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             transports: std::sync::Mutex::new(transports),
             request_ids: RequestIds::new(),
-            rate_limiter: RateLimiter::default(),
+            counters,
             reload_status: ReloadStatus::new(),
             metrics,
             draining: AtomicBool::new(false),
@@ -80,6 +94,10 @@ impl Gateway {
 
     pub fn reload_status(&self) -> &ReloadStatus {
         &self.reload_status
+    }
+
+    pub fn counters(&self) -> &dyn Counters {
+        &*self.counters
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -108,16 +126,25 @@ impl Gateway {
         let snapshot = self.snapshot();
         let request_id = self.request_id(request.headers());
         let mut log = AccessLog::new(request.method(), &request_id);
-        let grpc = is_grpc(request.headers());
         let mut matched = None;
+        let origin = request.headers().get(http::header::ORIGIN).cloned();
+        let grpc = is_grpc(request.headers());
         let forwarded = self.forward(&snapshot, client, request, &request_id, &mut log, &mut matched).await;
         let mut response = match forwarded {
-            Ok(response) => response.map(Either::Left),
+            Ok(response) => response,
             Err(error) => {
                 log.reason = Some(error.code());
                 error.render(grpc).map(Either::Right)
             }
         };
+        // On a route with `[routes.cors]`, every answer to an allowed origin says so, keygate's
+        // own 401/403/429 included: otherwise a browser app could not read why it was refused.
+        if let (Some(route), Some(origin)) = (matched, &origin)
+            && let Some(cors) = &route.cors
+            && let Some(allow_origin) = cors.allow_origin(origin)
+        {
+            cors.decorate(response.headers_mut(), allow_origin);
+        }
         response.headers_mut().insert(X_REQUEST_ID, request_id);
         if let Some(quota) = &log.quota {
             crate::error::set_quota_headers(response.headers_mut(), quota);
@@ -146,7 +173,7 @@ impl Gateway {
         request_id: &HeaderValue,
         log: &mut AccessLog,
         matched: &mut Option<&'s Route>,
-    ) -> Result<Response<ResponseBody>, GatewayError> {
+    ) -> Result<Response<ProxyBody>, GatewayError> {
         let (mut parts, body) = request.into_parts();
         // Framing first: a request whose size or body boundaries are in doubt is refused before
         // anything else looks at it.
@@ -158,38 +185,59 @@ impl Gateway {
             .map_err(|e| GatewayError::BadRequest(e.reason()))?;
         let path: &str = log.path.insert(path);
         let host = request_host(&parts)?;
-        let host_text = host
-            .as_ref()
-            .map(|h| h.to_str())
-            .transpose()
-            .map_err(|_| GatewayError::BadRequest("the Host header is not text"))?;
-        let route = snapshot.routes.find(host_text, path).ok_or(GatewayError::NoRoute)?;
+        let route =
+            snapshot.routes.find(host.as_ref().map(RequestHost::name), path).ok_or(GatewayError::NoRoute)?;
         log.route = Some(route.label.clone());
         *matched = Some(route);
+        let address = client::resolve(&client, &parts.headers, &snapshot.server.trusted_proxies);
+        log.client = Some(address.ip);
 
-        let key = if route.public {
+        // A preflight carries no key (browsers send none): keygate answers it for a route with
+        // a CORS policy, else the upstream does, as it did before keygate, without identity.
+        // (An HTTP/2 body needs no length header: the stream itself says whether one follows.)
+        let preflight = cors::is_preflight(&parts) && hyper::body::Body::is_end_stream(&body);
+        if preflight && let Some(policy) = &route.cors {
+            let origin = parts.headers.get(http::header::ORIGIN);
+            origin.and_then(|o| policy.allow_origin(o)).ok_or(GatewayError::OriginNotAllowed)?;
+            return Ok(policy.preflight().map(Either::Right));
+        }
+
+        let key = if route.public || preflight {
             None
         } else {
             let credential = auth::extract(&snapshot.auth.sources, &parts.headers, parts.uri.query())?
                 .ok_or(GatewayError::MissingApiKey)?;
-            let key = auth::verify(credential.key(), &snapshot.auth, &snapshot.keys, SystemTime::now())?;
+            let now = SystemTime::now();
+            let key = auth::verify(credential.key(), &snapshot.auth, &snapshot.keys, now)?;
             // From here on the key is known, so a 403 is logged against it.
             log.key_id = Some(key.id.clone());
-            auth::authorize(route.scopes.as_ref(), key, &parts.method, &parts.headers)?;
-            // Last: a refused request must not spend a token.
-            if let Some(rate) = key.rate_limit {
-                let quota =
-                    self.rate_limiter.acquire(key.id.as_bytes(), rate, Instant::now()).map_err(|e| {
-                        GatewayError::RateLimited { retry_after_secs: e.retry_after_secs, quota: e.quota }
-                    })?;
-                log.quota = Some(quota);
+            // After revocation and expiry (a dead key says so wherever it is used from), before
+            // scope: the address decides whether this caller may use the key at all.
+            if !key.admits(address.ip) {
+                return Err(GatewayError::IpNotAllowed);
             }
+            auth::authorize(route.scopes.as_ref(), key, &parts.method, &parts.headers, parts.uri.query())?;
+            // Last, rate limit then quota: a request refused for any other reason spends
+            // neither. Keys with neither never reach the counters store here.
+            if key.rate_limit.is_some() || key.quota.is_some() {
+                let ask = Ask {
+                    subject: key.subject(),
+                    rate: key.rate_limit,
+                    quota: key.quota,
+                    now,
+                    instant: Instant::now(),
+                };
+                log.quota = self.counters.admit(ask).await?;
+            }
+            // Batched in memory; the store writes it out off the request path.
+            self.counters.record(key.id.as_bytes(), key.usage_period(), now);
             Some(key)
         };
 
         // Rewrite. Removals come before additions so nothing a client sent (a `Connection`
         // header naming ours, a spoofed `x-keygate-*`) can remove or shadow what keygate adds.
         let query = auth::strip_credentials(&snapshot.auth.sources, &mut parts.headers, parts.uri.query());
+        let query = redact::remove_stray_keys(&snapshot.auth.key_prefix, &mut parts.headers, query);
         let upstream = &route.upstream;
         // Only a WebSocket upgrade to an HTTP/1.1 upstream is relayed; any other (`h2c` above
         // all) is dropped with the other hop-by-hop headers and the request goes on as a plain one.
@@ -198,6 +246,13 @@ impl Gateway {
         // (RFC 9113 §8.2.2) and gRPC servers require it; an HTTP/1.1 upstream never gets it.
         let trailers =
             upstream.transport.spec().protocol == Protocol::H2 && forward::accepts_trailers(&parts.headers);
+        let websocket_key = websocket.as_ref().and_then(|_| {
+            let mut keys = parts.headers.get_all(SEC_WEBSOCKET_KEY).iter();
+            match (keys.next(), keys.next()) {
+                (Some(key), None) => Some(key.clone()),
+                _ => None,
+            }
+        });
         let client_upgrade = websocket.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
         let connection_guard = parts.extensions.remove::<forward::ConnectionGuard>();
         forward::scrub_request(&mut parts.headers);
@@ -208,7 +263,8 @@ impl Gateway {
         if trailers {
             parts.headers.insert(TE, HeaderValue::from_static("trailers"));
         }
-        forward::set_forwarding(&mut parts.headers, &client, host.as_ref());
+        let host = host.map(|h| h.value);
+        forward::set_forwarding(&mut parts.headers, &client, &address, host.as_ref());
         let upstream_host = match (&host, route.preserve_host) {
             (Some(host), true) => host.clone(),
             _ => upstream.host_header.clone(),
@@ -249,21 +305,31 @@ impl Gateway {
                 GatewayError::UpstreamUnavailable
             })?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let (Some(client_side), Some(protocol)) = (client_upgrade, websocket) else {
+            let (Some(client_side), Some(protocol), Some(key)) = (client_upgrade, websocket, websocket_key)
+            else {
                 // An upstream switching protocols that nobody asked for cannot be relayed.
                 return Err(GatewayError::UpstreamUnavailable);
             };
+            // Only an upstream that proves it speaks WebSocket gets a tunnel.
+            let accept = forward::websocket_accept(&key);
+            let mut accepts = response.headers().get_all(SEC_WEBSOCKET_ACCEPT).iter();
+            if !matches!((accepts.next(), accepts.next()), (Some(got), None) if got.as_bytes() == accept.as_bytes())
+            {
+                tracing::debug!(route = %route.label, "upstream answered 101 without the right Sec-WebSocket-Accept");
+                return Err(GatewayError::UpstreamUnavailable);
+            }
             let upstream_side = hyper::upgrade::on(&mut response);
-            tokio::spawn(forward::relay_upgraded(client_side, upstream_side, connection_guard));
+            let idle = snapshot.server.idle_timeout;
+            tokio::spawn(forward::relay_upgraded(client_side, upstream_side, idle, connection_guard));
             let (mut parts, body) = response.into_parts();
             forward::remove_hop_by_hop(&mut parts.headers);
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(UPGRADE, protocol);
-            return Ok(Response::from_parts(parts, body));
+            return Ok(Response::from_parts(parts, Either::Left(body)));
         }
         let (mut parts, body) = response.into_parts();
         forward::remove_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body))
+        Ok(Response::from_parts(parts, Either::Left(body)))
     }
 
     /// The client's `x-request-id` if it sent one sane value, else a fresh one.
@@ -344,13 +410,15 @@ fn adopt_metrics(metrics: &Metrics, snapshot: &mut Snapshot) {
 }
 
 /// The error codes that count as `keygate_auth_rejections_total{reason}`.
-const AUTH_REJECTIONS: [&str; 6] = [
+const AUTH_REJECTIONS: [&str; 8] = [
     "missing_api_key",
     "invalid_api_key",
     "revoked_api_key",
     "expired_api_key",
+    "ip_not_allowed",
     "insufficient_scope",
     "rate_limited",
+    "quota_exceeded",
 ];
 
 /// Refuses a request head larger than `max_header_bytes` with a JSON 431. (hyper itself cuts
@@ -375,17 +443,23 @@ fn check_transfer_encoding(parts: &Parts) -> Result<(), GatewayError> {
 }
 
 /// The host the client asked for: the target's authority when it has one (absolute-form,
-/// HTTP/2), which RFC 9112 §3.2.2 says takes precedence over `Host`; else the one `Host`.
-fn request_host(parts: &Parts) -> Result<Option<HeaderValue>, GatewayError> {
-    if let Some(authority) = parts.uri.authority() {
-        return HeaderValue::from_str(authority.as_str())
-            .map(Some)
-            .map_err(|_| GatewayError::BadRequest("the request target has an invalid authority"));
-    }
+/// HTTP/2), which RFC 9112 §3.2.2 says takes precedence over `Host`; else the one `Host`. Each
+/// must be in the one `host[:port]` form every parser agrees on; the `Host` that is then
+/// ignored too, so that no value any reader could split two ways gets through.
+fn request_host(parts: &Parts) -> Result<Option<RequestHost>, GatewayError> {
     let mut hosts = parts.headers.get_all(HOST).iter();
-    match (hosts.next(), hosts.next()) {
-        (host, None) => Ok(host.cloned()),
-        _ => Err(GatewayError::BadRequest("the request has more than one Host header")),
+    let header = match (hosts.next(), hosts.next()) {
+        (None, _) => None,
+        (Some(one), None) => Some(host::parse(one.as_bytes()).map_err(|e| GatewayError::BadRequest(e.0))?),
+        (Some(_), Some(_)) => {
+            return Err(GatewayError::BadRequest("the request has more than one Host header"));
+        }
+    };
+    match parts.uri.authority() {
+        Some(authority) => {
+            host::parse(authority.as_str().as_bytes()).map(Some).map_err(|e| GatewayError::BadRequest(e.0))
+        }
+        None => Ok(header),
     }
 }
 

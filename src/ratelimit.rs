@@ -1,17 +1,9 @@
-//! Per-key rate limits: a token bucket per key id, kept outside the snapshot so a reload
-//! (editing some other key, say) neither refills nor forgets a bucket.
+//! Token buckets: N tokens refilled at N per period, the arithmetic that every counters store
+//! (memory, local file, or the fallback of the Redis one) applies to its own buckets.
 
 use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
-
 use crate::keys::RateLimit;
-
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
-}
 
 /// What a limited key is told on every response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,43 +21,74 @@ pub struct Exceeded {
     pub retry_after_secs: u64,
 }
 
-#[derive(Debug, Default)]
-pub struct RateLimiter {
-    buckets: DashMap<Box<[u8]>, Bucket>,
+/// One bucket. A new bucket starts full, so N requests may come back to back.
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
+    tokens: f64,
+    updated: Instant,
 }
 
-impl RateLimiter {
-    /// Takes one token from the key's bucket of `rate.tokens`, refilled at `rate.tokens` per
-    /// `rate.period`; a new bucket starts full, so N requests may come back to back.
-    pub fn acquire(&self, key_id: &[u8], rate: RateLimit, now: Instant) -> Result<Quota, Exceeded> {
+impl Bucket {
+    pub fn full(rate: RateLimit, now: Instant) -> Self {
+        Self { tokens: f64::from(rate.tokens), updated: now }
+    }
+
+    /// A bucket as another store reported it (Redis), for the headers and the refusal.
+    pub fn holding(tokens: f64, now: Instant) -> Self {
+        Self { tokens, updated: now }
+    }
+
+    /// Adds what has dripped in since the last look; then [`Self::has_token`] says whether
+    /// a request may pass, and [`Self::take`] spends the token once everything else agreed.
+    pub fn refill(&mut self, rate: RateLimit, now: Instant) {
         let capacity = f64::from(rate.tokens);
-        let per_sec = capacity / rate.period.as_secs_f64();
-        // The entry guard is dropped before this function returns: never held across an await.
-        let mut bucket =
-            self.buckets.entry(Box::from(key_id)).or_insert(Bucket { tokens: capacity, updated: now });
-        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * per_sec).min(capacity);
-        bucket.updated = now;
-        let taken = bucket.tokens >= 1.0;
-        if taken {
-            bucket.tokens -= 1.0;
-        }
-        let tokens = bucket.tokens;
-        drop(bucket);
-        let quota = Quota {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * per_sec(rate)).min(capacity);
+        self.updated = now;
+    }
+
+    pub fn has_token(&self) -> bool {
+        self.tokens >= 1.0
+    }
+
+    pub fn take(&mut self) {
+        self.tokens -= 1.0;
+    }
+
+    /// The headers' view of this bucket.
+    pub fn quota(&self, rate: RateLimit) -> Quota {
+        let capacity = f64::from(rate.tokens);
+        Quota {
             limit: rate.tokens,
-            remaining: tokens.floor() as u32,
-            reset_secs: ceil_secs((capacity - tokens) / per_sec),
-        };
-        if taken {
-            Ok(quota)
-        } else {
-            Err(Exceeded { quota, retry_after_secs: ceil_secs((1.0 - tokens) / per_sec).max(1) })
+            remaining: self.tokens.max(0.0).floor() as u32,
+            reset_secs: ceil_secs((capacity - self.tokens) / per_sec(rate)),
         }
+    }
+
+    /// The refusal of a request that found no token.
+    pub fn exceeded(&self, rate: RateLimit) -> Exceeded {
+        Exceeded {
+            quota: self.quota(rate),
+            retry_after_secs: ceil_secs((1.0 - self.tokens) / per_sec(rate)).max(1),
+        }
+    }
+
+    /// Takes a token if there is one: the whole decision for a key with only a rate limit.
+    pub fn acquire(&mut self, rate: RateLimit, now: Instant) -> Result<Quota, Exceeded> {
+        self.refill(rate, now);
+        if !self.has_token() {
+            return Err(self.exceeded(rate));
+        }
+        self.take();
+        Ok(self.quota(rate))
     }
 }
 
-fn ceil_secs(secs: f64) -> u64 {
+fn per_sec(rate: RateLimit) -> f64 {
+    f64::from(rate.tokens) / rate.period.as_secs_f64()
+}
+
+pub fn ceil_secs(secs: f64) -> u64 {
     Duration::from_secs_f64(secs.max(0.0)).as_secs_f64().ceil() as u64
 }
 
@@ -75,29 +98,27 @@ mod tests {
 
     #[test]
     fn n_pass_then_refused_then_refilled() {
-        let limiter = RateLimiter::default();
         let rate = RateLimit { tokens: 3, period: Duration::from_secs(1) };
         let t0 = Instant::now();
+        let mut bucket = Bucket::full(rate, t0);
         for remaining in [2, 1, 0] {
-            assert_eq!(limiter.acquire(b"k", rate, t0).map(|q| q.remaining), Ok(remaining));
+            assert_eq!(bucket.acquire(rate, t0).map(|q| q.remaining), Ok(remaining));
         }
-        let refused = limiter.acquire(b"k", rate, t0).unwrap_err();
+        let refused = bucket.acquire(rate, t0).unwrap_err();
         assert_eq!(refused.retry_after_secs, 1);
         assert_eq!(refused.quota.remaining, 0);
-        // Another key has its own bucket.
-        assert!(limiter.acquire(b"other", rate, t0).is_ok());
         // A third of a second brings one token back.
-        assert!(limiter.acquire(b"k", rate, t0 + Duration::from_millis(340)).is_ok());
-        assert!(limiter.acquire(b"k", rate, t0 + Duration::from_millis(340)).is_err());
+        assert!(bucket.acquire(rate, t0 + Duration::from_millis(340)).is_ok());
+        assert!(bucket.acquire(rate, t0 + Duration::from_millis(340)).is_err());
     }
 
     #[test]
     fn retry_after_is_whole_seconds_until_a_token() {
-        let limiter = RateLimiter::default();
         let rate = RateLimit { tokens: 2, period: Duration::from_secs(60) };
         let t0 = Instant::now();
-        assert!(limiter.acquire(b"k", rate, t0).is_ok());
-        assert_eq!(limiter.acquire(b"k", rate, t0).map(|q| q.reset_secs), Ok(60));
-        assert_eq!(limiter.acquire(b"k", rate, t0).unwrap_err().retry_after_secs, 30);
+        let mut bucket = Bucket::full(rate, t0);
+        assert!(bucket.acquire(rate, t0).is_ok());
+        assert_eq!(bucket.acquire(rate, t0).map(|q| q.reset_secs), Ok(60));
+        assert_eq!(bucket.acquire(rate, t0).unwrap_err().retry_after_secs, 30);
     }
 }

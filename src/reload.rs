@@ -197,6 +197,13 @@ fn warn_about_restart(old: &Snapshot, new: &Snapshot) {
     if old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
         tracing::warn!("admin listen address changed: it takes effect only after a restart");
     }
+    if old.store.describe() != new.store.describe() {
+        tracing::warn!(
+            running = %old.store.describe(),
+            configured = %new.store.describe(),
+            "[state] or [cluster] changed: where counts are kept changes only after a restart"
+        );
+    }
 }
 
 /// The files a snapshot depends on, and how to recognise events about them.

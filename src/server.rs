@@ -1,7 +1,7 @@
 //! The listener: accepts connections, serves HTTP/1.1 and cleartext HTTP/2 on one port, and
 //! drains in-flight requests on shutdown.
 
-mod idle;
+pub(crate) mod idle;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,7 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::proxy::Gateway;
 use crate::proxy::forward::{ClientInfo, ConnectionGuard, RequestBody};
 use crate::tls::{self, CurrentCert};
-use idle::{Activity, Tracked};
+use idle::{Activity, ProgressBody, Tracked};
 
 /// hyper's own hard cap on a request head, above keygate's JSON 431 limit so that most
 /// oversized heads get the JSON answer; beyond this hyper answers 431 itself.
@@ -169,11 +169,14 @@ impl Connection {
             request.extensions_mut().insert(guard.clone());
             let exchange = requests.exchange();
             let body_read = exchange.clone();
-            let request = request.map(|body| RequestBody::new(body, move || body_read.body_done()));
+            let frame_read = exchange.clone();
+            let request = request.map(|body| {
+                RequestBody::new(body, move || body_read.body_done()).on_frame(move || frame_read.progress())
+            });
             async move {
                 let response = gateway.handle(client, request).await;
                 exchange.finish();
-                Ok::<_, Infallible>(response)
+                Ok::<_, Infallible>(response.map(|body| ProgressBody::new(body, exchange)))
             }
         });
         let connection = self.builder.serve_connection_with_upgrades(TokioIo::new(io), service);

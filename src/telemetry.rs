@@ -27,6 +27,8 @@ pub struct AccessLog {
     pub path: Option<String>,
     pub route: Option<crate::metrics::LabelText>,
     pub key_id: Option<HeaderValue>,
+    /// The client address (`proxy::client`): the peer, or the one a trusted proxy names.
+    pub client: Option<std::net::IpAddr>,
     pub reason: Option<&'static str>,
     pub upstream_duration: Option<Duration>,
     /// The key's rate-limit state, for the `RateLimit-*` response headers.
@@ -41,6 +43,7 @@ impl AccessLog {
             path: None,
             route: None,
             key_id: None,
+            client: None,
             reason: None,
             upstream_duration: None,
             quota: None,
@@ -55,6 +58,7 @@ impl AccessLog {
             route = self.route.as_ref().map_or("-", |r| &*r.0),
             status = status.as_u16(),
             key_id = self.key_id.as_ref().and_then(|k| k.to_str().ok()).unwrap_or("-"),
+            client = self.client.map(tracing::field::display),
             reason = self.reason.unwrap_or("-"),
             duration_us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
             upstream_us = self.upstream_duration.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),

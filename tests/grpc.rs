@@ -15,7 +15,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::grpc::{ECHO, GrpcClient, GrpcUpstream, HOLD, Note};
-use support::pki::TestCa;
+use support::pki::Pki;
 use support::*;
 use tokio::net::{TcpListener, TcpStream};
 use tonic::Code;
@@ -168,7 +168,7 @@ async fn a_cancelled_call_is_cancelled_at_the_server() {
 
 #[tokio::test]
 async fn grpc_over_tls_to_keygate_and_from_keygate_to_the_server() {
-    let ca = TestCa::new("grpc CA");
+    let ca = Pki::new("grpc CA");
     let upstream = GrpcUpstream::start_tls(ca.leaf("grpc upstream").server(&[b"h2"])).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let listener = ca.leaf("keygate");
@@ -184,7 +184,7 @@ async fn grpc_over_tls_to_keygate_and_from_keygate_to_the_server() {
         .key(key.clone())
         .start()
         .await;
-    let client = GrpcClient::tls(gateway.addr, ca.client(&[b"h2"]));
+    let client = GrpcClient::tls(gateway.addr, ca.client(&[b"h2"], false));
     let mut keyed = client.clone().with("x-api-key", &key.secret);
     assert_eq!(keyed.echo("over tls").await.expect("unary over TLS").text, "echo:over tls");
     assert_eq!(keyed.count(2_000).await.expect("streaming over TLS").len(), 2_000);
@@ -199,7 +199,7 @@ async fn grpc_over_tls_to_keygate_and_from_keygate_to_the_server() {
 
 #[tokio::test]
 async fn an_https_upstream_that_does_not_choose_h2_is_a_502() {
-    let ca = TestCa::new("alpn CA");
+    let ca = Pki::new("alpn CA");
     let upstream = RecordingUpstream::start_tls(ca.leaf("http1 only").server(&[b"http/1.1"])).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let ca_file = dir.path().join("ca.pem");
@@ -494,7 +494,7 @@ async fn one_request_per_connection_upstream() -> (std::net::SocketAddr, tokio::
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(stream).await else { return };
+                let Ok(mut conn) = ::h2::server::handshake(stream).await else { return };
                 if let Some(Ok((_request, mut respond))) = conn.accept().await {
                     if let Ok(mut body) = respond.send_response(Response::new(()), false) {
                         let _ = body.send_data(Bytes::from_static(b"ok"), true);
@@ -502,7 +502,7 @@ async fn one_request_per_connection_upstream() -> (std::net::SocketAddr, tokio::
                     conn.graceful_shutdown();
                 }
                 while let Some(Ok((_request, mut respond))) = conn.accept().await {
-                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    respond.send_reset(::h2::Reason::REFUSED_STREAM);
                 }
             });
         }

@@ -144,7 +144,7 @@ async fn slots_held_past_request_timeout_answer_503_upstream_busy() {
 
 #[tokio::test]
 async fn https_upstreams_through_hyper_util_stay_within_the_limit() {
-    let ca = pki::TestCa::new("limits CA");
+    let ca = pki::Pki::new("limits CA");
     let upstream = RecordingUpstream::start_tls(ca.leaf("upstream").server(&[b"http/1.1"])).await;
     let ca_dir = tempfile::tempdir().expect("temp dir");
     let ca_file = ca_dir.path().join("ca.pem");
@@ -193,6 +193,7 @@ async fn the_gauge_shows_open_upstream_connections() {
         keys_active: 0,
         keys_expired: 0,
         keys_revoked: 0,
+        cluster_errors: 0,
     };
     let text = gateway.gateway.metrics().render(&current).expect("render");
     let line = format!("keygate_upstream_connections{{upstream=\"{}\"}} {open}", upstream.addr());

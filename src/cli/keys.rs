@@ -12,6 +12,7 @@ use crate::config;
 use crate::keys::lifecycle::{self, Grant, KeyView};
 use crate::keys::store::{self, KeyStore};
 use crate::keys::{self, RateLimit};
+use crate::quota::{Period, QuotaLimit};
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -55,6 +56,12 @@ pub struct GrantArgs {
     /// N/s, N/m or N/h
     #[arg(long = "rate-limit", value_name = "RATE")]
     rate_limit: Option<String>,
+    /// N/day or N/month (UTC calendar periods)
+    #[arg(long, value_name = "QUOTA")]
+    quota: Option<String>,
+    /// The consumer this key belongs to: its keys share one rate-limit bucket and one quota
+    #[arg(long, value_name = "NAME")]
+    consumer: Option<String>,
 }
 
 type Outcome = Result<(), String>;
@@ -76,6 +83,12 @@ pub fn run(config_path: &Path, command: KeysCommand) -> Outcome {
         KeysCommand::Import(args) => {
             let grant = grant(args, now)?;
             let key = read_stdin_key()?;
+            if key.chars().count() < keys::MIN_IMPORTED_KEY_LEN {
+                return Err(format!(
+                    "the key on stdin is shorter than {} characters: a key that short can be guessed; make a new one with `keygate keys create`",
+                    keys::MIN_IMPORTED_KEY_LEN
+                ));
+            }
             let hash = keys::hash_key(&key);
             let id = edit(config_path, |doc, _| {
                 if let Some(existing) = lifecycle::id_of_hash(doc, &hash) {
@@ -92,11 +105,12 @@ pub fn run(config_path: &Path, command: KeysCommand) -> Outcome {
         KeysCommand::List { json } => {
             let (keys_path, _) = config::key_file_of(config_path).map_err(|e| e.to_string())?;
             let doc = store::read_document(&keys_path).map_err(|e| e.to_string())?;
-            let views = lifecycle::views(&doc, now);
+            let mut views = lifecycle::views(&doc, now);
+            let with_usage = add_usage(config_path, &mut views)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&views).map_err(|e| e.to_string())?);
             } else {
-                print!("{}", table(&views));
+                print!("{}", table(&views, with_usage));
             }
         }
         KeysCommand::Revoke { selector } => {
@@ -188,7 +202,7 @@ fn unused_key(doc: &toml_edit::DocumentMut, prefix: &str) -> Result<(String, Str
 }
 
 fn grant(args: GrantArgs, now: OffsetDateTime) -> Result<Grant, String> {
-    let GrantArgs { name, scopes, expires, rate_limit } = args;
+    let GrantArgs { name, scopes, expires, rate_limit, quota, consumer } = args;
     if name.trim().is_empty() || name.chars().any(char::is_control) {
         return Err("--name must be non-empty text without control characters".to_string());
     }
@@ -202,8 +216,18 @@ fn grant(args: GrantArgs, now: OffsetDateTime) -> Result<Grant, String> {
     {
         return Err(format!("--rate-limit {rate:?} must be N/s, N/m or N/h with N > 0"));
     }
+    if let Some(q) = &quota
+        && QuotaLimit::parse(q).is_none()
+    {
+        return Err(format!("--quota {q:?} must be N/day or N/month with N > 0"));
+    }
+    if let Some(c) = &consumer
+        && (c.trim().is_empty() || c.len() > 128 || c.chars().any(char::is_control))
+    {
+        return Err("--consumer must be 1 to 128 bytes of text without control characters".to_string());
+    }
     let expires_at = expires.map(|e| parse_expiry(&e, now)).transpose()?.flatten();
-    Ok(Grant { name, scopes, expires_at, rate_limit })
+    Ok(Grant { name, scopes, expires_at, rate_limit, quota, consumer, ..Grant::default() })
 }
 
 /// `never`, a duration from now, or an RFC 3339 instant.
@@ -231,6 +255,7 @@ fn read_stdin_key() -> Result<String, String> {
     if key.is_empty() {
         return Err("no key on stdin".to_string());
     }
+
     Ok(key.to_string())
 }
 
@@ -242,13 +267,46 @@ fn describe(grant: &Grant) -> String {
     format!("[{scopes}], {expires}")
 }
 
-/// An aligned table, one key a line.
-fn table(views: &[KeyView]) -> String {
-    let header = ["ID", "NAME", "TAIL", "SCOPES", "CREATED", "EXPIRES", "STATUS"].map(String::from);
-    let rows: Vec<[String; 7]> = views
+/// Fills in last use and requests this period from the configured store; false when usage
+/// is kept only in a running gateway's memory (no [state] or [cluster]).
+fn add_usage(config_path: &Path, views: &mut [KeyView]) -> Result<bool, String> {
+    let settings = config::store_of(config_path).map_err(|e| e.to_string())?;
+    if !settings.persistent() {
+        return Ok(false);
+    }
+    let keys: Vec<(String, Period)> = views
         .iter()
         .map(|v| {
-            [
+            let period = v.quota.as_deref().and_then(QuotaLimit::parse).map_or(Period::Month, |q| q.period);
+            (v.id.clone(), period)
+        })
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let usage = runtime
+        .block_on(crate::counters::read_usage(&settings, &keys, std::time::SystemTime::now()))?
+        .unwrap_or_default();
+    for (view, usage) in views.iter_mut().zip(usage) {
+        view.last_used_at = Some(usage.last_used_at.map(crate::counters::usage_timestamp));
+        view.used = Some(usage.used);
+    }
+    Ok(true)
+}
+
+/// An aligned table, one key a line; LAST USED and USED (for keys with a quota: `n/limit`)
+/// when usage is kept.
+fn table(views: &[KeyView], with_usage: bool) -> String {
+    let mut header: Vec<String> =
+        ["ID", "NAME", "TAIL", "SCOPES", "CREATED", "EXPIRES", "STATUS"].map(String::from).to_vec();
+    if with_usage {
+        header.extend(["LAST USED", "USED"].map(String::from));
+    }
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|v| {
+            let mut row = vec![
                 v.id.clone(),
                 v.name.clone(),
                 v.tail.clone(),
@@ -256,10 +314,22 @@ fn table(views: &[KeyView]) -> String {
                 v.created.clone().unwrap_or_else(|| "-".into()),
                 v.expires.clone().unwrap_or_else(|| "never".into()),
                 v.status.to_string(),
-            ]
+            ];
+            if with_usage {
+                row.push(v.last_used_at.clone().flatten().unwrap_or_else(|| "never".into()));
+                row.push(match (&v.quota, v.used) {
+                    (Some(quota), Some(used)) => {
+                        let limit = quota.split('/').next().unwrap_or("").trim();
+                        format!("{used}/{limit}")
+                    }
+                    // SPEC §4: USED is for keys with a quota; --json has every key's count.
+                    _ => "-".into(),
+                });
+            }
+            row
         })
         .collect();
-    let mut widths = header.clone().map(|h| h.chars().count());
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
@@ -267,7 +337,7 @@ fn table(views: &[KeyView]) -> String {
     }
     let mut out = String::new();
     for row in std::iter::once(&header).chain(&rows) {
-        let cells: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, &w)| format!("{c:<w$}")).collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }

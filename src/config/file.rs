@@ -11,6 +11,8 @@ use toml::value::Datetime;
 pub struct GatewayFile {
     pub server: ServerFile,
     pub admin: Option<AdminFile>,
+    pub state: Option<StateFile>,
+    pub cluster: Option<ClusterFile>,
     pub auth: AuthFile,
     #[serde(default)]
     pub routes: Vec<Spanned<RouteFile>>,
@@ -32,6 +34,7 @@ pub struct ServerFile {
     pub h2_max_concurrent_streams: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
     pub upstream_max_connections: Option<Spanned<i64>>,
+    pub trusted_proxies: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -39,6 +42,21 @@ pub struct ServerFile {
 pub struct AdminFile {
     pub listen: Spanned<String>,
     pub per_key_metrics: Option<bool>,
+    pub hosts: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    pub path: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    pub redis: Spanned<String>,
+    pub namespace: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +80,17 @@ pub struct RouteFile {
     pub ca_file: Option<Spanned<String>>,
     pub protocol: Option<Spanned<String>>,
     pub scopes: Option<Spanned<BTreeMap<String, Spanned<ScopeList>>>>,
+    pub cors: Option<Spanned<CorsFile>>,
+}
+
+/// `[routes.cors]`: keygate answers the route's CORS preflights itself.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsFile {
+    pub allow_origins: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub allow_headers: Vec<Spanned<String>>,
+    pub max_age: Option<Spanned<String>>,
 }
 
 /// A method's required scope: one name, or a list of which any one suffices.
@@ -101,4 +130,8 @@ pub struct KeyFile {
     pub expires_at: Option<Spanned<Datetime>>,
     pub revoked_at: Option<Spanned<Datetime>>,
     pub rate_limit: Option<Spanned<String>>,
+    pub meta: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
+    pub allowed_ips: Option<Spanned<Vec<Spanned<String>>>>,
+    pub quota: Option<Spanned<String>>,
+    pub consumer: Option<Spanned<String>>,
 }

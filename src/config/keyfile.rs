@@ -1,5 +1,6 @@
 //! A fast reader for the key file's plain form: `[[keys]]` headers and one `field = value` per
-//! line, with simple strings, one-line string arrays, date-times and comments. That is what
+//! line, with simple strings, one-line string arrays, one-line inline tables of bare keys and
+//! simple strings (`meta`), date-times and comments. That is what
 //! `keygate keys` and the examples write, and it reads a million keys in about a second where a
 //! general TOML parser needs many seconds and gigabytes.
 //!
@@ -7,6 +8,7 @@
 //! outside this form it stops, and the caller hands the file (or the failing entry) to the
 //! full parser.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::str::FromStr;
 
@@ -88,11 +90,16 @@ struct Partial {
     expires_at: Option<Spanned<Datetime>>,
     revoked_at: Option<Spanned<Datetime>>,
     rate_limit: Option<Spanned<String>>,
+    meta: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
+    allowed_ips: Option<Spanned<Vec<Spanned<String>>>>,
+    quota: Option<Spanned<String>>,
+    consumer: Option<Spanned<String>>,
 }
 
 enum Value {
     Text(Spanned<String>),
-    List(Vec<Spanned<String>>),
+    List(Spanned<Vec<Spanned<String>>>),
+    Table(Spanned<BTreeMap<String, Spanned<String>>>),
     Date(Spanned<Datetime>),
 }
 
@@ -120,7 +127,11 @@ impl Partial {
             ("hash", Value::Text(v)) => put(&mut self.hash, v),
             ("tail", Value::Text(v)) => put(&mut self.tail, v),
             ("rate_limit", Value::Text(v)) => put(&mut self.rate_limit, v),
-            ("scopes", Value::List(v)) => put(&mut self.scopes, v),
+            ("scopes", Value::List(v)) => put(&mut self.scopes, v.into_inner()),
+            ("allowed_ips", Value::List(v)) => put(&mut self.allowed_ips, v),
+            ("meta", Value::Table(v)) => put(&mut self.meta, v),
+            ("quota", Value::Text(v)) => put(&mut self.quota, v),
+            ("consumer", Value::Text(v)) => put(&mut self.consumer, v),
             ("created_at", Value::Date(v)) => put(&mut self.created_at, v),
             ("expires_at", Value::Date(v)) => put(&mut self.expires_at, v),
             ("revoked_at", Value::Date(v)) => put(&mut self.revoked_at, v),
@@ -139,6 +150,10 @@ impl Partial {
             expires_at: self.expires_at,
             revoked_at: self.revoked_at,
             rate_limit: self.rate_limit,
+            meta: self.meta,
+            allowed_ips: self.allowed_ips,
+            quota: self.quota,
+            consumer: self.consumer,
         })
     }
 }
@@ -167,7 +182,8 @@ fn parse_value(text: &str, base: usize) -> Option<Value> {
         loop {
             rest = rest.trim_start_matches([' ', '\t']);
             if let Some(after) = rest.strip_prefix(']') {
-                return only_comment(after).then_some(Value::List(items));
+                let span = base..base + (text.len() - after.len());
+                return only_comment(after).then_some(Value::List(Spanned::new(span, items)));
             }
             let item_base = base + (text.len() - rest.len());
             let (item, after) = simple_string(rest, item_base)?;
@@ -179,6 +195,36 @@ fn parse_value(text: &str, base: usize) -> Option<Value> {
                 return None;
             }
         }
+    }
+    if let Some(mut rest) = text.strip_prefix('{') {
+        // `{ name = "value", … }` with bare names; anything fancier (quoted or dotted names,
+        // a trailing comma, nested values) is the full parser's.
+        let mut table = BTreeMap::new();
+        rest = rest.trim_start_matches([' ', '\t']);
+        if !rest.starts_with('}') {
+            loop {
+                let name_len =
+                    rest.bytes().take_while(|&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-').count();
+                if name_len == 0 {
+                    return None;
+                }
+                let name = &rest[..name_len];
+                rest = rest[name_len..].trim_start_matches([' ', '\t']).strip_prefix('=')?;
+                rest = rest.trim_start_matches([' ', '\t']);
+                let (value, after) = simple_string(rest, base + (text.len() - rest.len()))?;
+                if table.insert(name.to_string(), value).is_some() {
+                    return None;
+                }
+                rest = after.trim_start_matches([' ', '\t']);
+                match rest.strip_prefix(',') {
+                    Some(after) => rest = after.trim_start_matches([' ', '\t']),
+                    None => break,
+                }
+            }
+        }
+        let after = rest.strip_prefix('}')?;
+        let span = base..base + (text.len() - after.len());
+        return only_comment(after).then_some(Value::Table(Spanned::new(span, table)));
     }
     // A date-time runs to a comment or the end of the line.
     let end = text.find('#').unwrap_or(text.len());
@@ -219,8 +265,12 @@ mod tests {
             "# keys\n[[keys]]\nid = \"a1\"\nname = \"billing sync #1\" # note\n",
             "hash = \"sha256:00\"\ntail = 'Zc81Qa'\nscopes = [\"read\", 'write',]\n",
             "created_at = 2026-11-22T10:00:00Z\nexpires_at = 2027-02-20T10:00:00.5+02:00 # x\n",
-            "  revoked_at=2026-12-01 08:00:00Z\r\nrate_limit = \"100/s\"\n\n",
+            "  revoked_at=2026-12-01 08:00:00Z\r\nrate_limit = \"100/s\"\n",
+            "quota = \"1000/month\" # billed\nconsumer = 'acme'\n\n",
             "[[keys]] # second\nid = \"b\"\nname = \"\"\nhash = \"h\"\nscopes = []\n",
+            "meta = { tenant = \"acme\", plan='pro',x-y = \"\" } # m\n",
+            "allowed_ips = [\"203.0.113.0/24\", '2001:db8::/32'] # a\n",
+            "[[keys]]\nid = \"c\"\nname = \"c\"\nhash = \"h\"\nmeta = {}\nallowed_ips = []\n",
         ));
     }
 
@@ -240,6 +290,14 @@ mod tests {
             "expires_at = \"2027-01-01T00:00:00Z\"\n",
             "expires_at = 2027-13-01T00:00:00Z\n",
             "[other]\n",
+            "meta = { a = \"1\", }\n",
+            "meta = { \"a\" = \"1\" }\n",
+            "meta = { a.b = \"1\" }\n",
+            "meta = { a = \"1\", a = \"2\" }\n",
+            "meta = { a = 1 }\n",
+            "meta = { a = \"1\"\n",
+            "meta = \"x\"\n",
+            "allowed_ips = \"10.0.0.0/8\"\n",
             "tail = \"a\u{1}\"\n",
         ] {
             let text = format!("{entry}{extra}");

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use crate::counters::StoreSettings;
 use crate::keys::{KeyState, KeyTable};
 use crate::proxy::auth::AuthSettings;
 use crate::proxy::route::RouteTable;
@@ -19,6 +20,8 @@ pub struct Snapshot {
     pub admin: Option<AdminSettings>,
     pub auth: AuthSettings,
     pub routes: RouteTable,
+    /// Where usage and quota counts are kept; chosen at start, a reload does not change it.
+    pub store: StoreSettings,
     pub keys: KeyTable,
     pub loaded_at: SystemTime,
 }
@@ -37,12 +40,17 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// Open connections per upstream host:port at most.
     pub upstream_max_connections: usize,
+    /// Peers whose `X-Forwarded-For` is believed (`proxy::client`).
+    pub trusted_proxies: std::sync::Arc<[ipnet::IpNet]>,
 }
 
 #[derive(Debug, Clone)]
 pub struct AdminSettings {
     pub listen: SocketAddr,
     pub per_key_metrics: bool,
+    /// Host names the admin listener answers besides IP literals and `localhost`: lower case,
+    /// no trailing dot.
+    pub hosts: Vec<String>,
 }
 
 /// Counts for `keygate check` and `/status`.
@@ -56,6 +64,20 @@ pub struct Summary {
 }
 
 impl Snapshot {
+    /// The warning `check` and `serve` give when quotas would be counted in memory only.
+    pub fn store_warning(&self) -> Option<String> {
+        if self.store.persistent() {
+            return None;
+        }
+        let with_quota = self.keys.entries().filter(|k| k.quota.is_some()).count();
+        (with_quota > 0).then(|| {
+            format!(
+                "{with_quota} key(s) have a quota but neither [state] nor [cluster] is configured: \
+                 quota and usage counts are kept in memory and reset when keygate restarts"
+            )
+        })
+    }
+
     pub fn summary(&self, now: SystemTime) -> Summary {
         let mut summary =
             Summary { routes: self.routes.len(), keys: self.keys.len(), active: 0, expired: 0, revoked: 0 };

@@ -29,6 +29,15 @@ pub struct KeyView {
     pub created: Option<String>,
     pub expires: Option<String>,
     pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
+    /// Filled in by `keys list` when usage is kept ([state] or [cluster]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used: Option<u64>,
 }
 
 /// What a new key holds besides its secret.
@@ -38,6 +47,12 @@ pub struct Grant {
     pub scopes: Vec<String>,
     pub expires_at: Option<OffsetDateTime>,
     pub rate_limit: Option<String>,
+    /// `meta` entries, written as an inline table when there are any.
+    pub meta: Vec<(String, String)>,
+    /// `allowed_ips` networks; empty means the field is left out (any address).
+    pub allowed_ips: Vec<String>,
+    pub quota: Option<String>,
+    pub consumer: Option<String>,
 }
 
 /// A time as the key file writes it: RFC 3339, whole seconds, UTC.
@@ -112,7 +127,7 @@ pub fn append(
     doc: &mut DocumentMut,
     id: &str,
     hash: &str,
-    tail: &str,
+    tail: Option<&str>,
     grant: &Grant,
     now: OffsetDateTime,
 ) -> Result<(), LifecycleError> {
@@ -120,7 +135,9 @@ pub fn append(
     table.insert("id", value(id));
     table.insert("name", value(grant.name.as_str()));
     table.insert("hash", value(hash));
-    table.insert("tail", value(tail));
+    if let Some(tail) = tail {
+        table.insert("tail", value(tail));
+    }
     let mut scopes = Array::new();
     for scope in &grant.scopes {
         scopes.push(scope.as_str());
@@ -132,6 +149,22 @@ pub fn append(
     }
     if let Some(rate) = &grant.rate_limit {
         table.insert("rate_limit", value(rate.as_str()));
+    }
+    if !grant.meta.is_empty() {
+        let mut meta = toml_edit::InlineTable::new();
+        for (name, text) in &grant.meta {
+            meta.insert(name, text.as_str().into());
+        }
+        table.insert("meta", value(meta));
+    }
+    if !grant.allowed_ips.is_empty() {
+        table.insert("allowed_ips", value(grant.allowed_ips.iter().map(String::as_str).collect::<Array>()));
+    }
+    if let Some(quota) = &grant.quota {
+        table.insert("quota", value(quota.as_str()));
+    }
+    if let Some(consumer) = &grant.consumer {
+        table.insert("consumer", value(consumer.as_str()));
     }
     // Comments in a file with no entries yet are the document's trailing text; they belong
     // above the first entry, not below it.
@@ -207,7 +240,7 @@ pub fn remove(doc: &mut DocumentMut, index: usize) -> Result<(String, String), L
     Ok((text(&table, "id").to_string(), text(&table, "name").to_string()))
 }
 
-/// What a rotation carries over: name, scopes, rate limit, and the old key's lifetime
+/// What a rotation carries over: name, scopes, rate limit, quota, consumer, meta, allowed_ips, and the old key's lifetime
 /// (created → expires) applied from now, when it had one.
 pub fn successor_grant(
     doc: &DocumentMut,
@@ -229,6 +262,19 @@ pub fn successor_grant(
         scopes,
         expires_at: lifetime.map(|l| now + l),
         rate_limit: table.get("rate_limit").and_then(Item::as_str).map(str::to_string),
+        meta: table
+            .get("meta")
+            .and_then(Item::as_table_like)
+            .map(|m| m.iter().filter_map(|(k, v)| Some((k.to_string(), v.as_str()?.to_string()))).collect())
+            .unwrap_or_default(),
+        allowed_ips: table
+            .get("allowed_ips")
+            .and_then(Item::as_array)
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default(),
+        // The successor spends the same quota: a rotated pair never gets twice the limit.
+        quota: table.get("quota").and_then(Item::as_str).map(str::to_string),
+        consumer: table.get("consumer").and_then(Item::as_str).map(str::to_string),
     })
 }
 
@@ -258,6 +304,10 @@ pub fn views(doc: &DocumentMut, now: OffsetDateTime) -> Vec<KeyView> {
                 } else {
                     "active"
                 },
+                quota: t.get("quota").and_then(Item::as_str).map(str::to_string),
+                consumer: t.get("consumer").and_then(Item::as_str).map(str::to_string),
+                last_used_at: None,
+                used: None,
             }
         })
         .collect()
@@ -274,7 +324,7 @@ mod tests {
         let mut doc: DocumentMut = "# my keys\n".parse().unwrap();
         for (id, name, tail) in names {
             let grant = Grant { name: name.to_string(), scopes: vec!["read".into()], ..Grant::default() };
-            append(&mut doc, id, "sha256:00", tail, &grant, NOW).unwrap();
+            append(&mut doc, id, "sha256:00", Some(tail), &grant, NOW).unwrap();
         }
         doc
     }
@@ -320,7 +370,7 @@ mod tests {
         let mut bare = doc_with(&[]);
         bare.set_trailing("");
         let grant = Grant { name: "x".into(), ..Grant::default() };
-        append(&mut bare, "c3", "sha256:00", "CCCCCC", &grant, NOW).unwrap();
+        append(&mut bare, "c3", "sha256:00", Some("CCCCCC"), &grant, NOW).unwrap();
         remove(&mut bare, 0).unwrap();
         assert!(bare.to_string().starts_with("# no keys"), "{bare}");
     }
@@ -332,14 +382,47 @@ mod tests {
         assert!(!revoke(&mut doc, 0, NOW + time::Duration::hours(1)).unwrap(), "first revocation stands");
         assert_eq!(views(&doc, NOW)[0].status, "revoked");
 
-        let mut doc = doc_with(&[("a1", "sync", "AAAAAA")]);
+        let mut doc: DocumentMut = "".parse().unwrap();
+        let grant = Grant {
+            name: "sync".into(),
+            consumer: Some("acme".into()),
+            quota: Some("10/day".into()),
+            ..Grant::default()
+        };
+        append(&mut doc, "a1", "sha256:00", Some("AAAAAA"), &grant, NOW).unwrap();
         let later = NOW + time::Duration::days(1);
         assert_eq!(expire(&mut doc, 0, later).unwrap(), later);
         assert_eq!(expire(&mut doc, 0, later + time::Duration::days(1)).unwrap(), later, "earlier end kept");
         let grant = successor_grant(&doc, 0, later).unwrap();
         assert_eq!(grant.name, "sync");
+        assert_eq!((grant.consumer.as_deref(), grant.quota.as_deref()), (Some("acme"), Some("10/day")));
         assert_eq!(grant.expires_at, Some(later + time::Duration::days(1)), "same lifetime from now");
         assert_eq!(remove(&mut doc, 0).unwrap(), ("a1".to_string(), "sync".to_string()));
         assert!(views(&doc, NOW).is_empty());
+    }
+
+    #[test]
+    fn rotation_keeps_meta_and_allowed_ips() {
+        let mut doc = doc_with(&[]);
+        let grant = Grant {
+            name: "edge".into(),
+            meta: vec![("tenant".into(), "acme".into()), ("plan".into(), "pro".into())],
+            allowed_ips: vec!["203.0.113.0/24".into(), "2001:db8::/32".into()],
+            ..Grant::default()
+        };
+        append(&mut doc, "a1", "sha256:00", Some("AAAAAA"), &grant, NOW).unwrap();
+        let text = doc.to_string();
+        assert!(text.contains("meta = { tenant = \"acme\", plan = \"pro\" }"), "{text}");
+        assert!(text.contains("allowed_ips = [\"203.0.113.0/24\", \"2001:db8::/32\"]"), "{text}");
+        let successor = successor_grant(&doc, 0, NOW).unwrap();
+        assert_eq!(successor.meta, grant.meta);
+        assert_eq!(successor.allowed_ips, grant.allowed_ips);
+        // Written by hand as a sub-table, meta is carried over just the same.
+        let by_hand: DocumentMut =
+            "[[keys]]\nid = \"b\"\nname = \"n\"\n[keys.meta]\ntenant = \"x\"\n".parse().unwrap();
+        assert_eq!(
+            successor_grant(&by_hand, 0, NOW).unwrap().meta,
+            [("tenant".to_string(), "x".to_string())]
+        );
     }
 }

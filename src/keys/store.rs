@@ -4,6 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use toml_edit::DocumentMut;
@@ -64,34 +65,74 @@ impl KeyStore {
         read_document(&self.path)
     }
 
-    /// Replaces the file with `text` atomically, keeping its permissions.
+    /// Replaces the file with `text` atomically, keeping its permissions (0600 for a new file).
     pub fn write(&self, text: &str) -> Result<(), StoreError> {
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = self.path.file_name().map_or_else(|| "keys".into(), |n| n.to_string_lossy().into_owned());
-        // A leading single dot: not the watched name, and not the `..` of a Kubernetes swap.
-        let temp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        let result = (|| {
-            let mut file = File::create(&temp).map_err(io(&temp, "cannot create"))?;
-            if let Ok(meta) = std::fs::metadata(&self.path) {
-                file.set_permissions(meta.permissions()).map_err(io(&temp, "cannot set permissions"))?;
-            }
-            file.write_all(text.as_bytes()).map_err(io(&temp, "cannot write"))?;
-            file.sync_all().map_err(io(&temp, "cannot sync"))?;
-            std::fs::rename(&temp, &self.path).map_err(io(&self.path, "cannot replace"))?;
-            // The rename itself is durable only once the folder is synced.
-            if let Ok(folder) = File::open(&dir) {
-                let _ = folder.sync_all();
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&temp);
-        }
-        result
+        replace(&self.path, text)
     }
+}
+
+/// Writes a key file that only its owner may read, by the same exclusive-temporary-file and
+/// rename path as every other write.
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    replace(path, text).map_err(|e| match e {
+        StoreError::Io { source, .. } => source,
+        other => std::io::Error::other(other.to_string()),
+    })
+}
+
+/// Mode of a key file keygate creates: its hashes are no one else's business.
+const NEW_FILE_MODE: u32 = 0o600;
+
+/// Replaces `path` with `text`: a temporary file with an unpredictable name, created
+/// exclusively (`O_EXCL` never opens an existing file or follows a link planted under that
+/// name), written, synced, then renamed over `path`. A rewrite keeps the file's mode.
+fn replace(path: &Path, text: &str) -> Result<(), StoreError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().map_or_else(|| "keys".into(), |n| n.to_string_lossy().into_owned());
+    let mode = std::fs::metadata(path).map_or(NEW_FILE_MODE, |meta| meta.permissions().mode() & 0o7777);
+    let (temp, mut file) = create_temp(&dir, &name, mode)?;
+    let result = (|| {
+        // The mode given at creation is masked by the umask; set it exactly.
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(io(&temp, "cannot set permissions"))?;
+        file.write_all(text.as_bytes()).map_err(io(&temp, "cannot write"))?;
+        file.sync_all().map_err(io(&temp, "cannot sync"))?;
+        std::fs::rename(&temp, path).map_err(io(path, "cannot replace"))?;
+        // The rename itself is durable only once the folder is synced.
+        if let Ok(folder) = File::open(&dir) {
+            let _ = folder.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+/// Creates `<dir>/.<name>.tmp-<16 random hex digits>` exclusively. A leading single dot: not the
+/// watched name, and not the `..` of a Kubernetes swap.
+fn create_temp(dir: &Path, name: &str, mode: u32) -> Result<(PathBuf, File), StoreError> {
+    let mut last = None;
+    // A name taken (by a planted file or link) is skipped, never opened; a few draws suffice.
+    for _ in 0..8 {
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random)
+            .map_err(|e| io(dir, "cannot draw a temporary name")(std::io::Error::other(e.to_string())))?;
+        let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        let temp = dir.join(format!(".{name}.tmp-{suffix}"));
+        match OpenOptions::new().write(true).create_new(true).mode(mode).open(&temp) {
+            Ok(file) => return Ok((temp, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(io(&temp, "cannot create")(e)),
+        }
+    }
+    Err(io(dir, "cannot create a temporary file")(
+        last.unwrap_or_else(|| std::io::Error::other("every name drawn was taken")),
+    ))
 }
 
 #[cfg(test)]
@@ -116,6 +157,26 @@ mod tests {
             .filter(|n| n.contains("tmp"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_new_file_is_private_and_a_rewrite_keeps_the_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let store = KeyStore::lock(&path).unwrap();
+        store.write("# new\n").unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        store.write("# again\n").unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
+    }
+
+    #[test]
+    fn temporary_names_are_unpredictable_and_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = create_temp(dir.path(), "keys.toml", 0o600).unwrap();
+        let (b, _) = create_temp(dir.path(), "keys.toml", 0o600).unwrap();
+        assert_ne!(a, b);
     }
 
     #[test]

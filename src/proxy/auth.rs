@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::time::SystemTime;
 
-use http::header::{AUTHORIZATION, HeaderName};
+use http::header::{AUTHORIZATION, COOKIE, HeaderName};
 use http::{HeaderMap, Method};
 
 use crate::error::GatewayError;
@@ -20,13 +20,15 @@ pub enum Source {
     Authorization(String),
     /// A query parameter.
     Query(String),
+    /// A cookie of the `Cookie` header(s); names are case-sensitive, as browsers keep them.
+    Cookie(String),
 }
 
 impl Source {
-    /// Parses `header:NAME`, `authorization:SCHEME` or `query:NAME`.
+    /// Parses `header:NAME`, `authorization:SCHEME`, `query:NAME` or `cookie:NAME`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let (kind, name) = text.split_once(':').ok_or_else(|| {
-            format!("source {text:?} must be header:NAME, authorization:SCHEME or query:NAME")
+            format!("source {text:?} must be header:NAME, authorization:SCHEME, query:NAME or cookie:NAME")
         })?;
         let name = name.trim();
         if name.is_empty() {
@@ -48,7 +50,14 @@ impl Source {
                 Ok(Self::Authorization(name.to_string()))
             }
             "query" => Ok(Self::Query(name.to_string())),
-            _ => Err(format!("source {text:?}: the kind must be header, authorization or query")),
+            "cookie" => {
+                // RFC 6265 §4.1.1: a cookie name is an RFC 2616 token.
+                if !name.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b)) {
+                    return Err(format!("source {text:?}: {name:?} is not a valid cookie name"));
+                }
+                Ok(Self::Cookie(name.to_string()))
+            }
+            _ => Err(format!("source {text:?}: the kind must be header, authorization, query or cookie")),
         }
     }
 }
@@ -58,6 +67,50 @@ impl Source {
 pub struct AuthSettings {
     pub sources: Vec<Source>,
     pub key_prefix: String,
+}
+
+impl AuthSettings {
+    /// The request headers a key may travel in, which a browser app must be allowed to send.
+    pub fn key_headers(&self) -> Vec<HeaderName> {
+        let mut names: Vec<HeaderName> = Vec::new();
+        for source in &self.sources {
+            let name = match source {
+                Source::Header(name) => name.clone(),
+                Source::Authorization(_) => AUTHORIZATION,
+                Source::Query(_) | Source::Cookie(_) => continue,
+            };
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    }
+}
+
+/// `name=value` pairs of every `Cookie` header, in order, as raw bytes: a header that is not
+/// text still has its cookies found (and removed).
+fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
+    headers.get_all(COOKIE).iter().flat_map(|v| v.as_bytes().split(|&b| b == b';')).filter_map(|pair| {
+        let pair = pair.trim_ascii();
+        if pair.is_empty() {
+            return None;
+        }
+        let at = pair.iter().position(|&b| b == b'=');
+        Some(match at {
+            Some(at) => (pair[..at].trim_ascii(), pair[at + 1..].trim_ascii()),
+            None => (pair, &b""[..]),
+        })
+    })
+}
+
+/// A cookie value as a key: one pair of double quotes (RFC 6265 allows them) is not part of
+/// it; a value that is not text can be no key, and is made one that matches none.
+fn cookie_value(raw: &[u8]) -> &str {
+    let raw = match raw {
+        [b'"', inner @ .., b'"'] => inner,
+        other => other,
+    };
+    std::str::from_utf8(raw).map(str::trim).unwrap_or("\u{0}")
 }
 
 /// The key value of an `Authorization` header if its scheme is `scheme`.
@@ -136,6 +189,11 @@ pub fn extract<'r>(
                     },
                 ),
             )?,
+            Source::Cookie(name) => single(
+                cookie_pairs(headers)
+                    .filter(|(n, _)| *n == name.as_bytes())
+                    .map(|(_, v)| Cow::Borrowed(cookie_value(v))),
+            )?,
         };
         if let Some(value) = found.filter(|v| !v.is_empty()) {
             return Ok(Some(PresentedCredential(value)));
@@ -176,39 +234,71 @@ pub fn verify<'t>(
 /// Headers through which a client asks a framework to treat a request as another method.
 const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
 
+/// The query parameter through which Laravel, Symfony and Rails take a method override.
+const METHOD_PARAMETER: &str = "_method";
+
+/// Whether a header name is a method override, also in `_` spellings, which CGI-style back
+/// ends fold into the same variable.
+fn is_override_header(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    METHOD_OVERRIDES.iter().any(|o| {
+        o.len() == name.len() && o.bytes().zip(name.bytes()).all(|(a, b)| a == b || (a == b'-' && b == b'_'))
+    })
+}
+
+/// Every method the request asks an upstream framework to run instead of its own, read the way
+/// those frameworks read it: trimmed and upper-cased, so `delete` is judged as `DELETE`. From the
+/// override headers (each comma-separated part) and every `_method` query parameter. A value
+/// that is no method token is refused: which method a framework would make of it is a guess.
+pub fn method_overrides(headers: &HeaderMap, query: Option<&str>) -> Result<Vec<Method>, GatewayError> {
+    let mut methods = Vec::new();
+    let mut judge = |text: &str| -> Result<(), GatewayError> {
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let upper = part.to_ascii_uppercase();
+            let method = Method::from_bytes(upper.as_bytes())
+                .map_err(|_| GatewayError::BadRequest("a method override does not name a method"))?;
+            methods.push(method);
+        }
+        Ok(())
+    };
+    for (_, value) in headers.iter().filter(|(name, _)| is_override_header(name)) {
+        let text =
+            value.to_str().map_err(|_| GatewayError::BadRequest("a method-override header is not text"))?;
+        judge(text)?;
+    }
+    if let Some(query) = query {
+        for (name, value) in query_pairs(query) {
+            if percent_decode(name).eq_ignore_ascii_case(METHOD_PARAMETER) {
+                // Form encoding: `+` is a space here, which trimming then drops.
+                judge(&percent_decode(value).replace('+', " "))?;
+            }
+        }
+    }
+    Ok(methods)
+}
+
+/// Whether anything in the request could make an upstream run another method than its own.
+pub fn has_method_override(headers: &HeaderMap, query: Option<&str>) -> bool {
+    headers.keys().any(is_override_header) || method_overrides(headers, query).map_or(true, |m| !m.is_empty())
+}
+
 /// Checks that the key holds a scope the route requires for the method, and for every method
-/// an override header asks for, since the upstream may act on the override.
+/// an override asks for, since the upstream may act on the override.
 pub fn authorize(
     rule: Option<&ScopeRule>,
     key: &KeyEntry,
     method: &Method,
     headers: &HeaderMap,
+    query: Option<&str>,
 ) -> Result<(), GatewayError> {
+    // Read first, even without a scope rule: a malformed override is the client's error.
+    let overrides = method_overrides(headers, query)?;
     let Some(rule) = rule else { return Ok(()) };
     let allowed = |method: &Method| {
         rule.required(method).is_some_and(|scopes| scopes.iter().any(|s| key.scopes.holds(s)))
     };
-    if !allowed(method) {
+    if !allowed(method) || !overrides.iter().all(allowed) {
         return Err(GatewayError::InsufficientScope);
-    }
-    // Also in `_` spellings, which CGI-style back ends fold into the same variable.
-    let overrides = headers.iter().filter(|(name, _)| {
-        let name = name.as_str();
-        METHOD_OVERRIDES.iter().any(|o| {
-            o.len() == name.len()
-                && o.bytes().zip(name.bytes()).all(|(a, b)| a == b || (a == b'-' && b == b'_'))
-        })
-    });
-    for (_, value) in overrides {
-        let text =
-            value.to_str().map_err(|_| GatewayError::BadRequest("a method-override header is not text"))?;
-        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let overridden = Method::from_bytes(part.as_bytes())
-                .map_err(|_| GatewayError::BadRequest("a method-override header is not a method"))?;
-            if !allowed(&overridden) {
-                return Err(GatewayError::InsufficientScope);
-            }
-        }
     }
     Ok(())
 }
@@ -225,7 +315,7 @@ pub fn authenticate<'t>(
 ) -> Result<&'t KeyEntry, GatewayError> {
     let credential = extract(&settings.sources, headers, query)?.ok_or(GatewayError::MissingApiKey)?;
     let entry = verify(credential.key(), settings, table, now)?;
-    authorize(rule, entry, method, headers)?;
+    authorize(rule, entry, method, headers, query)?;
     Ok(entry)
 }
 
@@ -235,6 +325,7 @@ pub fn authenticate<'t>(
 pub fn strip_credentials(sources: &[Source], headers: &mut HeaderMap, query: Option<&str>) -> Option<String> {
     let mut strip_query = false;
     let mut strip_authorization = false;
+    let mut strip_cookies = false;
     for source in sources {
         match source {
             Source::Header(name) => {
@@ -242,7 +333,11 @@ pub fn strip_credentials(sources: &[Source], headers: &mut HeaderMap, query: Opt
             }
             Source::Authorization(_) => strip_authorization = true,
             Source::Query(_) => strip_query = true,
+            Source::Cookie(_) => strip_cookies = true,
         }
+    }
+    if strip_cookies && headers.contains_key(COOKIE) {
+        strip_cookie_sources(sources, headers);
     }
     if strip_authorization && headers.contains_key(AUTHORIZATION) {
         let claimed = |value: &http::HeaderValue| {
@@ -274,6 +369,32 @@ pub fn strip_credentials(sources: &[Source], headers: &mut HeaderMap, query: Opt
     (!kept.is_empty()).then_some(kept)
 }
 
+/// Removes the source cookies and sends the others on in order, in one `Cookie` header: the
+/// upstream hop is HTTP/1.1, where RFC 9113 §8.2.3 has HTTP/2's several cookie fields joined.
+fn strip_cookie_sources(sources: &[Source], headers: &mut HeaderMap) {
+    let is_source =
+        |name: &[u8]| sources.iter().any(|s| matches!(s, Source::Cookie(c) if c.as_bytes() == name));
+    let mut kept: Vec<u8> = Vec::new();
+    for value in headers.get_all(COOKIE) {
+        for pair in value.as_bytes().split(|&b| b == b';').map(<[u8]>::trim_ascii).filter(|p| !p.is_empty()) {
+            let name = pair.iter().position(|&b| b == b'=').map_or(pair, |at| pair[..at].trim_ascii());
+            if !is_source(name) {
+                if !kept.is_empty() {
+                    kept.extend_from_slice(b"; ");
+                }
+                kept.extend_from_slice(pair);
+            }
+        }
+    }
+    headers.remove(COOKIE);
+    // Pieces of valid header values joined by "; " are a valid header value.
+    if let Ok(value) = http::HeaderValue::from_bytes(&kept)
+        && !kept.is_empty()
+    {
+        headers.insert(COOKIE, value);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,7 +414,10 @@ mod tests {
     #[test]
     fn sources_parse() {
         assert_eq!(Source::parse("query:k").unwrap(), Source::Query("k".into()));
-        for bad in ["x-api-key", "cookie:a", "header:", "header:bad name", "header:authorization"] {
+        assert_eq!(Source::parse("cookie:kg_session").unwrap(), Source::Cookie("kg_session".into()));
+        for bad in
+            ["x-api-key", "cookie:a=b", "cookie:a;b", "header:", "header:bad name", "header:authorization"]
+        {
             assert!(Source::parse(bad).is_err(), "{bad}");
         }
     }
@@ -327,5 +451,36 @@ mod tests {
         let auth: Vec<_> = headers.get_all(AUTHORIZATION).iter().collect();
         assert_eq!(auth, ["Basic abc"]);
         assert_eq!(strip_credentials(&sources(), &mut headers, Some("api_key=k")), None);
+    }
+
+    fn cookie_sources() -> Vec<Source> {
+        vec![Source::parse("cookie:session").unwrap(), Source::parse("header:x-api-key").unwrap()]
+    }
+
+    #[test]
+    fn cookie_source_reads_every_cookie_header() {
+        let mut headers = HeaderMap::new();
+        headers.append(COOKIE, HeaderValue::from_static("theme=dark; sessionx=1"));
+        headers.append(COOKIE, HeaderValue::from_static("session=\"k1\" ; lang=en"));
+        let got = extract(&cookie_sources(), &headers, None).unwrap().map(|c| c.key().expose().to_string());
+        assert_eq!(got.as_deref(), Some("k1"));
+        headers.append(COOKIE, HeaderValue::from_static("session=k2"));
+        assert!(matches!(extract(&cookie_sources(), &headers, None), Err(GatewayError::InvalidApiKey)));
+        let none = HeaderMap::new();
+        assert!(extract(&cookie_sources(), &none, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn only_the_source_cookie_is_stripped_and_the_rest_keep_their_order() {
+        let mut headers = HeaderMap::new();
+        headers.append(COOKIE, HeaderValue::from_static("a=1; session=k1"));
+        headers.append(COOKIE, HeaderValue::from_static("b=2;session=k2; Session=3"));
+        strip_credentials(&cookie_sources(), &mut headers, None);
+        let cookies: Vec<_> = headers.get_all(COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2; Session=3"]);
+        let mut only = HeaderMap::new();
+        only.insert(COOKIE, HeaderValue::from_static("session=k1"));
+        strip_credentials(&cookie_sources(), &mut only, None);
+        assert!(!only.contains_key(COOKIE), "an emptied Cookie header is removed");
     }
 }

@@ -24,6 +24,8 @@ pub struct RequestBody {
     /// `None`: an empty body keygate made itself (a replayed request).
     inner: Option<Incoming>,
     on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
+    /// Told of every frame read: on HTTP/2 that, not bytes, is what keeps a connection alive.
+    on_frame: Option<Box<dyn Fn() + Send + Sync>>,
     /// Set when the client's body turned out malformed (bad chunking, cut short), so that
     /// failure is the client's 400, not the upstream's 502.
     failed: Arc<std::sync::atomic::AtomicBool>,
@@ -31,7 +33,12 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(inner: Incoming, on_end: impl FnOnce() + Send + Sync + 'static) -> Self {
-        let mut body = Self { inner: Some(inner), on_end: Some(Box::new(on_end)), failed: Arc::default() };
+        let mut body = Self {
+            inner: Some(inner),
+            on_end: Some(Box::new(on_end)),
+            on_frame: None,
+            failed: Arc::default(),
+        };
         // A body that is empty from the start (most GETs) is never polled at all.
         if hyper::body::Body::is_end_stream(&body) {
             body.ended();
@@ -41,7 +48,13 @@ impl RequestBody {
 
     /// An empty body, for a request keygate sends again itself.
     pub fn empty() -> Self {
-        Self { inner: None, on_end: None, failed: Arc::default() }
+        Self { inner: None, on_end: None, on_frame: None, failed: Arc::default() }
+    }
+
+    /// Calls `on_frame` for every frame read from the client.
+    pub fn on_frame(mut self, on_frame: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_frame = Some(Box::new(on_frame));
+        self
     }
 
     /// Whether reading the client's body failed; readable after the body has been sent away.
@@ -69,7 +82,12 @@ impl hyper::body::Body for RequestBody {
         let polled = std::pin::Pin::new(&mut *inner).poll_frame(cx);
         let at_end = match &polled {
             std::task::Poll::Ready(None) => true,
-            std::task::Poll::Ready(Some(Ok(_))) => hyper::body::Body::is_end_stream(&*inner),
+            std::task::Poll::Ready(Some(Ok(_))) => {
+                if let Some(on_frame) = &this.on_frame {
+                    on_frame();
+                }
+                hyper::body::Body::is_end_stream(&*inner)
+            }
             std::task::Poll::Ready(Some(Err(_))) => {
                 this.failed.store(true, std::sync::atomic::Ordering::Relaxed);
                 false
@@ -115,6 +133,7 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
 const X_KEYGATE_KEY_NAME: HeaderName = HeaderName::from_static("x-keygate-key-name");
 const X_KEYGATE_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
+const X_KEYGATE_CONSUMER: HeaderName = HeaderName::from_static("x-keygate-consumer");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -214,23 +233,57 @@ pub fn websocket_upgrade(parts: &http::request::Parts) -> Option<HeaderValue> {
 #[derive(Clone)]
 pub struct ConnectionGuard(pub Arc<dyn std::any::Any + Send + Sync>);
 
-/// Relays the bytes of an upgraded connection both ways until either side closes.
+/// Relays the bytes of an upgraded connection both ways until either side closes, or until no
+/// byte has moved either way for `idle_timeout`: a silent tunnel must not hold its client's
+/// `max_connections` slot forever.
 pub async fn relay_upgraded(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
+    idle_timeout: Duration,
     _guard: Option<ConnectionGuard>,
 ) {
+    use crate::server::idle::{Activity, Tracked};
     let (client, upstream) = tokio::join!(client, upstream);
     match (client, upstream) {
         (Ok(client), Ok(upstream)) => {
-            let mut client = hyper_util::rt::TokioIo::new(client);
+            // Every byte either way crosses the client's side, so one clock there sees both.
+            let activity = Activity::new();
+            let mut client = Tracked::new(hyper_util::rt::TokioIo::new(client), activity.clone());
             let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-            if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                tracing::debug!(%error, "upgraded connection ended");
+            let relay = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+            tokio::pin!(relay);
+            loop {
+                let deadline = activity.idle_deadline(idle_timeout);
+                tokio::select! {
+                    ended = &mut relay => {
+                        if let Err(error) = ended {
+                            tracing::debug!(%error, "upgraded connection ended");
+                        }
+                        break;
+                    }
+                    () = tokio::time::sleep_until(deadline) => {
+                        if activity.idle_deadline(idle_timeout) <= tokio::time::Instant::now() {
+                            tracing::debug!("closing an idle upgraded connection");
+                            break;
+                        }
+                    }
+                }
             }
         }
         (Err(error), _) | (_, Err(error)) => tracing::debug!(%error, "upgrade failed"),
     }
+}
+
+/// The `Sec-WebSocket-Accept` an upstream must answer to a client's `Sec-WebSocket-Key`
+/// (RFC 6455 §4.2.2): proof that it understood the handshake and is not some other service
+/// tricked into a `101` that would turn keygate into a raw tunnel.
+pub fn websocket_accept(key: &HeaderValue) -> String {
+    use base64::Engine;
+    use sha1::Digest;
+    let mut sha1 = sha1::Sha1::new();
+    sha1.update(key.as_bytes());
+    sha1.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(sha1.finalize())
 }
 
 /// Whether a header claims to come from keygate, in any spelling a back end may fold to ours
@@ -255,19 +308,35 @@ pub struct ClientInfo {
 
 impl ClientInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> Self {
-        // An IP address printed is always a valid header value.
-        let ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        let ip = crate::proxy::client::address_header(crate::proxy::client::canonical(peer.ip()));
         Self { peer, tls, ip }
+    }
+
+    /// The peer's address as a header value.
+    pub fn ip_header(&self) -> &HeaderValue {
+        &self.ip
     }
 }
 
-/// Sets `x-forwarded-*` and `x-real-ip` from the connection, replacing what the client sent,
-/// except that `x-forwarded-for` keeps the client's chain and appends the peer to it.
-pub fn set_forwarding(headers: &mut HeaderMap, client: &ClientInfo, host: Option<&HeaderValue>) {
-    let ip = &client.ip;
+/// Sets `x-forwarded-*` and `x-real-ip` from the connection and the client address, replacing
+/// what the client sent, except that `x-forwarded-for` keeps the client's chain and appends the
+/// client address to it (behind a trusted proxy: the chain up to the client's entry).
+pub fn set_forwarding(
+    headers: &mut HeaderMap,
+    client: &ClientInfo,
+    address: &crate::proxy::client::ClientAddress,
+    host: Option<&HeaderValue>,
+) {
+    let ip = &address.header;
     match headers.entry(X_FORWARDED_FOR) {
         Entry::Vacant(entry) => {
             entry.insert(ip.clone());
+        }
+        // Behind a trusted proxy, `proxy::client` has already cut the chain at the client.
+        Entry::Occupied(mut entry) if address.chain.is_some() => {
+            if let Some(chain) = &address.chain {
+                entry.insert(chain.clone());
+            }
         }
         Entry::Occupied(mut entry) => {
             let chain: Vec<&str> = entry.iter().filter_map(|v| v.to_str().ok()).collect();
@@ -294,6 +363,12 @@ pub fn set_identity(headers: &mut HeaderMap, key: &KeyEntry) {
     headers.insert(X_KEYGATE_KEY_ID, key.id.clone());
     headers.insert(X_KEYGATE_KEY_NAME, key.name.clone());
     headers.insert(X_KEYGATE_SCOPES, key.scopes.header().clone());
+    for (name, value) in &key.meta {
+        headers.insert(name.clone(), value.clone());
+    }
+    if let Some(consumer) = &key.consumer {
+        headers.insert(X_KEYGATE_CONSUMER, consumer.name.clone());
+    }
 }
 
 #[cfg(test)]
@@ -308,6 +383,13 @@ mod tests {
         for name in ["x-keygate", "x-keygatex", "keygate-key-id", "x-api-key"] {
             assert!(!is_keygate_header(&HeaderName::from_bytes(name.as_bytes()).unwrap()), "{name}");
         }
+    }
+
+    #[test]
+    fn websocket_accept_matches_rfc_6455() {
+        // The example of RFC 6455 §1.3.
+        let key = HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(websocket_accept(&key), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 
     #[test]
@@ -330,8 +412,9 @@ mod tests {
         headers.insert(FORWARDED, HeaderValue::from_static("for=evil"));
         headers.insert(X_REAL_IP, HeaderValue::from_static("6.6.6.6"));
         let client = ClientInfo::new("127.0.0.1:5000".parse().unwrap(), false);
+        let address = crate::proxy::client::resolve(&client, &headers, &[]);
         scrub_request(&mut headers);
-        set_forwarding(&mut headers, &client, Some(&HeaderValue::from_static("api.test")));
+        set_forwarding(&mut headers, &client, &address, Some(&HeaderValue::from_static("api.test")));
         assert_eq!(headers.get_all(X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(headers[X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 127.0.0.1");
         assert_eq!(headers[X_REAL_IP], "127.0.0.1");

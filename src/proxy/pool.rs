@@ -342,7 +342,9 @@ async fn sweep(shared: Weak<Shared>) {
 /// A copy of a safe, bodiless request, to send again if its connection turns out dead.
 fn replayable_copy(request: &Request<RequestBody>) -> Option<Request<RequestBody>> {
     let safe = matches!(*request.method(), http::Method::GET | http::Method::HEAD | http::Method::OPTIONS);
-    if !safe || !request.body().is_end_stream() {
+    // An override may name an unsafe method that the upstream would run: never send twice.
+    let overridden = crate::proxy::auth::has_method_override(request.headers(), request.uri().query());
+    if !safe || !request.body().is_end_stream() || overridden {
         return None;
     }
     let mut copy = Request::new(RequestBody::empty());

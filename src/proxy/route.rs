@@ -48,6 +48,8 @@ pub struct Route {
     pub preserve_host: bool,
     /// `None`: any valid key is admitted.
     pub scopes: Option<ScopeRule>,
+    /// `[routes.cors]`: keygate answers this route's preflights itself.
+    pub cors: Option<crate::proxy::cors::Cors>,
     /// The route's metric handles; the gateway fills this in when it takes a snapshot.
     pub metrics: Option<std::sync::Arc<crate::metrics::RouteMetrics>>,
 }
@@ -79,6 +81,7 @@ impl Route {
             public,
             preserve_host: false,
             scopes: None,
+            cors: None,
             metrics: None,
         }
     }
@@ -99,9 +102,9 @@ impl RouteTable {
     }
 
     /// A route for this host wins over a host-less one, as a virtual host does in nginx; among
-    /// equals the longest prefix wins. `host` is the raw Host value (port and dot allowed).
+    /// equals the longest prefix wins. `host` is the request's host name, already parsed
+    /// ([`crate::proxy::host`]): no port, no trailing dot.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
-        let host = host.map(host_name);
         self.routes.iter().find(|route| {
             let host_ok = match (&route.host, host) {
                 (None, _) => true,
@@ -129,16 +132,6 @@ impl RouteTable {
     }
 }
 
-/// The name part of a Host value: no port, no one trailing dot (`[::1]:80` → `[::1]`).
-pub fn host_name(host: &str) -> &str {
-    let name = if host.starts_with('[') {
-        host.find(']').map_or(host, |end| &host[..=end])
-    } else {
-        host.rsplit_once(':').map_or(host, |(name, _)| name)
-    };
-    name.strip_suffix('.').unwrap_or(name)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,19 +150,11 @@ mod tests {
         let label = |host, path| table.find(host, path).map(|r| r.label.0.to_string());
         assert_eq!(label(None, "/public/x").as_deref(), Some("/public/"));
         assert_eq!(label(None, "/public").as_deref(), Some("/"));
-        assert_eq!(label(Some("API.Example.com.:8443"), "/public/x").as_deref(), Some("api.example.com/"));
+        assert_eq!(label(Some("API.Example.com"), "/public/x").as_deref(), Some("api.example.com/"));
         assert_eq!(label(Some("other"), "/x").as_deref(), Some("/"));
         let only_host = RouteTable::new(vec![route(Some("a"), "/")]);
         assert!(only_host.find(Some("b"), "/").is_none());
         assert!(only_host.find(None, "/").is_none());
-    }
-
-    #[test]
-    fn host_names() {
-        assert_eq!(host_name("example.com:80"), "example.com");
-        assert_eq!(host_name("example.com."), "example.com");
-        assert_eq!(host_name("[::1]:8080"), "[::1]");
-        assert_eq!(host_name("[::1]"), "[::1]");
     }
 
     #[test]

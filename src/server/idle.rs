@@ -1,5 +1,11 @@
-//! Idle detection for a connection: an I/O wrapper that notes when bytes last moved, so the
-//! server can close a connection, or a stalled request body, after `idle_timeout` of silence.
+//! Idle detection for a connection: an I/O wrapper that notes when bytes last moved, and a
+//! clock of request progress, so the server can close a connection, or a stalled request body,
+//! after `idle_timeout` of silence.
+//!
+//! On HTTP/2, bytes moving prove nothing: a peer that only sends PINGs (or SETTINGS, or
+//! WINDOW_UPDATEs for a stream it never reads) keeps the socket busy while doing no work, and
+//! would hold a `max_connections` slot forever. There the clock is request progress instead:
+//! a request beginning or ending, or a body frame passing either way.
 
 use std::io;
 use std::pin::Pin;
@@ -22,10 +28,16 @@ pub struct Activity {
 #[derive(Debug, Default)]
 struct Counters {
     last_ms: AtomicU64,
+    progress_ms: AtomicU64,
     read: AtomicU64,
     written: AtomicU64,
     in_flight: AtomicU64,
+    /// Set once the client has sent the HTTP/2 connection preface.
+    http2: std::sync::atomic::AtomicBool,
 }
+
+/// The start of the HTTP/2 connection preface (RFC 9113 §3.4).
+const PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 
 /// The length of the HTTP/2 connection preface, the most a client must send before the
 /// server can tell HTTP/1 from HTTP/2.
@@ -36,9 +48,17 @@ impl Activity {
         Self { start: Instant::now(), shared: Arc::default() }
     }
 
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.shared.last_ms.store(ms, Ordering::Relaxed);
+        self.shared.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// A request began or ended, or a body frame passed: the connection is doing work.
+    pub fn progress(&self) {
+        self.shared.progress_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     fn count(&self, counter: &AtomicU64, n: usize) {
@@ -50,7 +70,8 @@ impl Activity {
     /// response has not begun, it waits on the upstream: not idle, however quiet the client
     /// is (that wait is bounded by `request_timeout` instead). A stalled body stays idle.
     pub fn exchange(&self) -> Exchange {
-        Exchange { shared: Arc::clone(&self.shared), state: Arc::new(AtomicU8::new(READING)) }
+        self.progress();
+        Exchange { activity: self.clone(), state: Arc::new(AtomicU8::new(READING)) }
     }
 
     pub fn has_requests_in_flight(&self) -> bool {
@@ -68,9 +89,15 @@ impl Activity {
         self.start
     }
 
-    /// The instant at which the connection will have been idle for `timeout`.
+    /// The instant at which the connection will have been idle for `timeout`: on HTTP/1 with
+    /// no bytes moving; on HTTP/2 with no request progress (see the module's note).
     pub fn idle_deadline(&self, timeout: Duration) -> Instant {
-        self.start + Duration::from_millis(self.shared.last_ms.load(Ordering::Relaxed)) + timeout
+        let clock = if self.shared.http2.load(Ordering::Relaxed) {
+            &self.shared.progress_ms
+        } else {
+            &self.shared.last_ms
+        };
+        self.start + Duration::from_millis(clock.load(Ordering::Relaxed)) + timeout
     }
 }
 
@@ -81,22 +108,27 @@ const FINISHED: u8 = 2;
 /// One request's place in [`Activity`]'s count of requests waiting on an upstream.
 #[derive(Clone)]
 pub struct Exchange {
-    shared: Arc<Counters>,
+    activity: Activity,
     state: Arc<AtomicU8>,
 }
 
 impl Exchange {
+    /// A body frame passed, or the exchange ended.
+    pub fn progress(&self) {
+        self.activity.progress();
+    }
+
     /// The body has been read to the end. Ignored once the response has begun.
     pub fn body_done(&self) {
         if self.state.compare_exchange(READING, WAITING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+            self.activity.shared.in_flight.fetch_add(1, Ordering::AcqRel);
         }
     }
 
     /// The response has begun (or the request failed); idempotent.
     pub fn finish(&self) {
         if self.state.swap(FINISHED, Ordering::AcqRel) == WAITING {
-            self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.activity.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -120,7 +152,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
         if matches!(result, Poll::Ready(Ok(()))) && read > 0 {
-            this.activity.count(&this.activity.shared.read, read);
+            let shared = &this.activity.shared;
+            if shared.read.load(Ordering::Relaxed) == 0 && buf.filled()[before..].starts_with(PREFACE_START) {
+                shared.http2.store(true, Ordering::Relaxed);
+            }
+            this.activity.count(&shared.read, read);
         }
         result
     }
@@ -163,5 +199,49 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A response body that reports each frame, and its own end, as progress of its exchange.
+pub struct ProgressBody<B> {
+    inner: B,
+    exchange: Exchange,
+}
+
+impl<B> ProgressBody<B> {
+    pub fn new(inner: B, exchange: Exchange) -> Self {
+        Self { inner, exchange }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for ProgressBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            this.exchange.progress();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for ProgressBody<B> {
+    fn drop(&mut self) {
+        // The exchange is over (sent whole, or abandoned): the idle clock starts from here.
+        self.exchange.progress();
     }
 }

@@ -4,14 +4,21 @@
 //! (a listener handed to `serve` is already bound, so the gateway accepts as soon as it exists).
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod browser;
 pub mod grpc;
+pub mod h2;
+pub mod leak;
 pub mod pki;
+pub mod poll;
+pub mod process;
+pub mod redis;
+pub mod served;
 
 use std::error::Error as StdError;
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +37,17 @@ use tokio::time::Instant;
 
 /// Upper bound for any single network exchange a test makes.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How [`Call::try_send`] and [`raw_exchange`] begin the message of a wait that ran out: the
+/// server neither answered nor closed. Tell it apart with [`timed_out`].
+const TIMED_OUT: &str = "no complete response";
+
+/// Whether an error from [`Call::try_send`] means the server went silent (timed out), as
+/// opposed to closing or resetting the connection: a hung gateway must never pass for one that
+/// refused.
+pub fn timed_out(error: &str) -> bool {
+    error.contains(TIMED_OUT)
+}
 
 /// Header the client helpers add to every request so a test can find *its* request upstream.
 pub const PROBE_HEADER: &str = "x-test-probe";
@@ -118,7 +136,15 @@ pub struct RecordingUpstream {
     addr: SocketAddr,
     log: Arc<Mutex<Vec<Recorded>>>,
     conns: Arc<ConnectionCount>,
+    load: Arc<InFlight>,
     accept: JoinHandle<()>,
+}
+
+/// Requests being answered now, and the most there ever were at once.
+#[derive(Default)]
+struct InFlight {
+    now: AtomicUsize,
+    most: AtomicUsize,
 }
 
 /// Connections a test server has accepted: in all, open now, and the most open at once.
@@ -166,8 +192,15 @@ impl RecordingUpstream {
         let addr = listener.local_addr().expect("upstream local addr");
         let log = Arc::new(Mutex::new(Vec::new()));
         let conns = Arc::new(ConnectionCount::default());
-        let accept = tokio::spawn(upstream_accept_loop(listener, Arc::clone(&log), Arc::clone(&conns), None));
-        Self { addr, log, conns, accept }
+        let load = Arc::new(InFlight::default());
+        let accept = tokio::spawn(upstream_accept_loop(
+            listener,
+            Arc::clone(&log),
+            Arc::clone(&conns),
+            Arc::clone(&load),
+            None,
+        ));
+        Self { addr, log, conns, load, accept }
     }
 
     /// The same upstream behind TLS with `config` (its certificate names `localhost`); use
@@ -177,9 +210,16 @@ impl RecordingUpstream {
         let addr = listener.local_addr().expect("upstream local addr");
         let log = Arc::new(Mutex::new(Vec::new()));
         let conns = Arc::new(ConnectionCount::default());
+        let load = Arc::new(InFlight::default());
         let tls = Some(tokio_rustls::TlsAcceptor::from(config));
-        let accept = tokio::spawn(upstream_accept_loop(listener, Arc::clone(&log), Arc::clone(&conns), tls));
-        Self { addr, log, conns, accept }
+        let accept = tokio::spawn(upstream_accept_loop(
+            listener,
+            Arc::clone(&log),
+            Arc::clone(&conns),
+            Arc::clone(&load),
+            tls,
+        ));
+        Self { addr, log, conns, load, accept }
     }
 
     /// `https://localhost:PORT`, for a route to an upstream made by [`start_tls`](Self::start_tls).
@@ -190,6 +230,12 @@ impl RecordingUpstream {
     /// The connections keygate has opened to this upstream.
     pub fn connections(&self) -> &ConnectionCount {
         &self.conns
+    }
+
+    /// The most requests this upstream was answering at the same time (from the moment a
+    /// request's head arrived until its response was handed back).
+    pub fn most_in_flight(&self) -> usize {
+        self.load.most.load(Ordering::SeqCst)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -243,16 +289,27 @@ async fn upstream_accept_loop(
     listener: TcpListener,
     log: Arc<Mutex<Vec<Recorded>>>,
     conns: Arc<ConnectionCount>,
+    load: Arc<InFlight>,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     // Ends when the task is aborted (the upstream is dropped) or accept fails.
     while let Ok((stream, peer)) = listener.accept().await {
         let log = Arc::clone(&log);
+        let load = Arc::clone(&load);
         let open = conns.opened();
         let tls = tls.clone();
         tokio::spawn(async move {
             let _open = open;
-            let service = service_fn(move |req| upstream_answer(req, peer, Arc::clone(&log)));
+            let service = service_fn(move |req| {
+                let (log, load) = (Arc::clone(&log), Arc::clone(&load));
+                async move {
+                    let now = load.now.fetch_add(1, Ordering::SeqCst) + 1;
+                    load.most.fetch_max(now, Ordering::SeqCst);
+                    let answer = upstream_answer(req, peer, log).await;
+                    load.now.fetch_sub(1, Ordering::SeqCst);
+                    answer
+                }
+            });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             match tls {
                 None => {
@@ -329,6 +386,7 @@ pub struct Route {
     host: Option<String>,
     preserve_host: bool,
     scopes: Vec<(String, Vec<String>)>,
+    cors: Option<String>,
     /// Further raw TOML lines of the route (`protocol = "h2"`, `ca_file = "ca.pem"`).
     extra: Vec<String>,
 }
@@ -342,6 +400,7 @@ impl Route {
             host: None,
             preserve_host: false,
             scopes: Vec::new(),
+            cors: None,
             extra: Vec::new(),
         }
     }
@@ -349,6 +408,12 @@ impl Route {
     /// Sets a further route field; `value` is raw TOML (`"\"h2\""`).
     pub fn field(mut self, field: &str, value: &str) -> Self {
         self.extra.push(format!("{field} = {value}"));
+        self
+    }
+
+    /// A `[routes.cors]` table; `body` is its raw TOML lines (`allow_origins = ["*"]`).
+    pub fn cors(mut self, body: &str) -> Self {
+        self.cors = Some(body.to_owned());
         self
     }
 
@@ -400,6 +465,11 @@ impl Route {
                 let _ = writeln!(out, "{} = {value}", toml_str(method));
             }
         }
+        if let Some(cors) = &self.cors {
+            out.push_str("[routes.cors]\n");
+            out.push_str(cors);
+            out.push('\n');
+        }
         out
     }
 }
@@ -413,6 +483,8 @@ pub struct Key {
     pub scopes: Vec<String>,
     expires_at: Option<String>,
     revoked_at: Option<String>,
+    /// Further raw TOML lines of the entry (`meta = {…}`, `allowed_ips = […]`, `rate_limit`).
+    extra: Vec<String>,
 }
 
 impl Key {
@@ -424,7 +496,28 @@ impl Key {
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
             expires_at: None,
             revoked_at: None,
+            extra: Vec::new(),
         }
+    }
+
+    /// `meta = { name = "value", … }`.
+    pub fn meta(mut self, entries: &[(&str, &str)]) -> Self {
+        let pairs: Vec<String> = entries.iter().map(|(n, v)| format!("{n} = {}", toml_str(v))).collect();
+        self.extra.push(format!("meta = {{ {} }}", pairs.join(", ")));
+        self
+    }
+
+    /// `allowed_ips = [networks…]`.
+    pub fn allowed_ips(mut self, networks: &[&str]) -> Self {
+        let networks: Vec<String> = networks.iter().map(|n| (*n).to_owned()).collect();
+        self.extra.push(format!("allowed_ips = {}", toml_list(&networks)));
+        self
+    }
+
+    /// `rate_limit = "N/s"` and the like.
+    pub fn rate_limit(mut self, rate: &str) -> Self {
+        self.extra.push(format!("rate_limit = {}", toml_str(rate)));
+        self
     }
 
     /// A key in keygate's own format (`kg_<id>_<secret><checksum>`), made by the library.
@@ -457,6 +550,9 @@ impl Key {
         }
         if let Some(at) = &self.revoked_at {
             let _ = writeln!(out, "revoked_at = {at}");
+        }
+        for line in &self.extra {
+            let _ = writeln!(out, "{line}");
         }
         out
     }
@@ -575,6 +671,7 @@ impl GatewayConfig {
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    pub gateway: Arc<keygate::proxy::Gateway>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -584,6 +681,11 @@ impl TestGateway {
     /// `keygate::config::load`, and serves on a listener bound to 127.0.0.1:0 (the `listen`
     /// in the file is not used: the test binds its own, as `main` hands `serve` a bound one).
     pub async fn start(gateway_toml: &str, keys_toml: &str) -> Self {
+        Self::start_at(gateway_toml, keys_toml, "127.0.0.1:0").await
+    }
+
+    /// [`start`](Self::start) on another loopback address, such as `[::1]:0` for IPv6 clients.
+    pub async fn start_at(gateway_toml: &str, keys_toml: &str, bind: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("keygate.toml");
         std::fs::write(&config_path, gateway_toml).expect("write keygate.toml");
@@ -594,14 +696,14 @@ impl TestGateway {
                 "keygate rejected the test config:\n{errors}\n--- keygate.toml ---\n{gateway_toml}\n--- keys.toml ---\n{keys_toml}"
             ),
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind gateway listener");
+        let listener = TcpListener::bind(bind).await.expect("bind gateway listener");
         let addr = listener.local_addr().expect("gateway local addr");
         let gateway = Arc::new(keygate::proxy::Gateway::new(snapshot));
         let (shutdown, stop) = oneshot::channel::<()>();
-        let task = tokio::spawn(keygate::server::serve(listener, gateway, async move {
+        let task = tokio::spawn(keygate::server::serve(listener, Arc::clone(&gateway), async move {
             let _ = stop.await;
         }));
-        Self { addr, dir, shutdown: Some(shutdown), task }
+        Self { addr, dir, gateway, shutdown: Some(shutdown), task }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -619,6 +721,30 @@ impl TestGateway {
     /// Sends raw bytes on a fresh connection and reads the answer; see [`raw_exchange`].
     pub async fn raw(&self, request: &[u8]) -> RawExchange {
         raw_exchange(self.addr, request).await
+    }
+}
+
+/// `keygate::admin::serve` on 127.0.0.1:0 for an in-process gateway, stopped when dropped.
+pub struct AdminListener {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl AdminListener {
+    pub async fn start(gateway: Arc<keygate::proxy::Gateway>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin listener");
+        let addr = listener.local_addr().expect("admin local addr");
+        Self { addr, task: tokio::spawn(keygate::admin::serve(listener, gateway)) }
+    }
+
+    pub fn get(&self, path: &str) -> Call {
+        Call::new(self.addr, Method::GET, path)
+    }
+}
+
+impl Drop for AdminListener {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -645,6 +771,8 @@ pub struct Call {
     headers: Vec<(String, String)>,
     body: Bytes,
     http2: bool,
+    /// The address the client socket is bound to (all of 127/8 is loopback on Linux).
+    from: Option<std::net::IpAddr>,
 }
 
 impl Call {
@@ -656,7 +784,15 @@ impl Call {
             headers: Vec::new(),
             body: Bytes::new(),
             http2: false,
+            from: None,
         }
+    }
+
+    /// Connects from `ip` (say `127.0.0.2`) instead of the system's choice, so the gateway
+    /// sees another client address.
+    pub fn local_ip(mut self, ip: &str) -> Self {
+        self.from = Some(ip.parse().expect("a client IP address"));
+        self
     }
 
     /// Appends a header line; calling twice with one name sends it twice.
@@ -701,8 +837,12 @@ impl Call {
         let request = builder
             .body(Full::new(self.body.clone()))
             .map_err(|e| format!("could not build the request: {e}\nsent:\n{sent}"))?;
-        match tokio::time::timeout(IO_TIMEOUT, roundtrip(self.addr, request, self.http2)).await {
-            Err(_) => Err(format!("no complete response within {IO_TIMEOUT:?}\nsent:\n{sent}")),
+        match tokio::time::timeout(IO_TIMEOUT, roundtrip(self.addr, self.from, request, self.http2)).await {
+            Err(_) => Err(format!(
+                "{TIMED_OUT} within {IO_TIMEOUT:?}
+sent:
+{sent}"
+            )),
             Ok(Err(e)) => Err(format!("transport error: {e:?}\nsent:\n{sent}")),
             Ok(Ok(response)) => {
                 let (parts, body) = response;
@@ -720,7 +860,8 @@ impl Call {
 
     fn describe(&self, probe: &str, has_host: bool) -> String {
         let version = if self.http2 { "HTTP/2" } else { "HTTP/1.1" };
-        let mut out = format!("  {} {} {version} (to {})\n", self.method, self.target, self.addr);
+        let from = self.from.map(|ip| format!(" from {ip}")).unwrap_or_default();
+        let mut out = format!("  {} {} {version} (to {}{from})\n", self.method, self.target, self.addr);
         if !self.http2 && !has_host {
             let _ = writeln!(out, "    host: {}", self.addr);
         }
@@ -735,10 +876,23 @@ impl Call {
 
 async fn roundtrip(
     addr: SocketAddr,
+    from: Option<std::net::IpAddr>,
     request: Request<Full<Bytes>>,
     http2: bool,
 ) -> Result<(http::response::Parts, Bytes), Box<dyn StdError + Send + Sync>> {
-    let io = TokioIo::new(TcpStream::connect(addr).await?);
+    let stream = match from {
+        None => TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let socket = if ip.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+    };
+    let io = TokioIo::new(stream);
     let response = if http2 {
         let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
         tokio::spawn(conn);
@@ -850,6 +1004,11 @@ pub struct RawExchange {
 }
 
 impl RawExchange {
+    /// The server neither finished a response nor closed within the wait: it went silent.
+    pub fn timed_out(&self) -> bool {
+        self.error.as_deref().is_some_and(|e| timed_out(e) || e.contains("timed out"))
+    }
+
     fn head_end(&self) -> Option<usize> {
         find(&self.received, b"\r\n\r\n").map(|i| i + 4)
     }
@@ -957,7 +1116,7 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawExchange {
                 break;
             }
             Err(_) => {
-                exchange.error = Some(format!("read: no complete response in {IO_TIMEOUT:?}"));
+                exchange.error = Some(format!("read: {TIMED_OUT} in {IO_TIMEOUT:?}"));
                 break;
             }
         }
@@ -1054,6 +1213,45 @@ pub fn strip_ansi(text: &str) -> String {
         }
     }
     out
+}
+
+/// Writes `text` to a temporary file in the same folder, then renames it over `path`, as
+/// `keygate keys …`, `mv` and most editors do: readers see the old file or the new one.
+pub fn rename_over(path: &std::path::Path, text: &str) {
+    use std::io::Write as _;
+    let name = path.file_name().expect("a file name").to_string_lossy();
+    let temp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    {
+        let mut file =
+            std::fs::File::create(&temp).unwrap_or_else(|e| panic!("create {}: {e}", temp.display()));
+        file.write_all(text.as_bytes()).unwrap_or_else(|e| panic!("write {}: {e}", temp.display()));
+        file.sync_all().unwrap_or_else(|e| panic!("sync {}: {e}", temp.display()));
+    }
+    let before = path.exists().then(|| inode(path));
+    std::fs::rename(&temp, path)
+        .unwrap_or_else(|e| panic!("rename {} over {}: {e}", temp.display(), path.display()));
+    assert_ne!(before, Some(inode(path)), "a rename over {} must replace its inode", path.display());
+}
+
+/// The inode number of `path`: a rename over it changes it, an in-place write does not.
+pub fn inode(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display())).ino()
+}
+
+/// The path of `program`, found on `PATH`; fails the test with one sentence saying how to
+/// install it when it is missing (`scripts/test` installs every program the suite needs).
+pub fn require_program(program: &str, install: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(candidate).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(|| {
+            panic!("this test needs `{program}`, which is not on PATH: install it with `{install}` (or run scripts/test, which does)")
+        })
 }
 
 /// `keygate` (the real binary) with a clean environment — no inherited config or log

@@ -1,0 +1,192 @@
+//! The host a request names (`Host` or the target's authority): accepted only in the one form
+//! that every parser reads the same way, `host[:port]`, so routing and the upstream never
+//! disagree about which host was meant.
+//!
+//! Why so strict: parsers split odd values differently. nginx and Express take the port after
+//! the *first* colon, others after the last; WHATWG URL parsers read `a.example:@b.example` as
+//! user info plus `b.example`. A value any of them could read two ways is refused (400), and
+//! what goes upstream is the parsed value, never the raw one.
+
+use http::HeaderValue;
+
+/// A validated `host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHost {
+    /// The whole `host[:port]`, as sent (it is already in the one accepted form).
+    pub value: HeaderValue,
+    /// Where the name ends in `value`, before any port and one trailing dot.
+    name_end: usize,
+}
+
+impl RequestHost {
+    /// The host name for route matching: no port, no trailing dot, case as sent (matching
+    /// ignores case). An IPv6 literal keeps its brackets.
+    pub fn name(&self) -> &str {
+        // `value` came from a `&str` in `parse`; a non-text value is impossible here.
+        self.value.to_str().map_or("", |text| &text[..self.name_end])
+    }
+}
+
+/// Why a host value was refused; the text is the 400's message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostError(pub &'static str);
+
+/// Parses a `Host` value or an authority into `host[:port]`.
+///
+/// Accepted: a name of letters, digits, `-`, `.`, `_` and `~` (RFC 3986 unreserved, no
+/// percent-encoding), or an IPv6 literal in brackets; then optionally `:` and 1–5 digits up to
+/// 65535. Refused: empty, user info (`@`), a second `:` outside brackets, any other character.
+pub fn parse(raw: &[u8]) -> Result<RequestHost, HostError> {
+    let text = std::str::from_utf8(raw).map_err(|_| HostError("the Host is not text"))?;
+    if text.is_empty() {
+        return Err(HostError("the Host is empty"));
+    }
+    if text.contains('@') {
+        return Err(HostError("the Host carries user info"));
+    }
+    let (name, port) = if let Some(rest) = text.strip_prefix('[') {
+        let close = rest.find(']').ok_or(HostError("the Host has an unclosed IPv6 literal"))?;
+        let literal = &rest[..close];
+        // Only the canonical spelling (RFC 5952, as WHATWG serialises it): `[0::1]` and `[::1]`
+        // are one address that a route table would see as two names.
+        match literal.parse::<std::net::Ipv6Addr>() {
+            // Dotted forms (`::ffff:1.2.3.4`) WHATWG prints in hex: refused as well.
+            Ok(address) if address.to_string() == literal.to_ascii_lowercase() && !literal.contains('.') => {}
+            Ok(_) => return Err(HostError("the Host's IPv6 literal is not in its canonical form")),
+            Err(_) => return Err(HostError("the Host has an invalid IPv6 literal")),
+        }
+        let after = &rest[close + 1..];
+        let port = match after.strip_prefix(':') {
+            Some(port) => Some(port),
+            None if after.is_empty() => None,
+            None => return Err(HostError("the Host has characters after its IPv6 literal")),
+        };
+        (&text[..close + 2], port)
+    } else {
+        match text.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (text, None),
+        }
+    };
+    if let Some(port) = port {
+        let digits = !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+        if !digits || port.parse::<u32>().map_or(true, |p| p > 65535) {
+            return Err(HostError("the Host has an invalid port"));
+        }
+    }
+    if !name.starts_with('[') {
+        if name.is_empty() {
+            return Err(HostError("the Host has an empty name"));
+        }
+        if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')) {
+            return Err(HostError("the Host has a character no host name may carry"));
+        }
+    }
+    let name_end = name.strip_suffix('.').map_or(name.len(), str::len);
+    if name_end == 0 {
+        return Err(HostError("the Host has an empty name"));
+    }
+    if !name.starts_with('[') && name[..name_end].split('.').any(str::is_empty) {
+        return Err(HostError("the Host has an empty label"));
+    }
+    if !name.starts_with('[') && !plain_or_dotted_quad(&name[..name_end]) {
+        return Err(HostError("the Host is a number that parsers read as different addresses"));
+    }
+    let value = HeaderValue::from_str(text).map_err(|_| HostError("the Host is not a valid header value"))?;
+    Ok(RequestHost { value, name_end })
+}
+
+/// WHATWG URL parsers read a name whose last label is a number (`127.1`, `0x7f.1`, `2130706433`,
+/// `010.0.0.1`) as an IPv4 address, each in its own way; other parsers keep it as a name. Only
+/// the one unambiguous spelling of an address passes: four decimal parts 0–255 without leading
+/// zeros.
+fn plain_or_dotted_quad(name: &str) -> bool {
+    let last = name.rsplit('.').next().unwrap_or(name);
+    let numeric = !last.is_empty()
+        && (last.bytes().all(|b| b.is_ascii_digit())
+            || last
+                .strip_prefix("0x")
+                .or_else(|| last.strip_prefix("0X"))
+                .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit())));
+    if !numeric {
+        return true;
+    }
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.len() == 4
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.len() <= 3
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (p.len() == 1 || !p.starts_with('0'))
+                && p.parse::<u16>().is_ok_and(|n| n <= 255)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(raw: &str) -> Result<String, HostError> {
+        parse(raw.as_bytes()).map(|h| h.name().to_string())
+    }
+
+    #[test]
+    fn accepted_forms() {
+        assert_eq!(name("Example.com").unwrap(), "Example.com");
+        assert_eq!(name("example.com:8080").unwrap(), "example.com");
+        assert_eq!(name("example.com.").unwrap(), "example.com");
+        assert_eq!(name("example.com.:80").unwrap(), "example.com");
+        assert_eq!(name("[::1]").unwrap(), "[::1]");
+        assert_eq!(name("[::1]:443").unwrap(), "[::1]");
+        assert_eq!(name("127.0.0.1:1").unwrap(), "127.0.0.1");
+        assert_eq!(name("0.0.0.0").unwrap(), "0.0.0.0");
+        assert_eq!(name("a1.example.123abc").unwrap(), "a1.example.123abc");
+        assert_eq!(parse(b"a.example:65535").unwrap().value, "a.example:65535");
+    }
+
+    #[test]
+    fn two_way_values_are_refused() {
+        for raw in [
+            "",
+            ":80",
+            ".",
+            "admin.example.com:1:2",
+            "a.example:@b.example",
+            "user@b.example",
+            "a.example:",
+            "a.example:123456",
+            "a.example:65536",
+            "a.example:+80",
+            "a.example: 80",
+            "a example",
+            "a.example/x",
+            "a.example\\b",
+            "a%2eexample",
+            "a.example?x",
+            "a.example#x",
+            "[::1",
+            "[::1]x",
+            "[::1]:",
+            "[not-v6]",
+            "::1",
+            "a,b",
+            "127.1",
+            "0x7f.0.0.1",
+            "2130706433",
+            "010.0.0.1",
+            "1.2.3.256",
+            "a.0x10",
+            "a.123",
+            "..",
+            ".a",
+            "a..b",
+            "a.example..",
+            "[0::1]",
+            "[::0001]",
+            "[::ffff:1.2.3.4]",
+        ] {
+            assert!(parse(raw.as_bytes()).is_err(), "{raw:?} must be refused");
+        }
+        assert!(parse(b"caf\xc3\xa9.example").is_err());
+    }
+}

@@ -4,8 +4,8 @@
 # table (medians over the rounds). Loopback only; every run is bounded in requests and time.
 #
 #   benches/h2.sh           3 rounds × 100,000 requests per target (a few minutes)
-#   benches/h2.sh --quick   1 round × 10,000 requests per target; exits 0 only if every
-#                           target started and every request succeeded
+#   benches/h2.sh --quick   1 round × 10,000 requests per target, debug build; exits 0 only
+#                           if every target started and every request succeeded (for CI)
 #
 # Targets, driven round-robin with the same load (h2load -c CONNS -m STREAMS, h2c prior
 # knowledge, one valid key in x-api-key):
@@ -19,9 +19,11 @@
 #
 # Environment overrides: H2_ROUNDS, H2_REQUESTS, H2_CONNS (64), H2_STREAMS (10), H2_PIN=0 (no
 # CPU pinning: keygate on CPU 0, nginx and h2load on CPU 1, as benches/load.sh does),
-# H2_PROFILE (cargo profile to build; default release), H2_TIMEOUT (s per h2load run, 120).
+# H2_PROFILE (cargo profile to build; default release, dev with --quick), H2_TIMEOUT (s per
+# h2load run, 120).
 #
-# Needs: nginx (nginx-light, with http_v2), h2load (nghttp2-client), curl, python3, cargo.
+# Needs: nginx (nginx-light, with http_v2), h2load (nghttp2-client), curl, python3 (installed
+# from Debian if missing and root), and cargo.
 # Every process it starts is stopped on exit; temporary files live in one mktemp -d folder.
 
 set -euo pipefail
@@ -84,9 +86,19 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-for tool in nginx h2load curl python3 cargo; do
-  command -v "$tool" >/dev/null || die "$tool not found (apt-get install nginx-light nghttp2-client curl python3)"
-done
+missing=()
+command -v nginx >/dev/null || missing+=(nginx-light)
+command -v h2load >/dev/null || missing+=(nghttp2-client)
+command -v curl >/dev/null || missing+=(curl)
+command -v python3 >/dev/null || missing+=(python3)
+if ((${#missing[@]})); then
+  ((EUID == 0)) || die "missing ${missing[*]} and not root: apt-get install -y ${missing[*]}"
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update
+  apt-get install -y "${missing[@]}"
+fi
+command -v cargo >/dev/null || die "cargo not found (install Rust: https://rustup.rs)"
 nginx -V 2>&1 | grep -q -- --with-http_v2_module || die "this nginx lacks the http_v2 module (install nginx-light)"
 if ((PIN)) && { ! command -v taskset >/dev/null || (($(nproc) < 2)); }; then
   log "no taskset or fewer than 2 CPUs: running unpinned"
@@ -94,7 +106,9 @@ if ((PIN)) && { ! command -v taskset >/dev/null || (($(nproc) < 2)); }; then
 fi
 pin() { ((PIN)) && taskset -a -p -c "$1" "$2" >/dev/null || true; }
 
-profile=${H2_PROFILE:-release}
+# --quick only checks that the instrument works (CI), so it takes the debug build that the
+# tests already made; its figures mean nothing. H2_PROFILE=release gives real ones.
+profile=${H2_PROFILE:-$( ((QUICK)) && echo dev || echo release)}
 log "building keygate (cargo build --profile $profile --locked)"
 (cd "$ROOT" && cargo build --profile "$profile" --locked)
 KEYGATE=${CARGO_TARGET_DIR:-$ROOT/target}/$([[ $profile == dev ]] && echo debug || echo "$profile")/keygate

@@ -111,6 +111,11 @@ impl H2Pool {
     pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<H2Body>, SendError> {
         let (head, body) = request.into_parts();
         let end = body.is_end_stream();
+        // SPEC §2.4: only a safe request without a body, and without an override naming
+        // another method, is ever sent a second time.
+        let replayable = end
+            && matches!(head.method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS)
+            && !crate::proxy::auth::has_method_override(&head.headers, head.uri.query());
         let mut body = Some(body);
         let mut tries = 0;
         loop {
@@ -118,8 +123,8 @@ impl H2Pool {
             let claim = self.claim().await?;
             // A connection found closed (GOAWAY, reset) before the stream was opened, or a
             // stream the peer left unprocessed (REFUSED_STREAM, or above a GOAWAY's last stream,
-            // RFC 9113 §8.7; only when no body went out), is tried again on another: the
-            // upstream never acted on it.
+            // RFC 9113 §8.7; only for a safe request without a body), is tried again on
+            // another: the upstream never acted on it.
             let mut sender = match claim.conn.sender.clone().ready().await {
                 Ok(sender) => sender,
                 Err(error) if tries < MAX_TRIES => {
@@ -143,7 +148,7 @@ impl H2Pool {
             }
             let response = match response.await {
                 Ok(response) => response,
-                Err(error) if end && tries < MAX_TRIES && unprocessed(&error) => continue,
+                Err(error) if replayable && tries < MAX_TRIES && unprocessed(&error) => continue,
                 Err(error) => return Err(error.into()),
             };
             return Ok(response.map(|recv| H2Body {

@@ -33,7 +33,6 @@ use super::transport::SendError;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection with no stream open this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// Attempts at a request whose stream could not be opened (see [`H2Pool::send`]).
 const MAX_TRIES: u32 = 10;
 
@@ -277,7 +276,7 @@ impl H2Pool {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let weak = Arc::downgrade(&self.shared);
         self.shared.sweeping.get_or_init(|| {
-            runtime.spawn(sweep(weak));
+            runtime.spawn(super::pool::sweep(weak));
         });
     }
 }
@@ -301,15 +300,9 @@ impl Shared {
     }
 }
 
-async fn sweep(shared: Weak<Shared>) {
-    let mut every = tokio::time::interval(SWEEP_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        match shared.upgrade() {
-            Some(shared) => shared.sweep(),
-            None => return,
-        }
+impl super::pool::Sweep for Shared {
+    fn sweep(&self) {
+        Shared::sweep(self);
     }
 }
 

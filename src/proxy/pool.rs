@@ -327,7 +327,20 @@ impl Shared {
     }
 }
 
-async fn sweep(shared: Weak<Shared>) {
+/// A pool that drops its idle and dead connections when asked.
+pub(crate) trait Sweep: Send + Sync + 'static {
+    fn sweep(&self);
+}
+
+impl Sweep for Shared {
+    fn sweep(&self) {
+        Shared::sweep(self);
+    }
+}
+
+/// Sweeps a pool every few seconds until the pool itself is gone: a pool nobody routes to any
+/// more must not keep its connections, and must not be kept alive by its own sweeper.
+pub(crate) async fn sweep<T: Sweep>(shared: Weak<T>) {
     let mut every = tokio::time::interval(SWEEP_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

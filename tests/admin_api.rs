@@ -437,3 +437,32 @@ async fn futures_join<T>(futures: Vec<impl std::future::Future<Output = T>>) -> 
     set.extend(done.into_iter().flatten());
     set
 }
+
+#[tokio::test]
+async fn admin_token_refuses_a_name_the_config_would_refuse_and_chunked_bodies_are_limited_too() {
+    let gate = AdminGateway::start().await;
+    let output = keygate_command(gate.dir.path())
+        .args(["admin", "token", "--name", "two words"])
+        .output()
+        .await
+        .expect("run keygate admin token");
+    assert!(!output.status.success(), "a name with a space is refused");
+    assert!(output.stdout.is_empty(), "no token printed for a refused name");
+
+    // No Content-Length: the limit holds while the body streams in.
+    let token = gate.token("ops");
+    let chunk = format!("{:x}\r\n{}\r\n", 16 * 1024, "x".repeat(16 * 1024));
+    let mut request = format!(
+        "POST /keys HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..5 {
+        request.extend_from_slice(chunk.as_bytes());
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let raw = support::raw_exchange(gate.served.admin, &request).await;
+    assert_eq!(raw.status(), Some(413), "{}", raw.head());
+    assert_eq!(raw.error_code().as_deref(), Some("invalid_request"), "{}", raw.head());
+    assert!(gate.audit_lines().is_empty());
+}

@@ -340,6 +340,40 @@ mod tests {
     }
 
     #[test]
+    fn the_store_interface_creates_finds_revokes_rotates_and_deletes() {
+        use crate::keys::store::{Action, KeyStore, Rotation, StoreError};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, "# team keys\n").unwrap();
+        let store = FileStore::new(path.clone(), "kg".into());
+        let now = OffsetDateTime::now_utc();
+        let grant = Grant { name: "sync".into(), scopes: vec!["read".into()], ..Grant::default() };
+        let made = store.create(&grant, now).unwrap();
+        let key = made.secret.clone().unwrap();
+        assert_eq!(made.action, Action::Create);
+        assert!(key.expose().starts_with(&format!("kg_{}_", made.key.id)));
+        assert!(!format!("{made:?}").contains(key.expose()), "Debug never shows the key");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# team keys\n") && !text.contains(key.expose()), "{text}");
+        assert_eq!(store.find("sync", now).unwrap().id, made.key.id);
+        assert_eq!(store.find(&made.key.tail, now).unwrap().id, made.key.id);
+
+        let revoked = store.revoke(&made.key.id, now).unwrap();
+        assert_eq!((revoked.key.status, revoked.changed), ("revoked", true));
+        assert!(!store.revoke(&made.key.id, now).unwrap().changed, "revoking twice changes nothing");
+
+        let rotated = store.rotate("sync", &Rotation::default(), now).unwrap();
+        assert_eq!(rotated.replaced.as_ref().map(|v| v.id.as_str()), Some(made.key.id.as_str()));
+        assert_eq!(rotated.key.name, "sync");
+        assert!(matches!(store.find("sync", now), Err(StoreError::Ambiguous { .. })));
+
+        let deleted = store.delete(&made.key.id, now).unwrap();
+        assert_eq!(deleted.key.id, made.key.id);
+        assert_eq!(store.find(&made.key.id, now), Err(StoreError::NotFound(made.key.id.clone())));
+        assert_eq!(store.list(now).unwrap().len(), 1);
+    }
+
+    #[test]
     fn a_missing_file_reads_as_empty() {
         let dir = tempfile::tempdir().unwrap();
         let store = Locked::lock(&dir.path().join("keys.toml")).unwrap();

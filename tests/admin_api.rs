@@ -54,7 +54,7 @@ fn assert_forwarded(gate: &AdminGateway, exchange: &Exchange, key: &str, id: &st
 
 #[tokio::test]
 async fn every_endpoint_answers_as_the_spec_says_and_the_gateway_follows() {
-    let gate = AdminGateway::start().await;
+    let mut gate = AdminGateway::start().await;
 
     let listed = gate.api(Method::GET, "/keys").send().await;
     assert_eq!(listed.status, 200, "{listed}");
@@ -162,16 +162,14 @@ async fn every_endpoint_answers_as_the_spec_says_and_the_gateway_follows() {
         assert!(line["key_name"].as_str().is_some(), "{line}");
     }
     let audit = std::fs::read_to_string(gate.audit_path()).unwrap();
+    let log = gate.served.log();
     for secret in [&key, &new_key] {
         assert!(!audit.contains(secret.as_str()), "the audit log holds a key:\n{audit}");
-        assert!(!gate.served.log().contains(secret.as_str()), "the log holds a key:\n{}", gate.served.log());
+        assert!(!log.contains(secret.as_str()), "the log holds a key:\n{log}");
     }
     assert_eq!(std::fs::metadata(gate.audit_path()).unwrap().permissions().mode() & 0o777, 0o600);
-    assert!(
-        gate.served.lines_with("keygate::audit").len() >= lines.len(),
-        "each change is on the keygate::audit target too:\n{}",
-        gate.served.log()
-    );
+    let on_target = gate.served.count("keygate::audit");
+    assert!(on_target >= lines.len(), "each change is on the keygate::audit target too:\n{log}");
 }
 
 /// Every request the key API takes, against a selector that exists and one that does not.

@@ -5,21 +5,17 @@
 mod support;
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::Path;
 use std::time::Duration;
 
 use http::Method;
 use serde_json::Value;
-use support::{Call, GatewayConfig, Key, RecordingUpstream, Route, keys_toml, strip_ansi};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use support::leak;
+use support::process::{PROCESS_TIMEOUT, Process, listening_on};
+use support::{Call, GatewayConfig, Key, RecordingUpstream, Route, keys_toml};
+use tokio::process::Command;
 use tokio::time::Instant;
-
-/// Bound on a whole `keygate check` run, or on a server reaching "listening on".
-const PROCESS_TIMEOUT: Duration = Duration::from_secs(30);
 
 use support::keygate_command as keygate;
 
@@ -273,151 +269,20 @@ async fn check_rejects_toml_syntax_error() {
 // Long-running children
 // ---------------------------------------------------------------------------------------------
 
-/// Lines of one output stream of a child, read by a task, collected with deadlines.
-struct Lines {
-    rx: mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
-    open: bool,
-}
-
-impl Lines {
-    fn read(stream: impl AsyncRead + Unpin + Send + 'static) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stream);
-            let mut line = Vec::new();
-            // Ends at EOF, i.e. when the child exits.
-            loop {
-                line.clear();
-                match reader.read_until(b'\n', &mut line).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let text = strip_ansi(&String::from_utf8_lossy(&line));
-                        if tx.send(text.trim_end().to_owned()).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-        Self { rx, seen: Vec::new(), open: true }
-    }
-
-    /// Collects lines until `done(all lines so far)` holds (true), EOF or `deadline` (false).
-    async fn wait_until(&mut self, deadline: Instant, mut done: impl FnMut(&[String]) -> bool) -> bool {
-        loop {
-            if done(&self.seen) {
-                return true;
-            }
-            if !self.open || Instant::now() >= deadline {
-                return false;
-            }
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(line)) => self.seen.push(line),
-                Ok(None) => self.open = false,
-                Err(_) => return false,
-            }
-        }
-    }
-}
-
-/// A running `keygate`, killed when dropped so a failing test leaks nothing.
-struct Running {
-    child: Child,
-    stdout: Lines,
-    stderr: Lines,
-}
-
-impl Running {
-    fn spawn(mut command: Command) -> Self {
-        let mut child =
-            command.spawn().unwrap_or_else(|e| panic!("could not start {:?}: {e}", command.as_std()));
-        let stdout = Lines::read(child.stdout.take().expect("piped stdout"));
-        let stderr = Lines::read(child.stderr.take().expect("piped stderr"));
-        Self { child, stdout, stderr }
-    }
-
-    /// Kills the child and collects whatever it wrote until its pipes close.
-    async fn kill_and_collect(&mut self) {
-        let _ = self.child.start_kill();
-        let deadline = Instant::now() + PROCESS_TIMEOUT;
-        let _ = tokio::time::timeout_at(deadline, self.child.wait()).await;
-        self.stdout.wait_until(deadline, |_| false).await;
-        self.stderr.wait_until(deadline, |_| false).await;
-    }
-
-    fn all_lines(&self) -> impl Iterator<Item = &String> {
-        self.stdout.seen.iter().chain(&self.stderr.seen)
-    }
-
-    fn transcript(&self) -> String {
-        format!(
-            "--- stdout ---\n{}\n--- stderr (last 80 lines) ---\n{}",
-            self.stdout.seen.join("\n"),
-            tail(&self.stderr.seen, 80)
-        )
-    }
-
-    /// Waits for a `listening on ADDR` line on stderr and returns ADDR.
-    async fn listening_addr(&mut self) -> SocketAddr {
-        let deadline = Instant::now() + PROCESS_TIMEOUT;
-        let found =
-            self.stderr.wait_until(deadline, |lines| lines.iter().any(|l| listening_on(l).is_some())).await;
-        assert!(found, "no `listening on 127.0.0.1:PORT` on stderr\n{}", self.transcript());
-        self.stderr.seen.iter().find_map(|l| listening_on(l)).expect("just found")
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-fn tail(lines: &[String], n: usize) -> String {
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// The address in a `listening on 127.0.0.1:PORT` log line (plain text or JSON).
-fn listening_on(line: &str) -> Option<SocketAddr> {
-    let after = &line[line.find("listening on")? + "listening on".len()..];
-    let start = after.find("127.0.0.1:")?;
-    let candidate = &after[start..];
-    let end =
-        candidate.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':')).unwrap_or(candidate.len());
-    candidate[..end].parse().ok()
-}
-
 // ---------------------------------------------------------------------------------------------
 // keygate serve: logs never hold keys
 // ---------------------------------------------------------------------------------------------
 
 /// A key whose checksum fails: keygate's shape, so it must be rejected before any lookup.
 fn forged_key() -> String {
-    let mut key = Key::generated("forged", &[]).secret;
-    let last = key.pop().expect("non-empty key");
-    key.push(if last == 'A' { 'B' } else { 'A' });
-    key
+    leak::tampered(&Key::generated("forged", &[]).secret)
 }
 
 const RANDOM_KEY: &str = "Rq8vT2mXw9LpZk4Ny7Hc3Bd6Fg1Js5Ua0VeQ";
 
-/// Every 8-character piece of `key` that reaches past its public `<prefix>_<id>_` head.
-fn secret_pieces(key: &str) -> Vec<&str> {
-    let parts: Vec<&str> = key.splitn(3, '_').collect();
-    let public = match parts.as_slice() {
-        [prefix, id, _] if id.len() == 8 => prefix.len() + 1 + id.len() + 1,
-        _ => 0,
-    };
-    (0..=key.len().saturating_sub(8))
-        .filter(|start| start + 8 > public)
-        .map(|start| &key[start..start + 8])
-        .collect()
-}
-
 /// A finished `keygate serve` run and what was sent to it.
 struct ServeRun {
-    server: Running,
+    server: Process,
     probes: Vec<Probe>,
     /// Every key presented, valid or not.
     secrets: Vec<String>,
@@ -450,7 +315,7 @@ async fn serve_with_probes(json_logs: bool) -> ServeRun {
     if json_logs {
         command.env("KEYGATE_LOG_FORMAT", "json");
     }
-    let mut server = Running::spawn(command);
+    let mut server = Process::spawn(command);
     let addr = server.listening_addr().await;
 
     let forged = forged_key();
@@ -515,15 +380,8 @@ async fn serve_with_probes(json_logs: bool) -> ServeRun {
     }
 }
 
-fn assert_no_key_in_logs(server: &Running, secrets: &[String]) {
-    let mut leaks = Vec::new();
-    for secret in secrets {
-        for piece in secret_pieces(secret) {
-            for line in server.all_lines().filter(|l| l.contains(piece)) {
-                leaks.push(format!("piece {piece:?} of key {secret:?} in: {line}"));
-            }
-        }
-    }
+fn assert_no_key_in_logs(server: &Process, secrets: &[String]) {
+    let mut leaks = leak::leaks(server.all_lines(), secrets);
     leaks.dedup();
     assert!(
         leaks.is_empty(),
@@ -664,7 +522,7 @@ async fn demo_prints_a_working_key_and_curl_line() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut command = keygate(dir.path());
     command.args(["demo", "--listen", "127.0.0.1:0"]);
-    let mut demo = Running::spawn(command);
+    let mut demo = Process::spawn(command);
 
     let deadline = Instant::now() + PROCESS_TIMEOUT;
     let printed = demo

@@ -8,31 +8,22 @@
 mod support;
 
 use std::collections::HashSet;
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{
-    Call, Exchange, GatewayConfig, RecordingUpstream, Route, WatchedGateway, sha256_ref, strip_ansi,
-};
+use support::poll::{DEADLINE, MAX_POLLS, POLL_EVERY, ms};
+use support::process::{PROCESS_TIMEOUT, Process};
+use support::{Call, Exchange, GatewayConfig, RecordingUpstream, Route, WatchedGateway, sha256_ref};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// Bound on one run of the binary, or on `keygate serve` reaching "listening on".
-const PROCESS_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a test waits for a key-file change to show on the wire. The product target is 1 s.
-const DEADLINE: Duration = Duration::from_secs(3);
-/// How often a test looks again while waiting.
-const POLL_EVERY: Duration = Duration::from_millis(20);
-/// Upper bound on polls in one wait, so every loop is bounded by count as well as by time.
-const MAX_POLLS: u32 = 1_000;
 /// The generated-key alphabets (SPEC §4).
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 const ID_ALPHABET: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
@@ -417,10 +408,6 @@ const INVALID: Want = Want::Rejected(401, "invalid_api_key");
 const REVOKED: Want = Want::Rejected(401, "revoked_api_key");
 const EXPIRED: Want = Want::Rejected(401, "expired_api_key");
 
-fn ms(d: Duration) -> String {
-    format!("{} ms", d.as_millis())
-}
-
 /// Checks one exchange against `want`, and that the upstream saw it exactly when forwarded.
 #[track_caller]
 fn assert_want(exchange: &Exchange, upstream: &RecordingUpstream, want: Want, context: &str) {
@@ -529,76 +516,6 @@ impl Live {
     ) -> Duration {
         wait_for(self.with(key), &self.upstream, from_to, changed_at, change, || self.context()).await
     }
-}
-
-/// A `keygate serve` child, killed when dropped, with its stderr collected line by line.
-struct Serve {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
-}
-
-impl Serve {
-    fn start(ws: &Workspace) -> Self {
-        let mut command = keygate(ws.dir.path());
-        command.arg("serve").arg("-c").arg(ws.config()).stdout(Stdio::null());
-        let mut child = command.spawn().unwrap_or_else(|e| panic!("could not start {command:?}: {e}"));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stderr).lines();
-            // Ends at EOF, when the child exits.
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(strip_ansi(&line)).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines, seen: Vec::new() }
-    }
-
-    /// Waits (bounded) for `listening on ADDR` on stderr.
-    async fn listening_addr(&mut self) -> SocketAddr {
-        let deadline = Instant::now() + PROCESS_TIMEOUT;
-        loop {
-            if let Some(addr) = self.seen.iter().find_map(|l| listening_on(l)) {
-                return addr;
-            }
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) => self.seen.push(line),
-                Ok(None) | Err(_) => {
-                    panic!("no `listening on 127.0.0.1:PORT` on stderr\n{}", self.transcript())
-                }
-            }
-        }
-    }
-
-    /// Everything logged so far (drains what has arrived without waiting).
-    fn transcript(&mut self) -> String {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-        let mut out = String::from("--- keygate serve stderr ---\n");
-        for line in &self.seen {
-            let _ = writeln!(out, "{line}");
-        }
-        out
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-fn listening_on(line: &str) -> Option<SocketAddr> {
-    let after = &line[line.find("listening on ")? + "listening on ".len()..];
-    let start = after.find("127.0.0.1:")?;
-    let candidate = &after[start..];
-    let end =
-        candidate.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':')).unwrap_or(candidate.len());
-    candidate[..end].parse().ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -846,26 +763,31 @@ async fn create_revoke_delete_take_effect_on_a_running_keygate_serve() {
     let ws = Workspace::new(&gateway_toml(&upstream.url()));
     // Another key stays in the file throughout, so no edit leaves it empty.
     let anchor = ws.create(&["--name", "anchor"]).await;
-    let mut serve = Serve::start(&ws);
+    let mut serve = Process::serve(&ws.config());
     let addr = serve.listening_addr().await;
     expect(with_key(addr, &anchor)(), &upstream, OK, "the anchor key before any edit").await;
 
     let key = ws.create(&["--name", "fresh", "--scope", "read"]).await;
     let created = Instant::now();
-    let t_create =
-        wait_for(with_key(addr, &key), &upstream, (INVALID, OK), created, "create", || serve.transcript())
-            .await;
+    let t_create = wait_for(with_key(addr, &key), &upstream, (INVALID, OK), created, "create", || {
+        serve.stderr.drain();
+        serve.transcript()
+    })
+    .await;
 
     let id = key.split('_').nth(1).expect("id part").to_owned();
     ws.keys_ok(&["revoke", &id]).await;
     let revoked = Instant::now();
-    let t_revoke =
-        wait_for(with_key(addr, &key), &upstream, (OK, REVOKED), revoked, "revoke", || serve.transcript())
-            .await;
+    let t_revoke = wait_for(with_key(addr, &key), &upstream, (OK, REVOKED), revoked, "revoke", || {
+        serve.stderr.drain();
+        serve.transcript()
+    })
+    .await;
 
     ws.keys_ok(&["delete", &id]).await;
     let deleted = Instant::now();
     let t_delete = wait_for(with_key(addr, &key), &upstream, (REVOKED, INVALID), deleted, "delete", || {
+        serve.stderr.drain();
         serve.transcript()
     })
     .await;
@@ -1341,51 +1263,53 @@ fn header_u64(exchange: &Exchange, name: &str) -> u64 {
 async fn rate_limits_allow_the_burst_refuse_with_retry_after_refill_and_survive_reloads() {
     let prepared = Live::prepare().await;
     let ws = &prepared.1;
-    let mut per_second = Vec::new();
-    // Three keys, so a burst slowed down by a busy machine can be tried again on a fresh bucket
-    // rather than after a sleep.
-    for n in 0..3 {
-        per_second.push(ws.create(&["--name", &format!("burst-{n}"), "--rate-limit", "3/s"]).await);
-    }
+    // The exact burst is judged on 3/m (a token every 20 s), so how fast this machine sends
+    // four requests cannot matter; the refill is watched on 3/s.
+    let per_minute = ws.create(&["--name", "burst", "--rate-limit", "3/m"]).await;
+    let per_second = ws.create(&["--name", "refill", "--rate-limit", "3/s"]).await;
     let hourly = ws.create(&["--name", "hourly", "--rate-limit", "2/h"]).await;
     let other = ws.create(&["--name", "other"]).await;
     let live = Live::start(prepared).await;
 
-    // 3/s: exactly three back to back, then 429.
-    let mut refused_burst = None;
-    for (attempt, key) in per_second.iter().enumerate() {
-        let started = Instant::now();
-        let mut burst = Vec::new();
-        for _ in 0..4 {
-            burst.push(live.with(key)().send().await);
-        }
-        let took = started.elapsed();
-        let fourth = &burst[3];
-        // A token comes back every 333 ms: a burst slower than that cannot show the limit.
-        if fourth.status == 200 && took >= Duration::from_millis(300) && attempt + 1 < per_second.len() {
-            eprintln!("burst {attempt} took {} (a token refilled); trying a fresh key", ms(took));
-            continue;
-        }
-        for (n, exchange) in burst[..3].iter().enumerate() {
-            let context = format!("request {} of a 3/s burst ({} for all four)", n + 1, ms(took));
-            assert_want(exchange, &live.upstream, OK, &context);
-            assert_eq!(header_u64(exchange, "ratelimit-limit"), 3, "{context}\n{exchange}");
-            assert_eq!(header_u64(exchange, "ratelimit-remaining"), 2 - n as u64, "{context}\n{exchange}");
-            assert!(header_u64(exchange, "ratelimit-reset") <= 1, "{context}\n{exchange}");
-        }
-        let context = format!("4th request of a 3/s burst ({} for all four)", ms(took));
-        assert_want(fourth, &live.upstream, Want::Rejected(429, "rate_limited"), &context);
-        assert_eq!(fourth.header("retry-after"), Some("1"), "{context}\n{fourth}");
-        assert_eq!(header_u64(fourth, "ratelimit-limit"), 3, "{context}\n{fourth}");
-        assert_eq!(header_u64(fourth, "ratelimit-remaining"), 0, "{context}\n{fourth}");
-        assert_eq!(header_u64(fourth, "ratelimit-reset"), 1, "{context}\n{fourth}");
-        refused_burst = Some((key.clone(), started));
-        break;
+    // 3/m: exactly three back to back, then 429.
+    let mut burst = Vec::new();
+    for _ in 0..4 {
+        burst.push(live.with(&per_minute)().send().await);
     }
-    let (key, burst_started) = refused_burst.expect("a burst was judged");
+    for (n, exchange) in burst[..3].iter().enumerate() {
+        let context = format!("request {} of a 3/m burst", n + 1);
+        assert_want(exchange, &live.upstream, OK, &context);
+        assert_eq!(header_u64(exchange, "ratelimit-limit"), 3, "{context}\n{exchange}");
+        assert_eq!(header_u64(exchange, "ratelimit-remaining"), 2 - n as u64, "{context}\n{exchange}");
+        assert!(header_u64(exchange, "ratelimit-reset") <= 60, "{context}\n{exchange}");
+    }
+    let fourth = &burst[3];
+    let context = "4th request of a 3/m burst";
+    assert_want(fourth, &live.upstream, Want::Rejected(429, "rate_limited"), context);
+    assert!((1..=20).contains(&header_u64(fourth, "retry-after")), "{context}: a token every 20 s\n{fourth}");
+    assert_eq!(header_u64(fourth, "ratelimit-limit"), 3, "{context}\n{fourth}");
+    assert_eq!(header_u64(fourth, "ratelimit-remaining"), 0, "{context}\n{fourth}");
+    assert!((40..=60).contains(&header_u64(fourth, "ratelimit-reset")), "{context}: full in 60 s\n{fourth}");
+
+    // 3/s: requests until the first 429 (three, plus whatever refilled meanwhile; bounded).
+    let burst_started = Instant::now();
+    let mut refused = None;
+    for n in 1..=30 {
+        let exchange = live.with(&per_second)().send().await;
+        if exchange.status == 429 {
+            refused = Some((n, exchange));
+            break;
+        }
+        assert_want(&exchange, &live.upstream, OK, &format!("request {n} of a 3/s burst"));
+    }
+    let (n, refused) = refused.expect("30 requests on a 3/s key must meet a 429");
+    assert!(n >= 4, "a 3/s key refused request {n}: its burst of 3 was not honoured\n{refused}");
+    assert_want(&refused, &live.upstream, Want::Rejected(429, "rate_limited"), "3/s over its burst");
+    assert_eq!(refused.header("retry-after"), Some("1"), "a token every 333 ms\n{refused}");
+    let key = per_second;
 
     // After the refill it passes again. It cannot pass before a third of a second has gone by
-    // since the bucket was made: 4 tokens out of a bucket of 3 refilled at 3/s.
+    // since the bucket was first used: one more token than a bucket of 3 holds, refilled at 3/s.
     let refused_at = Instant::now();
     let refill = wait_for(
         live.with(&key),

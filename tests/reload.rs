@@ -9,28 +9,18 @@
 mod support;
 
 use std::collections::HashSet;
-use std::fmt::Write as _;
 use std::io::Write as _;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use keygate::reload::StatusView;
+use support::poll::{DEADLINE, MAX_POLLS, POLL_EVERY, ms};
+use support::process::Process;
 use support::{Call, Exchange, GatewayConfig, Key, RecordingUpstream, Route, WatchedGateway, keys_toml};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Child;
-use tokio::sync::mpsc;
+use support::{inode, rename_over};
 use tokio::time::Instant;
-
-/// How long a test waits for a change to show. The product target is 1 s.
-const DEADLINE: Duration = Duration::from_secs(3);
-/// How often a test looks again while waiting.
-const POLL_EVERY: Duration = Duration::from_millis(20);
-/// Upper bound on polls in one wait, so the loop is bounded by count as well as by time.
-const MAX_POLLS: u32 = 1_000;
 
 // ---------------------------------------------------------------------------------------------
 // Keys and configs
@@ -64,10 +54,6 @@ fn write_plain(dir: &Path, gateway_toml: &str, keys: &str) -> PathBuf {
 // Changing files the ways tools do
 // ---------------------------------------------------------------------------------------------
 
-fn inode(path: &Path) -> u64 {
-    std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display())).ino()
-}
-
 /// Truncates the file and writes `text` into the same inode with a single `write` call, as
 /// `echo … > file` or an editor set to overwrite does. One call keeps the window in which the
 /// file is empty as short as the kernel allows.
@@ -82,23 +68,6 @@ fn write_in_place(path: &Path, text: &str) {
     assert_eq!(written, text.len(), "a short write to {}: the test needs one write call", path.display());
     drop(file);
     assert_eq!(inode(path), before, "an in-place write must keep the inode of {}", path.display());
-}
-
-/// Writes `text` to a temporary file in the same folder, then renames it over `path`, as
-/// `keygate keys …`, `mv` and most editors do: readers see the old file or the new one.
-fn rename_over(path: &Path, text: &str) {
-    let name = path.file_name().expect("a file name").to_string_lossy();
-    let temp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    {
-        let mut file =
-            std::fs::File::create(&temp).unwrap_or_else(|e| panic!("create {}: {e}", temp.display()));
-        file.write_all(text.as_bytes()).unwrap_or_else(|e| panic!("write {}: {e}", temp.display()));
-        file.sync_all().unwrap_or_else(|e| panic!("sync {}: {e}", temp.display()));
-    }
-    let before = path.exists().then(|| inode(path));
-    std::fs::rename(&temp, path)
-        .unwrap_or_else(|e| panic!("rename {} over {}: {e}", temp.display(), path.display()));
-    assert_ne!(before, Some(inode(path)), "a rename over {} must replace its inode", path.display());
 }
 
 /// vim's default save: rename the file to `file~`, write a new file, delete the backup. For a
@@ -154,10 +123,6 @@ fn k8s_swap_link(dir: &Path, stamp: &str, files: &[(&str, &str)]) -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 
 use support::Outcome;
-
-fn ms(d: Duration) -> String {
-    format!("{} ms", d.as_millis())
-}
 
 #[track_caller]
 fn assert_outcome(exchange: &Exchange, outcome: Outcome, context: &str) {
@@ -671,89 +636,6 @@ async fn keygate_toml_route_change_is_seen() {
 // 7. The real binary: SIGHUP, and a changed listen address
 // ---------------------------------------------------------------------------------------------
 
-/// A `keygate serve` child, killed when dropped, with its stderr collected line by line.
-struct Serve {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
-}
-
-impl Serve {
-    fn start(config: &Path) -> Self {
-        let mut command = support::keygate_command(config.parent().expect("config folder"));
-        command.arg("serve").arg("-c").arg(config).stdout(Stdio::null());
-        let mut child = command.spawn().unwrap_or_else(|e| panic!("could not start {command:?}: {e}"));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stderr).lines();
-            // Ends at EOF, when the child exits.
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines, seen: Vec::new() }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id().expect("the child is running")
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.seen.iter().filter(|l| l.contains(needle)).count()
-    }
-
-    /// Collects stderr lines until `done` holds (true) or `timeout` passes or stderr closes.
-    async fn wait_until(&mut self, timeout: Duration, done: impl Fn(&Self) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if done(self) {
-                return true;
-            }
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) => self.seen.push(line),
-                Ok(None) | Err(_) => return done(self),
-            }
-        }
-    }
-
-    async fn listening_addr(&mut self) -> std::net::SocketAddr {
-        let found = self
-            .wait_until(Duration::from_secs(30), |s| s.seen.iter().any(|l| listening_on(l).is_some()))
-            .await;
-        assert!(found, "no `listening on 127.0.0.1:PORT` on stderr\n{}", self.transcript());
-        self.seen.iter().find_map(|l| listening_on(l)).expect("just found")
-    }
-
-    fn transcript(&self) -> String {
-        let mut out = String::from("--- keygate stderr ---\n");
-        for line in &self.seen {
-            let _ = writeln!(out, "{line}");
-        }
-        out
-    }
-
-    fn hangup(&self) {
-        let pid = self.pid().to_string();
-        let status = std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("run kill");
-        assert!(status.success(), "kill -HUP {pid} failed: {status}");
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-fn listening_on(line: &str) -> Option<std::net::SocketAddr> {
-    let after = &line[line.find("listening on ")? + "listening on ".len()..];
-    let end = after.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':')).unwrap_or(after.len());
-    after[..end].parse().ok()
-}
-
 #[tokio::test]
 async fn sighup_reloads_the_real_binary() {
     let upstream = RecordingUpstream::start().await;
@@ -764,7 +646,7 @@ async fn sighup_reloads_the_real_binary() {
         &private_config(&upstream).gateway_toml(),
         &keys_toml(std::slice::from_ref(&alice)),
     );
-    let mut serve = Serve::start(&config);
+    let mut serve = Process::serve(&config);
     let addr = serve.listening_addr().await;
     let call = || Call::new(addr, http::Method::GET, "/api/items").header("x-api-key", &alice.secret);
     let first = check(call(), OK, "before SIGHUP").await;
@@ -775,7 +657,7 @@ async fn sighup_reloads_the_real_binary() {
     // Nothing changed on disk, so no file event can explain a reload: each SIGHUP is one.
     for n in 1..=2 {
         let sent_at = Instant::now();
-        serve.hangup();
+        serve.signal("HUP");
         let done = serve.wait_until(DEADLINE, |s| s.count(reloaded) >= n && s.count("SIGHUP") >= n).await;
         assert!(
             done,
@@ -804,9 +686,9 @@ async fn sighup_as_soon_as_listening_is_logged_does_not_kill_the_binary() {
     let config =
         write_plain(dir.path(), &private_config(&upstream).gateway_toml(), &keys_toml(&[key("alice")]));
     for start in 1..=STARTS {
-        let mut serve = Serve::start(&config);
+        let mut serve = Process::serve(&config);
         serve.listening_addr().await;
-        serve.hangup();
+        serve.signal("HUP");
         let reloaded = serve.wait_until(DEADLINE, |s| s.count("configuration reloaded") >= 1).await;
         // stderr may have closed because keygate is dying: give it a moment to be reaped.
         let exit = match serve.child.try_wait().expect("child status") {
@@ -844,7 +726,7 @@ async fn changed_listen_keeps_serving_on_the_old_port_of_the_real_binary() {
         &private_config(&upstream).gateway_toml(),
         &keys_toml(std::slice::from_ref(&alice)),
     );
-    let mut serve = Serve::start(&config);
+    let mut serve = Process::serve(&config);
     let addr = serve.listening_addr().await;
     let open = || Call::new(addr, http::Method::GET, "/open/doc");
     check(open(), Outcome::Rejected(401, "missing_api_key"), "before the change").await;

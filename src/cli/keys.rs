@@ -196,9 +196,15 @@ fn add_usage(config_path: &Path, views: &mut [KeyView]) -> Result<bool, String> 
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let usage = runtime
-        .block_on(crate::counters::read_usage(&settings, &keys, std::time::SystemTime::now()))?
-        .unwrap_or_default();
+    // The key list matters more than its usage columns: a store out of reach costs only those.
+    let usage =
+        match runtime.block_on(crate::counters::read_usage(&settings, &keys, std::time::SystemTime::now())) {
+            Ok(usage) => usage.unwrap_or_default(),
+            Err(error) => {
+                eprintln!("warning: usage not shown: {error}");
+                return Ok(false);
+            }
+        };
     for (view, usage) in views.iter_mut().zip(usage) {
         view.last_used_at = Some(usage.last_used_at.map(crate::counters::usage_timestamp));
         view.used = Some(usage.used);

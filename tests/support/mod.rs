@@ -6,6 +6,12 @@
 
 pub mod admin;
 pub mod browser;
+pub mod grpc;
+pub mod h2;
+pub mod leak;
+pub mod pki;
+pub mod poll;
+pub mod process;
 pub mod redis;
 pub mod served;
 
@@ -13,7 +19,7 @@ use std::error::Error as StdError;
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +38,17 @@ use tokio::time::Instant;
 
 /// Upper bound for any single network exchange a test makes.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How [`Call::try_send`] and [`raw_exchange`] begin the message of a wait that ran out: the
+/// server neither answered nor closed. Tell it apart with [`timed_out`].
+const TIMED_OUT: &str = "no complete response";
+
+/// Whether an error from [`Call::try_send`] means the server went silent (timed out), as
+/// opposed to closing or resetting the connection: a hung gateway must never pass for one that
+/// refused.
+pub fn timed_out(error: &str) -> bool {
+    error.contains(TIMED_OUT)
+}
 
 /// Header the client helpers add to every request so a test can find *its* request upstream.
 pub const PROBE_HEADER: &str = "x-test-probe";
@@ -119,7 +136,55 @@ impl fmt::Debug for Recorded {
 pub struct RecordingUpstream {
     addr: SocketAddr,
     log: Arc<Mutex<Vec<Recorded>>>,
+    conns: Arc<ConnectionCount>,
+    load: Arc<InFlight>,
     accept: JoinHandle<()>,
+}
+
+/// Requests being answered now, and the most there ever were at once.
+#[derive(Default)]
+struct InFlight {
+    now: AtomicUsize,
+    most: AtomicUsize,
+}
+
+/// Connections a test server has accepted: in all, open now, and the most open at once.
+#[derive(Default, Debug)]
+pub struct ConnectionCount {
+    accepted: AtomicU64,
+    open: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl ConnectionCount {
+    /// Counts one accepted connection until the returned guard is dropped.
+    pub fn opened(self: &Arc<Self>) -> OpenConnection {
+        self.accepted.fetch_add(1, Ordering::SeqCst);
+        let open = self.open.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(open, Ordering::SeqCst);
+        OpenConnection(Arc::clone(self))
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::SeqCst)
+    }
+}
+
+/// One connection counted as open by a [`ConnectionCount`].
+pub struct OpenConnection(Arc<ConnectionCount>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl RecordingUpstream {
@@ -127,8 +192,51 @@ impl RecordingUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind recording upstream");
         let addr = listener.local_addr().expect("upstream local addr");
         let log = Arc::new(Mutex::new(Vec::new()));
-        let accept = tokio::spawn(upstream_accept_loop(listener, Arc::clone(&log)));
-        Self { addr, log, accept }
+        let conns = Arc::new(ConnectionCount::default());
+        let load = Arc::new(InFlight::default());
+        let accept = tokio::spawn(upstream_accept_loop(
+            listener,
+            Arc::clone(&log),
+            Arc::clone(&conns),
+            Arc::clone(&load),
+            None,
+        ));
+        Self { addr, log, conns, load, accept }
+    }
+
+    /// The same upstream behind TLS with `config` (its certificate names `localhost`); use
+    /// [`https_url`](Self::https_url) for the route.
+    pub async fn start_tls(config: Arc<rustls::ServerConfig>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind recording upstream");
+        let addr = listener.local_addr().expect("upstream local addr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let conns = Arc::new(ConnectionCount::default());
+        let load = Arc::new(InFlight::default());
+        let tls = Some(tokio_rustls::TlsAcceptor::from(config));
+        let accept = tokio::spawn(upstream_accept_loop(
+            listener,
+            Arc::clone(&log),
+            Arc::clone(&conns),
+            Arc::clone(&load),
+            tls,
+        ));
+        Self { addr, log, conns, load, accept }
+    }
+
+    /// `https://localhost:PORT`, for a route to an upstream made by [`start_tls`](Self::start_tls).
+    pub fn https_url(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
+
+    /// The connections keygate has opened to this upstream.
+    pub fn connections(&self) -> &ConnectionCount {
+        &self.conns
+    }
+
+    /// The most requests this upstream was answering at the same time (from the moment a
+    /// request's head arrived until its response was handed back).
+    pub fn most_in_flight(&self) -> usize {
+        self.load.most.load(Ordering::SeqCst)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -178,15 +286,42 @@ impl Drop for RecordingUpstream {
     }
 }
 
-async fn upstream_accept_loop(listener: TcpListener, log: Arc<Mutex<Vec<Recorded>>>) {
+async fn upstream_accept_loop(
+    listener: TcpListener,
+    log: Arc<Mutex<Vec<Recorded>>>,
+    conns: Arc<ConnectionCount>,
+    load: Arc<InFlight>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     // Ends when the task is aborted (the upstream is dropped) or accept fails.
     while let Ok((stream, peer)) = listener.accept().await {
         let log = Arc::clone(&log);
+        let load = Arc::clone(&load);
+        let open = conns.opened();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| upstream_answer(req, peer, Arc::clone(&log)));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _open = open;
+            let service = service_fn(move |req| {
+                let (log, load) = (Arc::clone(&log), Arc::clone(&load));
+                async move {
+                    let now = load.now.fetch_add(1, Ordering::SeqCst) + 1;
+                    load.most.fetch_max(now, Ordering::SeqCst);
+                    let answer = upstream_answer(req, peer, log).await;
+                    load.now.fetch_sub(1, Ordering::SeqCst);
+                    answer
+                }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            match tls {
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                }
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(stream).await {
+                        let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                    }
+                }
+            }
         });
     }
 }
@@ -206,7 +341,12 @@ async fn upstream_answer(
     let response_bytes = header_number(&parts.headers, "x-test-response-bytes");
     log.lock().expect("upstream log").push(Recorded {
         method: parts.method,
-        uri: parts.uri.to_string(),
+        // HTTP/2 always carries scheme and authority as pseudo-headers, which hyper puts in
+        // the URI; the target itself is the path and query.
+        uri: match parts.version {
+            Version::HTTP_2 => parts.uri.path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.to_string()),
+            _ => parts.uri.to_string(),
+        },
         version: parts.version,
         headers: parts.headers,
         body: body.clone(),
@@ -248,6 +388,8 @@ pub struct Route {
     preserve_host: bool,
     scopes: Vec<(String, Vec<String>)>,
     cors: Option<String>,
+    /// Further raw TOML lines of the route (`protocol = "h2"`, `ca_file = "ca.pem"`).
+    extra: Vec<String>,
 }
 
 impl Route {
@@ -260,7 +402,14 @@ impl Route {
             preserve_host: false,
             scopes: Vec::new(),
             cors: None,
+            extra: Vec::new(),
         }
+    }
+
+    /// Sets a further route field; `value` is raw TOML (`"\"h2\""`).
+    pub fn field(mut self, field: &str, value: &str) -> Self {
+        self.extra.push(format!("{field} = {value}"));
+        self
     }
 
     /// A `[routes.cors]` table; `body` is its raw TOML lines (`allow_origins = ["*"]`).
@@ -302,6 +451,10 @@ impl Route {
         }
         if self.preserve_host {
             out.push_str("preserve_host = true\n");
+        }
+        for line in &self.extra {
+            out.push_str(line);
+            out.push('\n');
         }
         if !self.scopes.is_empty() {
             out.push_str("[routes.scopes]\n");
@@ -686,7 +839,11 @@ impl Call {
             .body(Full::new(self.body.clone()))
             .map_err(|e| format!("could not build the request: {e}\nsent:\n{sent}"))?;
         match tokio::time::timeout(IO_TIMEOUT, roundtrip(self.addr, self.from, request, self.http2)).await {
-            Err(_) => Err(format!("no complete response within {IO_TIMEOUT:?}\nsent:\n{sent}")),
+            Err(_) => Err(format!(
+                "{TIMED_OUT} within {IO_TIMEOUT:?}
+sent:
+{sent}"
+            )),
             Ok(Err(e)) => Err(format!("transport error: {e:?}\nsent:\n{sent}")),
             Ok(Ok(response)) => {
                 let (parts, body) = response;
@@ -848,6 +1005,11 @@ pub struct RawExchange {
 }
 
 impl RawExchange {
+    /// The server neither finished a response nor closed within the wait: it went silent.
+    pub fn timed_out(&self) -> bool {
+        self.error.as_deref().is_some_and(|e| timed_out(e) || e.contains("timed out"))
+    }
+
     fn head_end(&self) -> Option<usize> {
         find(&self.received, b"\r\n\r\n").map(|i| i + 4)
     }
@@ -955,7 +1117,7 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawExchange {
                 break;
             }
             Err(_) => {
-                exchange.error = Some(format!("read: no complete response in {IO_TIMEOUT:?}"));
+                exchange.error = Some(format!("read: {TIMED_OUT} in {IO_TIMEOUT:?}"));
                 break;
             }
         }
@@ -1052,6 +1214,45 @@ pub fn strip_ansi(text: &str) -> String {
         }
     }
     out
+}
+
+/// Writes `text` to a temporary file in the same folder, then renames it over `path`, as
+/// `keygate keys …`, `mv` and most editors do: readers see the old file or the new one.
+pub fn rename_over(path: &std::path::Path, text: &str) {
+    use std::io::Write as _;
+    let name = path.file_name().expect("a file name").to_string_lossy();
+    let temp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    {
+        let mut file =
+            std::fs::File::create(&temp).unwrap_or_else(|e| panic!("create {}: {e}", temp.display()));
+        file.write_all(text.as_bytes()).unwrap_or_else(|e| panic!("write {}: {e}", temp.display()));
+        file.sync_all().unwrap_or_else(|e| panic!("sync {}: {e}", temp.display()));
+    }
+    let before = path.exists().then(|| inode(path));
+    std::fs::rename(&temp, path)
+        .unwrap_or_else(|e| panic!("rename {} over {}: {e}", temp.display(), path.display()));
+    assert_ne!(before, Some(inode(path)), "a rename over {} must replace its inode", path.display());
+}
+
+/// The inode number of `path`: a rename over it changes it, an in-place write does not.
+pub fn inode(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display())).ino()
+}
+
+/// The path of `program`, found on `PATH`; fails the test with one sentence saying how to
+/// install it when it is missing (`scripts/test` installs every program the suite needs).
+pub fn require_program(program: &str, install: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(candidate).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(|| {
+            panic!("this test needs `{program}`, which is not on PATH: install it with `{install}` (or run scripts/test, which does)")
+        })
 }
 
 /// `keygate` (the real binary) with a clean environment — no inherited config or log

@@ -18,7 +18,7 @@ use http::{HeaderValue, Method, Uri};
 use toml::Spanned;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use snapshot::{AdminSettings, ServerSettings, Snapshot, Summary};
+pub use snapshot::{AdminSettings, AdminToken, ServerSettings, Snapshot, Summary};
 
 use crate::counters::{ClusterSettings, StoreSettings};
 use crate::quota::QuotaLimit;
@@ -214,11 +214,15 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
             let hosts: Vec<Option<String>> =
                 a.hosts.iter().flatten().map(|h| check(source, h, |h| parse_host(h))).collect();
             let hosts: Option<Vec<String>> = hosts.into_iter().collect();
-            match (listen, hosts) {
-                (Some(listen), Some(hosts)) => Some(Some(AdminSettings {
+            let tokens = admin_tokens(source, a.tokens.as_deref().unwrap_or_default());
+            let audit_log = a.audit_log.as_ref().map(|p| base.join(p.get_ref()));
+            match (listen, hosts, tokens) {
+                (Some(listen), Some(hosts), Some(tokens)) => Some(Some(AdminSettings {
                     listen,
                     per_key_metrics: a.per_key_metrics.unwrap_or(false),
                     hosts,
+                    tokens,
+                    audit_log,
                 })),
                 _ => None,
             }
@@ -253,6 +257,62 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
         routes: routes?,
         store: store?,
     })
+}
+
+/// An admin token's name goes into audit lines and logs as it is: short and plain.
+pub fn valid_admin_token_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
+}
+
+/// `[admin] tokens`: names fit for a log line, well-formed hashes, neither repeated.
+fn admin_tokens(source: &mut SourceFile, list: &[Spanned<file::AdminTokenFile>]) -> Option<Vec<AdminToken>> {
+    let mut tokens = Vec::with_capacity(list.len());
+    let mut ok = true;
+    for entry in list {
+        let entry = entry.get_ref();
+        let name = check(source, &entry.name, |n| {
+            if valid_admin_token_name(n) {
+                Ok(n.clone())
+            } else {
+                Err("an admin token name must be 1 to 64 letters, digits, '.', '_', ':', '@' or '-'"
+                    .to_string())
+            }
+        });
+        let hash = check(source, &entry.hash, |h| {
+            KeyHash::parse(h).ok_or_else(|| {
+                "an admin token hash must be sha256: followed by 64 lower-case hex digits (`keygate admin token` prints it)"
+                    .to_string()
+            })
+        });
+        match (name, hash) {
+            (Some(name), Some(hash)) => {
+                if tokens.iter().any(|t: &AdminToken| t.name == name) {
+                    source.push(entry.name.span(), "this admin token name is used twice");
+                    ok = false;
+                } else if tokens.iter().any(|t: &AdminToken| t.hash == hash) {
+                    source.push(entry.hash.span(), "this admin token hash is listed twice");
+                    ok = false;
+                }
+                tokens.push(AdminToken { name, hash });
+            }
+            _ => ok = false,
+        }
+    }
+    ok.then_some(tokens)
+}
+
+/// `[admin]` from a valid `keygate.toml` (for the audit log of `keygate keys`); the key file is not read.
+pub fn admin_of(config_path: &Path) -> Result<Option<AdminSettings>, ConfigErrors> {
+    let text = read(config_path)?;
+    let mut source = SourceFile::new(config_path, &text);
+    let file: GatewayFile = toml::from_str(&text).map_err(|e| source.toml_error(&e))?;
+    let base = config_path.parent().unwrap_or(Path::new(""));
+    match build_gateway(&mut source, file, base) {
+        Some(gateway) if source.errors.is_empty() => Ok(gateway.admin),
+        _ => Err(ConfigErrors(source.errors)),
+    }
 }
 
 /// `[cluster]` wins over `[state]`: with both, counts live in Redis and the file is unused.

@@ -176,6 +176,86 @@ pub fn set_quota_headers(headers: &mut http::HeaderMap, quota: &crate::ratelimit
     headers.insert("ratelimit-reset", HeaderValue::from(quota.reset_secs));
 }
 
+/// Why the admin listener (`/keys`, `/console`, health and metrics) answered with an error.
+/// Messages never echo a key; the ones an unauthenticated caller can get are fixed sentences.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    #[error("the admin listener does not answer for this Host; add it to [admin] hosts")]
+    MisdirectedRequest,
+    #[error("this path needs an admin token: Authorization: Bearer <token> (see `keygate admin token`)")]
+    AdminTokenRequired,
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("the request body is larger than {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("no key matches this selector (by id, name or tail)")]
+    KeyNotFound,
+    #[error("{0}")]
+    AmbiguousSelector(String),
+    #[error("the key store cannot be used right now: {0}")]
+    StoreUnavailable(String),
+    #[error("no such admin endpoint")]
+    NotFound,
+    #[error("this admin endpoint does not answer this method (it answers {0})")]
+    MethodNotAllowed(&'static str),
+    #[error("the admin listener failed to handle the request")]
+    Internal,
+}
+
+impl AdminError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MisdirectedRequest => StatusCode::MISDIRECTED_REQUEST,
+            Self::AdminTokenRequired => StatusCode::UNAUTHORIZED,
+            Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::KeyNotFound | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::AmbiguousSelector(_) => StatusCode::CONFLICT,
+            Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MisdirectedRequest => "misdirected_request",
+            Self::AdminTokenRequired => "admin_token_required",
+            // SPEC §10 names invalid_request for every refused body; the status says why.
+            Self::InvalidRequest(_) | Self::BodyTooLarge(_) => "invalid_request",
+            Self::KeyNotFound => "key_not_found",
+            Self::AmbiguousSelector(_) => "ambiguous_selector",
+            Self::StoreUnavailable(_) => "store_unavailable",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::Internal => "internal_error",
+        }
+    }
+
+    /// Renders the error as the admin listener's JSON error response. The only place that does.
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match self {
+            Self::AdminTokenRequired => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"keygate-admin\""),
+                );
+            }
+            Self::MethodNotAllowed(allow) => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +293,31 @@ mod tests {
             assert_eq!(response.headers().contains_key(header::WWW_AUTHENTICATE), status == 401, "{error:?}");
             let body = futures_body(response);
             let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["error"], code);
+            assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+
+    #[test]
+    fn every_admin_variant_has_its_status_and_code() {
+        let table = [
+            (AdminError::MisdirectedRequest, 421, "misdirected_request"),
+            (AdminError::AdminTokenRequired, 401, "admin_token_required"),
+            (AdminError::InvalidRequest("x".into()), 400, "invalid_request"),
+            (AdminError::BodyTooLarge(10), 413, "invalid_request"),
+            (AdminError::KeyNotFound, 404, "key_not_found"),
+            (AdminError::AmbiguousSelector("x".into()), 409, "ambiguous_selector"),
+            (AdminError::StoreUnavailable("x".into()), 503, "store_unavailable"),
+            (AdminError::NotFound, 404, "not_found"),
+            (AdminError::MethodNotAllowed("GET"), 405, "method_not_allowed"),
+            (AdminError::Internal, 500, "internal_error"),
+        ];
+        for (error, status, code) in table {
+            let response = error.to_response();
+            assert_eq!(response.status().as_u16(), status, "{error:?}");
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            assert_eq!(response.headers().contains_key(header::WWW_AUTHENTICATE), status == 401, "{error:?}");
+            let json: serde_json::Value = serde_json::from_slice(&futures_body(response)).unwrap();
             assert_eq!(json["error"], code);
             assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
         }

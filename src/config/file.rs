@@ -43,6 +43,16 @@ pub struct AdminFile {
     pub listen: Spanned<String>,
     pub per_key_metrics: Option<bool>,
     pub hosts: Option<Vec<Spanned<String>>>,
+    pub tokens: Option<Vec<Spanned<AdminTokenFile>>>,
+    pub audit_log: Option<Spanned<String>>,
+}
+
+/// One `[admin] tokens` entry: a name for the audit log and the token's SHA-256.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTokenFile {
+    pub name: Spanned<String>,
+    pub hash: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -4,6 +4,7 @@
 //! (a listener handed to `serve` is already bound, so the gateway accepts as soon as it exists).
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod admin;
 pub mod browser;
 pub mod grpc;
 pub mod h2;

@@ -310,8 +310,11 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
 /// gateway closes the connection (true) or 100 PINGs have gone out (false).
 async fn ping_until_closed(conn: &mut Conn) -> bool {
     for i in 0u64..100 {
-        if conn.try_send(&h2::frame(h2::PING, 0, 0, &i.to_be_bytes())).await.is_err() {
-            return true;
+        // A write that cannot finish is a server that stopped reading yet holds the slot.
+        match conn.try_send(&h2::frame(h2::PING, 0, 0, &i.to_be_bytes())).await {
+            Ok(()) => {}
+            Err(h2::Ended::Closed) => return true,
+            Err(h2::Ended::TimedOut) => return false,
         }
         if conn.read_until(Instant::now() + Duration::from_millis(200)).await == h2::Ended::Closed {
             return true;

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use support::poll::{Attempts, DEADLINE};
+use support::process::Served;
 use support::redis::RedisServer;
-use support::served::Served;
 use support::{GatewayConfig, Key, RecordingUpstream, Route, assert_error, keygate_command};
 
 /// A key entry with extra fields (`rate_limit = "5/h"`, …) after the helper's own.

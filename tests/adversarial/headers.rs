@@ -379,40 +379,33 @@ async fn oversized_request_heads_are_refused_and_never_forwarded() {
     let gateway = three_routes(&upstream).server("max_header_bytes", "8192").start().await;
     let filler = |n: usize| format!("X-Filler: {}", "f".repeat(n));
     let many: Vec<String> = (0..150).map(|i| format!("X-Many-{i}: v")).collect();
-    let cases: Vec<(&str, RawRequest, &[u16])> = vec![
-        ("one 9 kB header", RawRequest::get("/admin/big").who(Who::Admin).line(filler(9_000)), &[431]),
-        ("one 40 kB header", RawRequest::get("/admin/big").who(Who::Admin).line(filler(40_000)), &[431]),
+    // SPEC: a request head over max_header_bytes is 431, whoever notices. Up to hyper's hard
+    // cap (2 × max_header_bytes = 16 kB here, src/server.rs) keygate answers its JSON 431; past
+    // it, and past hyper's 100-header limit, hyper answers a bare 431 itself (its `TooLarge`
+    // parse error). No target here reaches hyper's 414 limit (64 kB), so 414 is never right.
+    let cases: Vec<(&str, RawRequest)> = vec![
+        ("one 9 kB header", RawRequest::get("/admin/big").who(Who::Admin).line(filler(9_000))),
+        ("one 40 kB header", RawRequest::get("/admin/big").who(Who::Admin).line(filler(40_000))),
         (
             "150 small headers",
             many.iter().fold(RawRequest::get("/admin/many").who(Who::Admin), |r, l| r.line(l)),
-            &[431, 400],
         ),
-        (
-            "a 12 kB target",
-            RawRequest::get(format!("/admin/{}", "t".repeat(12_000))).who(Who::Admin),
-            &[431, 414],
-        ),
-        (
-            "a 40 kB target",
-            RawRequest::get(format!("/admin/{}", "t".repeat(40_000))).who(Who::Admin),
-            &[431, 414, 400],
-        ),
-        (
-            "the key hidden after 9 kB",
-            RawRequest::get("/admin/big").line(filler(9_000)).who(Who::Admin),
-            &[431],
-        ),
+        ("a 12 kB target", RawRequest::get(format!("/admin/{}", "t".repeat(12_000))).who(Who::Admin)),
+        ("a 40 kB target", RawRequest::get(format!("/admin/{}", "t".repeat(40_000))).who(Who::Admin)),
+        ("the key hidden after 9 kB", RawRequest::get("/admin/big").line(filler(9_000)).who(Who::Admin)),
     ];
     let mut failures = Vec::new();
-    for (name, request, allowed) in &cases {
+    for (name, request) in &cases {
         let raw = gateway.raw(&request.bytes()).await;
         let status = raw.status();
-        // A close without an answer is acceptable only past hyper's own hard limit.
-        let ok = status.is_some_and(|s| allowed.contains(&s))
-            || (status.is_none() && request.bytes().len() > 16_384);
+        // hyper answers past its hard cap and closes without reading the rest, so the client's
+        // write can meet a reset that discards the 431: a reset or close is acceptable there,
+        // silence (a timeout) never is.
+        let ok =
+            status == Some(431) || (status.is_none() && !raw.timed_out() && request.bytes().len() > 16_384);
         let echoed = leaked_piece(&String::from_utf8_lossy(&raw.received), ADMIN_SECRET);
         if !ok || echoed.is_some() {
-            failures.push(format!("{name}: expected one of {allowed:?}; key echoed: {echoed:?}\n{raw}"));
+            failures.push(format!("{name}: expected 431; key echoed: {echoed:?}\n{raw}"));
         }
         if status == Some(431)
             && raw.body().starts_with(b"{")
@@ -428,8 +421,9 @@ async fn oversized_request_heads_are_refused_and_never_forwarded() {
         endless.extend_from_slice(format!("X-Endless-{i}: {}\r\n", "e".repeat(40)).as_bytes());
     }
     let raw = raw_exchange(gateway.addr, &endless).await;
-    if !(raw.status().is_some_and(|s| s == 431 || s == 400) || raw.status().is_none()) {
-        failures.push(format!("endless head: expected 431 or a close\n{raw}"));
+    // Far past hyper's hard cap: its bare 431, or a reset that discarded it; never silence.
+    if !(raw.status() == Some(431) || (raw.status().is_none() && !raw.timed_out())) {
+        failures.push(format!("endless head: expected 431 or a reset/close, not a timeout\n{raw}"));
     }
     if upstream.count() != 0 {
         failures.push(format!("oversized heads reached the upstream: {:#?}", upstream.requests()));

@@ -26,8 +26,11 @@ async fn h2_raw(addr: SocketAddr, fields: &[(&[u8], &[u8])], body: Option<&[u8]>
     } else {
         out[4] |= h2::END_STREAM;
     }
-    if conn.try_send(&out).await.is_err() {
-        return (H2End::Closed, transcript);
+    // A write that cannot finish means the server stopped reading without closing: a hang.
+    match conn.try_send(&out).await {
+        Ok(()) => {}
+        Err(h2::Ended::Closed) => return (H2End::Closed, transcript),
+        Err(h2::Ended::TimedOut) => return (H2End::TimedOut, transcript),
     }
     let end = match conn.outcome(1, Instant::now() + IO_TIMEOUT).await {
         h2::Outcome::Response(status) => H2End::Status(status),

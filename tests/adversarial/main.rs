@@ -21,6 +21,7 @@ mod http2;
 mod leaks;
 mod path_confusion;
 mod reload_races;
+mod round2;
 mod slow_peers;
 
 use std::fmt::{self, Write as _};
@@ -41,7 +42,7 @@ use support::leak::{leaked_piece, tampered};
 use support::process::Process;
 use support::{
     Call, GatewayConfig, IO_TIMEOUT, Key, PROBE_HEADER, RawExchange, Recorded, RecordingUpstream, Route,
-    TestGateway, WatchedGateway, keys_toml, preview, raw_exchange, sha256_ref,
+    TestGateway, WatchedGateway, keys_toml, preview, raw_exchange, sha256_ref, timed_out,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -330,6 +331,12 @@ impl RawResponse {
 
     fn header(&self, name: &str) -> Option<String> {
         self.headers().into_iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+    }
+
+    /// The `error` field of a JSON body (SPEC §2.5), if there is one.
+    fn error_code(&self) -> Option<String> {
+        let json: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+        json.get("error")?.as_str().map(str::to_owned)
     }
 }
 

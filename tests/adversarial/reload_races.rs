@@ -1,6 +1,7 @@
 //! Attack class 7: reload races.
 
 use super::*;
+use support::poll::{Attempts, DEADLINE};
 
 /// Truncates `path` and writes `text` into the same inode with one `write` call.
 fn write_in_place(path: &Path, text: &str) {
@@ -116,18 +117,14 @@ async fn collect_shots(mut set: JoinSet<Vec<Shot>>) -> Vec<Shot> {
     all
 }
 
-/// Polls until `secret` gets `status` (bounded by 3 s); the time it took, or `None`.
+/// Polls until `secret` gets `status` (bounded by [`DEADLINE`]); the time it took, or `None`.
 async fn wait_for_status(addr: SocketAddr, secret: &str, status: u16) -> Option<Duration> {
-    let started = Instant::now();
-    for _ in 0..150 {
+    let mut poll = Attempts::within(DEADLINE);
+    while poll.again().await {
         let exchange = Call::new(addr, Method::GET, "/wait").header("x-api-key", secret).try_send().await;
         if exchange.is_ok_and(|e| e.status.as_u16() == status) {
-            return Some(started.elapsed());
+            return Some(poll.start.elapsed());
         }
-        if started.elapsed() > Duration::from_secs(3) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     None
 }
@@ -161,13 +158,19 @@ async fn a_key_revoked_under_fire_never_succeeds_after_its_first_revoked_answer(
     let stop = Arc::new(AtomicBool::new(false));
     let shots = hammer(gateway.addr, VICTIM, 3, 5_000, Arc::clone(&stop));
 
-    // Let the hammer land some hits first (bounded wait; it only paces the test).
-    for _ in 0..500 {
-        if upstream.count() >= 30 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The key must work before the revoke, or a key that never worked would pass: wait (bounded)
+    // until the upstream has seen the victim's identity, and demand it did.
+    let victim_hits =
+        || upstream.requests().iter().filter(|r| r.header("x-keygate-key-id") == Some("victim01")).count();
+    let mut poll = Attempts::within(DEADLINE);
+    while poll.again().await && victim_hits() < 30 {}
+    assert!(
+        victim_hits() >= 30,
+        "the victim key was forwarded only {} times before the revoke ({})",
+        victim_hits(),
+        poll.report()
+    );
+    let renamed = Instant::now();
     rename_over(&dir.path().join("keys.toml"), &file(victim.revoked_at("2020-01-01T00:00:00Z")));
     let took = wait_for_status(gateway.addr, VICTIM, 401).await;
     // Keep firing a little longer after the revocation has shown.
@@ -183,10 +186,14 @@ async fn a_key_revoked_under_fire_never_succeeds_after_its_first_revoked_answer(
         shots.len(),
         revoked.len()
     );
+    let ok_before = shots.iter().filter(|s| s.status == 200 && s.done < renamed).count();
     assert!(
-        took.is_some_and(|t| t < Duration::from_secs(3)),
-        "revocation not in effect 3 s after the rename"
+        ok_before > 0,
+        "no shot got 200 before the revoke: {:?}",
+        shots.iter().take(5).collect::<Vec<_>>()
     );
+    // The product promises a key edit within about a second; DEADLINE is five times that.
+    assert!(took.is_some(), "revocation not in effect {DEADLINE:?} after the rename");
     let first_revoked = revoked.iter().map(|s| s.done).min().expect("the hammer saw the revocation");
     let late: Vec<&Shot> = shots.iter().filter(|s| s.status == 200 && s.sent > first_revoked).collect();
     assert!(late.is_empty(), "{} requests sent after a revoked answer still got 200: {late:?}", late.len());
@@ -397,9 +404,10 @@ async fn a_paused_partial_write_is_the_documented_limit_and_recovers() {
         refused.iter().all(|s| s.status == 401 && s.code.as_deref() == Some("invalid_api_key")),
         "a half-written file may lose keys, but only as invalid_api_key: {refused:?}"
     );
-    let late =
-        shots.iter().filter(|s| s.status != 200 && s.sent > completed + Duration::from_secs(2)).count();
-    assert_eq!(late, 0, "the stable key was still refused 2 s after the write completed");
+    // A completed write is promised to load within about a second; DEADLINE is five times that,
+    // so only a gateway that never reloads (not a slow machine) fails here.
+    let late = shots.iter().filter(|s| s.status != 200 && s.sent > completed + DEADLINE).count();
+    assert_eq!(late, 0, "the stable key was still refused {DEADLINE:?} after the write completed");
     assert!(took.is_some(), "the stable key never came back");
 }
 

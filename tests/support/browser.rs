@@ -2,7 +2,6 @@
 //! to give its scripts an origin of their own.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,32 +12,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::{Call, IO_TIMEOUT};
-
-const INSTALL: &str =
-    "this test drives a real browser: install it with `apt-get install chromium chromium-driver`";
+use super::{Call, IO_TIMEOUT, require_program};
 
 /// How long chromedriver may take to come up and Chromium to start a session.
 const STARTUP: Duration = Duration::from_secs(60);
-
-/// The first of `candidates` that exists, or a failed test saying what to install.
-fn find_program(candidates: &[&str]) -> PathBuf {
-    for candidate in candidates {
-        let path = Path::new(candidate);
-        if path.is_absolute() && path.is_file() {
-            return path.to_path_buf();
-        }
-        if let Some(found) = std::env::var_os("PATH")
-            .iter()
-            .flat_map(std::env::split_paths)
-            .map(|dir| dir.join(candidate))
-            .find(|p| p.is_file())
-        {
-            return found;
-        }
-    }
-    panic!("{} not found; {INSTALL}", candidates.join(" or "));
-}
 
 /// A headless Chromium session with a fresh profile; [`Browser::close`] ends it.
 pub struct Browser {
@@ -49,8 +26,9 @@ pub struct Browser {
 
 impl Browser {
     pub async fn start() -> Self {
-        let chromium = find_program(&["/usr/bin/chromium", "chromium", "chromium-browser"]);
-        let chromedriver = find_program(&["/usr/bin/chromedriver", "chromedriver"]);
+        // Debian's names; each missing one fails the test with one sentence saying what to install.
+        let chromium = require_program("chromium", "apt-get install chromium");
+        let chromedriver = require_program("chromedriver", "apt-get install chromium-driver");
         // A free port for chromedriver: it cannot report one it picked itself.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -65,9 +43,8 @@ impl Browser {
             // Its own process group, so the browsers it starts can be ended with it.
             .process_group(0)
             .kill_on_drop(true);
-        let driver = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}; {INSTALL}", chromedriver.display()));
+        let driver =
+            command.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", chromedriver.display()));
         let driver_addr = SocketAddr::from(([127, 0, 0, 1], port));
         wait_ready(driver_addr).await;
 

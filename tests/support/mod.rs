@@ -13,7 +13,6 @@ pub mod pki;
 pub mod poll;
 pub mod process;
 pub mod redis;
-pub mod served;
 
 use std::error::Error as StdError;
 use std::fmt::{self, Write as _};

@@ -9,20 +9,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Where the Debian package puts the server; else whatever `PATH` finds.
-fn binary() -> String {
-    for candidate in ["/usr/bin/redis-server", "/usr/local/bin/redis-server"] {
-        if std::path::Path::new(candidate).exists() {
-            return candidate.to_string();
-        }
-    }
-    let found = Command::new("sh").arg("-c").arg("command -v redis-server").output();
-    match found {
-        Ok(out) if out.status.success() && !out.stdout.is_empty() => {
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        }
-        _ => panic!("these tests need a Redis server: apt-get install redis-server"),
-    }
+/// The `redis-server` on `PATH`, or a failed test saying in one sentence how to install it.
+fn binary() -> std::path::PathBuf {
+    super::require_program("redis-server", "apt-get install redis-server")
 }
 
 /// A loopback port nothing listens on right now.

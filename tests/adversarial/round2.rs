@@ -1,47 +1,29 @@
 //! Hardening, round 2: one test per attack class an outside review found (issue 11), each
 //! aimed at the class rather than one spelling, each checking what the client got and what the
-//! upstream saw. HTTP/1 cases go out as raw bytes; HTTP/2 ones through a real HTTP/2 client, or
-//! frame by frame where a client library would refuse to send them.
-
-mod support;
+//! upstream saw. HTTP/1 cases go out as raw bytes ([`RawRequest`]); HTTP/2 ones through a real
+//! HTTP/2 client, or frame by frame ([`support::h2::Conn`]) where a client library would refuse
+//! to send them.
 
 use std::os::unix::fs::PermissionsExt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::AtomicUsize;
 
 use base64::Engine;
-use http::Method;
-use support::{GatewayConfig, Key, RawExchange, Recorded, RecordingUpstream, Route, TestGateway};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use support::h2::{self, Conn, Outcome};
 
-static NEXT_PROBE: AtomicU64 = AtomicU64::new(1);
+use super::*;
 
-/// A raw HTTP/1.1 request: `method target`, a Host, a probe header to find it upstream, and
-/// `extra` lines. Returns the probe too.
+/// A raw HTTP/1.1 request with `Connection: close`, `Host: host`, a probe header to find it
+/// upstream and `extra` lines (and an empty body for POST/PUT/DELETE). Returns the probe too.
 fn raw(method: &str, target: &str, host: &str, extra: &[String]) -> (Vec<u8>, String) {
-    let probe = format!("hardening-{}", NEXT_PROBE.fetch_add(1, Ordering::Relaxed));
-    let mut out = format!(
-        "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nx-test-probe: {probe}\r\n"
-    );
+    let mut request = RawRequest::new(method, target);
+    request.lines[0] = format!("Host: {host}").into_bytes();
     for line in extra {
-        out.push_str(line);
-        out.push_str("\r\n");
+        request = request.line(line);
     }
     if method == "POST" || method == "PUT" || method == "DELETE" {
-        out.push_str("Content-Length: 0\r\n");
+        request = request.line("Content-Length: 0");
     }
-    out.push_str("\r\n");
-    (out.into_bytes(), probe)
-}
-
-fn seen(upstream: &RecordingUpstream, probe: &str) -> Option<Recorded> {
-    upstream.requests().into_iter().find(|r| r.header("x-test-probe") == Some(probe))
-}
-
-fn assert_all(what: &str, tried: usize, failures: &[String]) {
-    assert!(failures.is_empty(), "{} of {tried} {what} failed:\n{}", failures.len(), failures.join("\n\n"));
+    (request.bytes(), request.probe)
 }
 
 const WRITER: &str = "writer-Z8pQ3mV6nB1xK4cH";
@@ -99,7 +81,7 @@ async fn method_override_class_needs_the_scope_of_the_method_frameworks_will_run
             extra.push(format!("x-api-key: {key}"));
             let (request, probe) = raw(method, &format!("/thing{query}"), "127.0.0.1", &extra);
             let got = gateway.raw(&request).await;
-            let upstream_saw = seen(&upstream, &probe);
+            let upstream_saw = seen_probe(&upstream, &probe);
             let ok = match want {
                 403 => {
                     got.status() == Some(403)
@@ -116,7 +98,7 @@ async fn method_override_class_needs_the_scope_of_the_method_frameworks_will_run
             }
         }
     }
-    assert_all("override cases over HTTP/1.1", cases.len() * 3, &failures);
+    assert_no_failures("override cases over HTTP/1.1", cases.len() * 3, &failures);
 
     // HTTP/2: the same judgement through a real HTTP/2 client.
     let mut failures = Vec::new();
@@ -135,7 +117,7 @@ async fn method_override_class_needs_the_scope_of_the_method_frameworks_will_run
             failures.push(format!("{lines:?} {query}: expected 403\n{got}"));
         }
     }
-    assert_all("override cases over HTTP/2", cases.len(), &failures);
+    assert_no_failures("override cases over HTTP/2", cases.len(), &failures);
 }
 
 #[tokio::test]
@@ -154,7 +136,7 @@ async fn method_override_class_refuses_values_that_are_no_method() {
         let extra = vec![line.to_string(), format!("x-api-key: {ADMIN}")];
         let (request, probe) = raw("POST", &format!("/thing{query}"), "127.0.0.1", &extra);
         let got = gateway.raw(&request).await;
-        let upstream_saw = seen(&upstream, &probe);
+        let upstream_saw = seen_probe(&upstream, &probe);
         if got.status() != Some(400)
             || got.error_code().as_deref() != Some("bad_request")
             || upstream_saw.is_some()
@@ -164,12 +146,12 @@ async fn method_override_class_refuses_values_that_are_no_method() {
             ));
         }
     }
-    assert_all("malformed overrides", cases.len(), &failures);
+    assert_no_failures("malformed overrides", cases.len(), &failures);
     // An override naming a method the key holds passes, and reaches the upstream as sent.
     let (request, probe) = raw("POST", "/thing?_method=put", "127.0.0.1", &[format!("x-api-key: {WRITER}")]);
     let got = gateway.raw(&request).await;
     assert_eq!(got.status(), Some(200), "{got}");
-    assert_eq!(seen(&upstream, &probe).map(|r| r.uri), Some("/thing?_method=put".to_string()));
+    assert_eq!(seen_probe(&upstream, &probe).map(|r| r.uri), Some("/thing?_method=put".to_string()));
 }
 
 // =============================================================================================
@@ -217,7 +199,7 @@ async fn host_values_that_parse_two_ways_are_refused_and_the_parsed_one_travels(
         for target in ["/x".to_string(), format!("http://{host}/x")] {
             let (request, probe) = raw("GET", &target, host, &[]);
             let got = gateway.raw(&request).await;
-            let upstream_saw = seen(&upstream, &probe);
+            let upstream_saw = seen_probe(&upstream, &probe);
             // A target that is no URI at all is refused by hyper's parser itself (a bare 400)
             // before keygate sees it; anything else gets keygate's JSON 400.
             let code_ok = got.error_code().as_deref() == Some("bad_request")
@@ -229,57 +211,25 @@ async fn host_values_that_parse_two_ways_are_refused_and_the_parsed_one_travels(
             }
         }
     }
-    assert_all("two-way Host values", two_way.len() * 2, &failures);
+    assert_no_failures("two-way Host values", two_way.len() * 2, &failures);
 
     // What travels upstream is the parsed host[:port]; the admin vhost still needs its key.
     let (request, probe) = raw("GET", "/x", "Admin.Example.COM.:8443", &[format!("x-api-key: {ADMIN}")]);
     let got = gateway.raw(&request).await;
     assert_eq!(got.status(), Some(200), "{got}");
-    let upstream_saw = seen(&upstream, &probe).expect("forwarded");
+    let upstream_saw = seen_probe(&upstream, &probe).expect("forwarded");
     assert!(upstream_saw.uri.starts_with("/adm/"), "{upstream_saw:?}");
     assert_eq!(upstream_saw.header("x-forwarded-host"), Some("Admin.Example.COM.:8443"));
     let (request, _) = raw("GET", "/x", "admin.example.com:8443", &[]);
     assert_eq!(gateway.raw(&request).await.status(), Some(401));
 }
 
-/// Sends one HTTP/2 request (literal header fields, no Huffman) and returns how the stream
-/// ended: `Ok(first byte of the response header block)` or `Err(what happened instead)`.
-async fn h2_request(addr: std::net::SocketAddr, fields: &[(&str, &str)]) -> Result<u8, String> {
-    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(h2_frame(0x4, 0, 0, &[]));
-    let mut block = Vec::new();
-    for (name, value) in fields {
-        block.push(0x10);
-        block.push(name.len() as u8);
-        block.extend_from_slice(name.as_bytes());
-        block.push(value.len() as u8);
-        block.extend_from_slice(value.as_bytes());
-    }
-    out.extend(h2_frame(0x1, 0x4 | 0x1, 1, &block));
-    stream.write_all(&out).await.map_err(|e| e.to_string())?;
-    let deadline = tokio::time::Instant::now() + support::IO_TIMEOUT;
-    loop {
-        let mut head = [0u8; 9];
-        match tokio::time::timeout_at(deadline, stream.read_exact(&mut head)).await {
-            Err(_) => return Err("timed out".into()),
-            Ok(Err(e)) => return Err(format!("closed: {e}")),
-            Ok(Ok(_)) => {}
-        }
-        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
-        let mut payload = vec![0u8; len];
-        tokio::time::timeout_at(deadline, stream.read_exact(&mut payload))
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        let stream_id = u32::from_be_bytes([head[5] & 0x7f, head[6], head[7], head[8]]);
-        match (head[3], stream_id) {
-            (0x1, 1) => return payload.first().copied().ok_or_else(|| "empty header block".to_string()),
-            (0x3, 1) => return Err("reset".into()),
-            (0x7, _) => return Err("goaway".into()),
-            _ => {}
-        }
-    }
+/// Sends one HTTP/2 request (literal header fields) on a fresh connection and returns what
+/// the server did about it: a response status, a reset, a GOAWAY, a close, or a timeout.
+async fn h2_request(addr: SocketAddr, fields: &[(&str, &str)]) -> Outcome {
+    let mut conn = Conn::connect(addr).await;
+    let stream_id = conn.request(fields, None).await;
+    conn.outcome(stream_id, Instant::now() + IO_TIMEOUT).await
 }
 
 #[tokio::test]
@@ -294,10 +244,6 @@ async fn host_values_that_parse_two_ways_are_refused_over_http2_too() {
         .route(Route::new("/", &format!("{}/pub", upstream.url())).public())
         .start()
         .await;
-    // HPACK static table: index 8 is `:status 200`, index 12 `:status 400` (RFC 7541 App. A);
-    // hyper's encoder uses them.
-    const STATUS_200: u8 = 0x88;
-    const STATUS_400: u8 = 0x8c;
     let cases = [
         "admin.example.com:1:2",
         "a.example:@admin.example.com",
@@ -310,7 +256,7 @@ async fn host_values_that_parse_two_ways_are_refused_over_http2_too() {
     ];
     let mut failures = Vec::new();
     for authority in cases {
-        let probe = format!("h2-host-{}", NEXT_PROBE.fetch_add(1, Ordering::Relaxed));
+        let probe = next_probe();
         for host_header in [None, Some(authority)] {
             let mut fields = vec![
                 (":method", "GET"),
@@ -323,14 +269,14 @@ async fn host_values_that_parse_two_ways_are_refused_over_http2_too() {
                 fields.push(("host", host));
             }
             let got = h2_request(gateway.addr, &fields).await;
-            let upstream_saw = seen(&upstream, &probe);
+            let upstream_saw = seen_probe(&upstream, &probe);
             let valid = authority.starts_with("other.example");
             let ok = if valid {
-                got == Ok(STATUS_200) && upstream_saw.as_ref().is_some_and(|r| r.uri.starts_with("/pub/"))
+                got == Outcome::Response(200)
+                    && upstream_saw.as_ref().is_some_and(|r| r.uri.starts_with("/pub/"))
             } else {
-                matches!(got, Ok(STATUS_400) | Err(_))
-                    && got != Err("timed out".into())
-                    && upstream_saw.is_none()
+                // A 400, or the stream or connection refused; never silence (a timeout).
+                (got == Outcome::Response(400) || got.is_error(&[])) && upstream_saw.is_none()
             };
             if !ok {
                 failures.push(format!(
@@ -339,26 +285,18 @@ async fn host_values_that_parse_two_ways_are_refused_over_http2_too() {
             }
         }
     }
-    assert_all("HTTP/2 authorities", cases.len() * 2, &failures);
+    assert_no_failures("HTTP/2 authorities", cases.len() * 2, &failures);
 }
 
 // =============================================================================================
 // 3. Connection slots held by chatter
 // =============================================================================================
 
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len();
-    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
 /// Whether the gateway has closed `stream` (EOF or reset), reading and discarding what it
 /// sends; false if it is still open after `within`.
 async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + within;
+    let deadline = Instant::now() + within;
     loop {
         match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
             Err(_) => return false,
@@ -366,6 +304,23 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
             Ok(Ok(_)) => {}
         }
     }
+}
+
+/// Sends a PING every 200 ms (each answered with a PING ACK, so bytes move both ways) until the
+/// gateway closes the connection (true) or 100 PINGs have gone out (false).
+async fn ping_until_closed(conn: &mut Conn) -> bool {
+    for i in 0u64..100 {
+        // A write that cannot finish is a server that stopped reading yet holds the slot.
+        match conn.try_send(&h2::frame(h2::PING, 0, 0, &i.to_be_bytes())).await {
+            Ok(()) => {}
+            Err(h2::Ended::Closed) => return true,
+            Err(h2::Ended::TimedOut) => return false,
+        }
+        if conn.read_until(Instant::now() + Duration::from_millis(200)).await == h2::Ended::Closed {
+            return true;
+        }
+    }
+    false
 }
 
 #[tokio::test]
@@ -377,24 +332,14 @@ async fn chatter_class_an_http2_connection_that_only_pings_gives_its_slot_back()
         .route(Route::new("/", &upstream.url()).public())
         .start()
         .await;
-    let mut chatter = TcpStream::connect(gateway.addr).await.expect("connect");
-    chatter.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.expect("preface");
-    chatter.write_all(&h2_frame(0x4, 0, 0, &[])).await.expect("settings");
+    let mut chatter = Conn::connect(gateway.addr).await;
     // A PING every 200 ms keeps bytes moving both ways; no request is ever made. Each write is
     // answered (PING ACK), so this is exactly the chatter of the report.
-    let pinger = async {
-        for i in 0u64..100 {
-            if chatter.write_all(&h2_frame(0x6, 0, 0, &i.to_be_bytes())).await.is_err() {
-                return true;
-            }
-            if closed_within(&mut chatter, Duration::from_millis(200)).await {
-                return true;
-            }
-        }
-        false
-    };
     // 100 × 200 ms = 20 s of chatter: 20× the idle timeout before the test gives up.
-    assert!(pinger.await, "a PING-only HTTP/2 connection was still open after 20 s with idle_timeout = 1s");
+    assert!(
+        ping_until_closed(&mut chatter).await,
+        "a PING-only HTTP/2 connection was still open after 20 s with idle_timeout = 1s"
+    );
     // The one slot is free again: a real request gets through.
     let got = gateway.get("/after").send().await;
     assert_eq!(got.status, 200, "{got}");
@@ -409,41 +354,27 @@ async fn chatter_class_a_stream_that_never_sends_its_body_does_not_hold_the_slot
         .route(Route::new("/", &upstream.url()).public())
         .start()
         .await;
-    let mut chatter = TcpStream::connect(gateway.addr).await.expect("connect");
-    chatter.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.expect("preface");
-    chatter.write_all(&h2_frame(0x4, 0, 0, &[])).await.expect("settings");
-    // HEADERS (END_HEADERS, no END_STREAM) for POST /upload with literal, never-indexed
-    // fields: the body is promised and never comes.
-    let mut block = Vec::new();
-    for (name, value) in
-        [(":method", "POST"), (":scheme", "http"), (":path", "/upload"), (":authority", "127.0.0.1")]
-    {
-        block.push(0x10);
-        block.push(name.len() as u8);
-        block.extend_from_slice(name.as_bytes());
-        block.push(value.len() as u8);
-        block.extend_from_slice(value.as_bytes());
-    }
-    chatter.write_all(&h2_frame(0x1, 0x4, 1, &block)).await.expect("headers");
-    let pinger = async {
-        for i in 0u64..100 {
-            if chatter.write_all(&h2_frame(0x6, 0, 0, &i.to_be_bytes())).await.is_err() {
-                return true;
-            }
-            if closed_within(&mut chatter, Duration::from_millis(200)).await {
-                return true;
-            }
-        }
-        false
-    };
-    assert!(pinger.await, "a stalled HTTP/2 upload kept alive by PINGs still held its slot after 20 s");
+    let mut chatter = Conn::connect(gateway.addr).await;
+    // HEADERS (END_HEADERS, no END_STREAM) for POST /upload with literal fields: the body is
+    // promised and never comes.
+    let fields =
+        [(":method", "POST"), (":scheme", "http"), (":path", "/upload"), (":authority", "127.0.0.1")];
+    let stream_id = chatter.stream_id();
+    chatter
+        .send(&h2::header_frames(stream_id, &h2::literal_block(&fields), false, h2::DEFAULT_MAX_FRAME))
+        .await;
+    // 100 × 200 ms = 20 s of chatter: 20× the idle timeout before the test gives up.
+    assert!(
+        ping_until_closed(&mut chatter).await,
+        "a stalled HTTP/2 upload kept alive by PINGs still held its slot after 20 s"
+    );
     let got = gateway.get("/after").send().await;
     assert_eq!(got.status, 200, "{got}");
 }
 
 /// A WebSocket upstream: answers the handshake properly (or with `accept`, when given), then
 /// says nothing. Counts the handshakes it saw.
-async fn websocket_upstream(accept: Option<&'static str>) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+async fn websocket_upstream(accept: Option<&'static str>) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let count = Arc::new(AtomicUsize::new(0));
@@ -511,7 +442,7 @@ fn websocket_handshake() -> Vec<u8> {
 async fn read_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut buf = [0u8; 1];
-    let deadline = tokio::time::Instant::now() + support::IO_TIMEOUT;
+    let deadline = Instant::now() + IO_TIMEOUT;
     while !head.ends_with(b"\r\n\r\n") {
         match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
             Ok(Ok(1)) => head.push(buf[0]),
@@ -539,7 +470,7 @@ async fn chatter_class_a_silent_websocket_tunnel_gives_its_slot_back() {
     // The tunnel works: bytes go through and come back.
     client.write_all(b"ping").await.expect("write");
     let mut echo = [0u8; 4];
-    tokio::time::timeout(support::IO_TIMEOUT, client.read_exact(&mut echo))
+    tokio::time::timeout(IO_TIMEOUT, client.read_exact(&mut echo))
         .await
         .expect("echo in time")
         .expect("echo");
@@ -618,7 +549,7 @@ async fn stray_key_class_a_keygate_key_never_reaches_the_upstream_wherever_it_tr
             }
             let (request, probe) = raw("GET", &format!("{path}{query}"), "127.0.0.1", &extra);
             let got = gateway.raw(&request).await;
-            let Some(upstream_saw) = seen(&upstream, &probe) else {
+            let Some(upstream_saw) = seen_probe(&upstream, &probe) else {
                 failures.push(format!("{lines:?} {query} on {path}: not forwarded\n{got}"));
                 continue;
             };
@@ -643,7 +574,7 @@ async fn stray_key_class_a_keygate_key_never_reaches_the_upstream_wherever_it_tr
             }
         }
     }
-    assert_all("stray-key carriers", carriers.len() * 2, &failures);
+    assert_no_failures("stray-key carriers", carriers.len() * 2, &failures);
 
     // HTTP/2: the same carriers through a real HTTP/2 client.
     let mut failures = Vec::new();
@@ -666,7 +597,7 @@ async fn stray_key_class_a_keygate_key_never_reaches_the_upstream_wherever_it_tr
             ));
         }
     }
-    assert_all("stray-key carriers over HTTP/2", carriers.len(), &failures);
+    assert_no_failures("stray-key carriers over HTTP/2", carriers.len(), &failures);
 
     // Free of false positives: the same shape with a broken checksum is someone else's data.
     let mut forged = other.clone();
@@ -675,7 +606,10 @@ async fn stray_key_class_a_keygate_key_never_reaches_the_upstream_wherever_it_tr
     let (request, probe) = raw("GET", "/open/x", "127.0.0.1", &[format!("x-trace: {forged}")]);
     let got = gateway.raw(&request).await;
     assert_eq!(got.status(), Some(200), "{got}");
-    assert_eq!(seen(&upstream, &probe).and_then(|r| r.header("x-trace").map(str::to_string)), Some(forged));
+    assert_eq!(
+        seen_probe(&upstream, &probe).and_then(|r| r.header("x-trace").map(str::to_string)),
+        Some(forged)
+    );
 }
 
 // =============================================================================================

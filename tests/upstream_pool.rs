@@ -192,3 +192,24 @@ async fn a_request_with_a_body_is_never_sent_twice() {
     support::assert_error(&post, 502, "upstream_unavailable");
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "the POST was sent again");
 }
+
+#[tokio::test]
+async fn a_safe_request_with_a_method_override_is_never_sent_twice() {
+    // A GET that asks the upstream framework to run POST (or DELETE) is as unsafe as a POST.
+    for (header, query) in [("x-http-method-override", ""), ("x-other", "?_method=delete")] {
+        let (addr, accepted) = closes_under_the_second_request().await;
+        let gateway =
+            GatewayConfig::new().route(Route::new("/", &format!("http://{addr}")).public()).start().await;
+        let first = gateway.get("/first").send().await;
+        assert_eq!(first.status, 200, "{first}");
+
+        tokio::time::sleep(keygate::proxy::pool::REPLAY_AFTER_IDLE + Duration::from_millis(200)).await;
+        let overridden = gateway.get(&format!("/charge{query}")).header(header, "POST").send().await;
+        support::assert_error(&overridden, 502, "upstream_unavailable");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the overridden GET was sent again ({header} {query})"
+        );
+    }
+}

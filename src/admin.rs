@@ -98,6 +98,9 @@ pub async fn answer(gateway: &Gateway, request: &Request<Incoming>) -> Response<
         "/readyz" if gateway.is_draining() => {
             respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", "draining\n")
         }
+        "/readyz" if !gateway.keys_ready() => {
+            respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", "loading keys\n")
+        }
         "/readyz" => respond(StatusCode::OK, "text/plain; charset=utf-8", "ready\n"),
         "/metrics" => {
             let reloads = gateway.reload_status().view();
@@ -143,7 +146,7 @@ pub async fn answer(gateway: &Gateway, request: &Request<Incoming>) -> Response<
                     "reloads": { "success": reloads.successes, "failure": reloads.failures },
                     "last_reload_error": reloads.last_error,
                     "draining": gateway.is_draining(),
-                    "store": "file",
+                    "store": snapshot.key_source.kind(),
                     "counters": counters.kind,
             });
             if let (Some(cluster), Some(object)) = (counters.cluster, status.as_object_mut()) {

@@ -103,7 +103,14 @@ fn serve(path: &std::path::Path) -> ExitCode {
             tracing::warn!("{warning}");
         }
         let counters = crate::counters::open(&snapshot.store).await?;
+        let key_source = snapshot.key_source.clone();
         let gateway = Arc::new(Gateway::with_counters(snapshot, counters));
+        if let config::KeySource::Cluster(settings) = key_source {
+            // Not ready until every key is in memory: a load balancer sends nothing before.
+            gateway.await_keys();
+            crate::keys::cluster::follow::spawn(Arc::clone(&gateway), *settings)
+                .map_err(|e| format!("cannot start following the key store: {e}"))?;
+        }
         // Signal handlers first: once "listening on" is logged, SIGHUP and SIGTERM must already
         // mean reload and drain, never the default of killing the process.
         let shutdown = server::shutdown_signal();

@@ -2,13 +2,14 @@
 //! `KEY=$(keygate keys create …)` works); everything meant for people goes to stderr.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::config;
+use crate::config::{self, KeySource};
+use crate::keys::cluster::{self, ClusterKeys};
 use crate::keys::lifecycle::{self, Grant, KeyView};
 use crate::keys::store::{self, KeyStore};
 use crate::keys::{self, RateLimit};
@@ -40,6 +41,12 @@ pub enum KeysCommand {
     },
     /// Read a key on stdin, print sha256:<hex>
     Hash,
+    /// Copy every entry of a key file into the configured store (hashes only); entries
+    /// already there are skipped, so it can run again
+    Copy {
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+    },
 }
 
 /// What a new key holds, as `create` and `import` take it.
@@ -103,8 +110,10 @@ pub fn run(config_path: &Path, command: KeysCommand) -> Outcome {
             println!("{id}");
         }
         KeysCommand::List { json } => {
-            let (keys_path, _) = config::key_file_of(config_path).map_err(|e| e.to_string())?;
-            let doc = store::read_document(&keys_path).map_err(|e| e.to_string())?;
+            let doc = match config::key_source_of(config_path).map_err(|e| e.to_string())?.0 {
+                KeySource::File(keys_path) => store::read_document(&keys_path).map_err(|e| e.to_string())?,
+                KeySource::Cluster(settings) => ClusterKeys::open(&settings)?.document()?,
+            };
             let mut views = lifecycle::views(&doc, now);
             let with_usage = add_usage(config_path, &mut views)?;
             if json {
@@ -158,17 +167,87 @@ pub fn run(config_path: &Path, command: KeysCommand) -> Outcome {
             println!("{key}");
         }
         KeysCommand::Hash => println!("{}", keys::hash_key(&read_stdin_key()?)),
+        KeysCommand::Copy { from } => {
+            let entries = config::key_file_entries(&from).map_err(|e| e.to_string())?;
+            let (copied, skipped) = match config::key_source_of(config_path).map_err(|e| e.to_string())?.0 {
+                KeySource::Cluster(settings) => ClusterKeys::open(&settings)?.copy(&entries)?,
+                KeySource::File(_) => edit(config_path, |doc, _| copy_into_document(doc, &entries))?,
+            };
+            eprintln!("copied {copied}, skipped {skipped} (already there) from {}", from.display());
+        }
     }
     Ok(())
 }
 
+/// `keys copy` into a key file: the same rules as into Redis (same id and hash: skipped; an
+/// id or key stored differently: an error listing them, and nothing written).
+fn copy_into_document(
+    doc: &mut toml_edit::DocumentMut,
+    entries: &[cluster::Fields],
+) -> Result<(u64, u64), String> {
+    let value = |table: &toml_edit::Table, name: &str| {
+        table.get(name).and_then(toml_edit::Item::as_str).map(str::to_string)
+    };
+    let field = |fields: &cluster::Fields, name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
+    let existing = doc.get("keys").and_then(toml_edit::Item::as_array_of_tables);
+    let mut by_id = std::collections::HashMap::new();
+    let mut by_hash = std::collections::HashMap::new();
+    for table in existing.into_iter().flat_map(|keys| keys.iter()) {
+        let (id, hash) = (value(table, "id").unwrap_or_default(), value(table, "hash").unwrap_or_default());
+        by_id.insert(id.clone(), hash.clone());
+        by_hash.insert(hash, id);
+    }
+    let (mut conflicts, mut fresh, mut skipped) = (Vec::new(), Vec::new(), 0);
+    for fields in entries {
+        let (id, hash) = (field(fields, "id"), field(fields, "hash"));
+        match (by_id.get(&id), by_hash.get(&hash)) {
+            (Some(stored), _) if *stored == hash => skipped += 1,
+            (Some(_), _) | (None, Some(_)) => conflicts.push(id),
+            (None, None) => fresh.push(fields),
+        }
+    }
+    if !conflicts.is_empty() {
+        return Err(format!(
+            "{} entries clash with keys already in the store (the id holds another key, or the key is stored under another id); nothing was copied:\n  {}",
+            conflicts.len(),
+            conflicts.join("\n  ")
+        ));
+    }
+    let keys = doc
+        .entry("keys")
+        .or_insert(toml_edit::Item::ArrayOfTables(toml_edit::ArrayOfTables::new()))
+        .as_array_of_tables_mut()
+        .ok_or("the key file's `keys` is not a list of [[keys]] tables")?;
+    for fields in &fresh {
+        let one: toml_edit::DocumentMut = cluster::render(fields).parse().map_err(|e| format!("{e}"))?;
+        let table =
+            one.get("keys").and_then(toml_edit::Item::as_array_of_tables).and_then(|k| k.get(0)).cloned();
+        let mut table = table.ok_or("an entry did not read back")?;
+        table.decor_mut().set_prefix("\n");
+        keys.push(table);
+    }
+    Ok((fresh.len() as u64, skipped))
+}
+
 /// Locks the key file, applies `change`, checks the result as the gateway would load it, and
-/// only then writes it (atomically). A failure anywhere leaves the file as it was.
+/// only then writes it (atomically). A failure anywhere leaves the file as it was. With the
+/// cluster store, the same change runs on the keys read from Redis ([`ClusterKeys::edit`]).
 fn edit<T>(
     config_path: &Path,
     change: impl FnOnce(&mut toml_edit::DocumentMut, &str) -> Result<T, String>,
 ) -> Result<T, String> {
-    let (keys_path, prefix) = config::key_file_of(config_path).map_err(|e| e.to_string())?;
+    let (keys_path, prefix) = match config::key_source_of(config_path).map_err(|e| e.to_string())? {
+        (KeySource::File(path), prefix) => (path, prefix),
+        (KeySource::Cluster(settings), prefix) => {
+            return ClusterKeys::open(&settings)?.edit(|doc| change(doc, &prefix));
+        }
+    };
     let store = KeyStore::lock(&keys_path).map_err(|e| e.to_string())?;
     let mut doc = store.read().map_err(|e| e.to_string())?;
     let out = change(&mut doc, &prefix)?;

@@ -281,6 +281,17 @@ pub fn load(connection: &mut Connection, names: &Names) -> Result<(KeyTable, Pos
     Ok((table_of(names, &text)?, position))
 }
 
+/// Whether the change at `at` is still in the stream (an empty stream at change 0 counts).
+pub fn still_there(connection: &mut Connection, names: &Names, at: &Position) -> redis::RedisResult<bool> {
+    if at.stream_id == "0-0" {
+        let seq: Option<u64> = redis::cmd("GET").arg(names.seq()).query(connection)?;
+        return Ok(seq.unwrap_or(0) >= at.seq);
+    }
+    let found: Vec<(String, Vec<String>)> =
+        redis::cmd("XRANGE").arg(names.changes()).arg(&at.stream_id).arg(&at.stream_id).query(connection)?;
+    Ok(!found.is_empty())
+}
+
 /// Changes after `from`, waiting up to `block` for the first one.
 pub fn read_changes(
     connection: &mut Connection,

@@ -65,7 +65,28 @@ fn follow(gateway: &Gateway, settings: &ClusterSettings) {
                 continue;
             }
         };
-        let mut at = match position.take() {
+        // Resuming needs our last change still in the stream: a Redis that restarted empty or
+        // a stream trimmed past us means changes we can no longer read.
+        let resumable = match position.take() {
+            Some(at) => match super::still_there(&mut connection, &names, &at) {
+                Ok(true) => Some(at),
+                Ok(false) => {
+                    tracing::warn!(
+                        seq = at.seq,
+                        "key store: the last change applied is no longer in Redis; loading every key again"
+                    );
+                    None
+                }
+                Err(error) => {
+                    outage.failed(settings, &error.to_string());
+                    position = Some(at);
+                    std::thread::sleep(RETRY);
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let mut at = match resumable {
             Some(at) => at,
             None => match super::load(&mut connection, &names) {
                 Ok((table, at)) => {

@@ -75,6 +75,11 @@ fn check(path: &std::path::Path) -> ExitCode {
             if let Some(warning) = snapshot.store_warning() {
                 eprintln!("warning: {warning}");
             }
+            if let config::KeySource::Cluster(_) = snapshot.key_source {
+                eprintln!(
+                    "note: [auth] store = \"cluster\": the keys live in Redis and are not counted here"
+                );
+            }
             println!("ok: {}", snapshot.summary(SystemTime::now()));
             ExitCode::SUCCESS
         }

@@ -45,22 +45,21 @@ pub fn load(config_path: &Path) -> Result<Snapshot, ConfigErrors> {
     let mut source = SourceFile::new(config_path, &text);
     let file: GatewayFile = toml::from_str(&text).map_err(|e| source.toml_error(&e))?;
     let base = config_path.parent().unwrap_or(Path::new(""));
+    let cluster = file.auth.store.as_ref().is_some_and(|s| s.get_ref() == "cluster");
+    let keys_path = file.auth.keys_file.as_ref().filter(|_| !cluster).map(|p| base.join(p.get_ref()));
     let gateway = build_gateway(&mut source, file, base);
     let mut errors = source.errors;
 
     // The key file is checked even when keygate.toml has problems, so one run shows all.
-    let keys = match gateway.as_ref().map(|g| &g.key_source) {
-        Some(KeySource::File(keys_path)) => {
-            match read(keys_path).and_then(|text| check_keys(keys_path, &text)) {
-                Ok(table) => Some(table),
-                Err(ConfigErrors(e)) => {
-                    errors.extend(e);
-                    None
-                }
+    let keys = match &keys_path {
+        Some(keys_path) => match read(keys_path).and_then(|text| check_keys(keys_path, &text)) {
+            Ok(table) => Some(table),
+            Err(ConfigErrors(e)) => {
+                errors.extend(e);
+                None
             }
-        }
-        Some(KeySource::Cluster(_)) => Some(KeyTable::default()),
-        None => None,
+        },
+        None => Some(KeyTable::default()),
     };
     match (gateway, keys) {
         (Some(gateway), Some(keys)) if errors.is_empty() => Ok(Snapshot {
@@ -1284,6 +1283,23 @@ GET = "read"
             mixed += &entry(i, if i == 1000 { "\"tenant\"" } else { "tenant" });
         }
         check_table(&mixed, 2000);
+    }
+
+    #[test]
+    fn the_cluster_store_needs_cluster_and_no_key_file() {
+        let without_file = GATEWAY.replace("keys_file = \"keys.toml\"\n", "store = \"cluster\"\n");
+        let errors = load_pair(&without_file, "").unwrap_err().to_string();
+        assert!(errors.contains("needs a [cluster] section"), "{errors}");
+        let with_cluster = format!("[cluster]\nredis = \"redis://127.0.0.1:1/0\"\n{without_file}");
+        let snapshot = load_pair(&with_cluster, "not even toml").unwrap();
+        assert_eq!((snapshot.keys.len(), snapshot.key_source.kind()), (0, "cluster"));
+        let bogus =
+            GATEWAY.replace("keys_file = \"keys.toml\"\n", "keys_file = \"keys.toml\"\nstore = \"disk\"\n");
+        let errors = load_pair(&bogus, "").unwrap_err().to_string();
+        assert!(errors.contains("must be \"file\" or \"cluster\""), "{errors}");
+        let no_file = GATEWAY.replace("keys_file = \"keys.toml\"\n", "");
+        let errors = load_pair(&no_file, "").unwrap_err().to_string();
+        assert!(errors.contains("keys_file is missing"), "{errors}");
     }
 
     #[test]

@@ -300,3 +300,30 @@ async fn keys_copy_into_a_key_file_follows_the_same_rules() {
     assert_eq!(ok.status.as_u16(), 200, "{ok}");
     assert_eq!(upstream.count(), 1);
 }
+
+#[tokio::test]
+async fn concurrent_cli_writers_lose_nothing_on_the_cluster_store() {
+    let redis = RedisServer::start().await;
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), &upstream, &redis, &[]);
+    let names: Vec<String> = (0..4).map(|i| format!("writer-{i}")).collect();
+    let (a, b, c, d) = tokio::join!(
+        create(&config, &names[0]),
+        create(&config, &names[1]),
+        create(&config, &names[2]),
+        create(&config, &names[3])
+    );
+    let created = [a, b, c, d];
+    let (listed, _) = keys(&config, &["list", "--json"], None, true).await;
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("keys list --json");
+    let mut seen: Vec<&str> =
+        listed.as_array().expect("list").iter().filter_map(|k| k["name"].as_str()).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, names.iter().map(String::as_str).collect::<Vec<_>>(), "{listed:#}");
+    let replica = Served::start(&config).await;
+    until_ready(&replica, DEADLINE).await;
+    for key in &created {
+        until_answers(&replica, key, 200, None, DEADLINE).await;
+    }
+}

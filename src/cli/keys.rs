@@ -240,7 +240,7 @@ fn copy_into_document(
 /// cluster store, the same change runs on the keys read from Redis ([`ClusterKeys::edit`]).
 fn edit<T>(
     config_path: &Path,
-    change: impl FnOnce(&mut toml_edit::DocumentMut, &str) -> Result<T, String>,
+    mut change: impl FnMut(&mut toml_edit::DocumentMut, &str) -> Result<T, String>,
 ) -> Result<T, String> {
     let (keys_path, prefix) = match config::key_source_of(config_path).map_err(|e| e.to_string())? {
         (KeySource::File(path), prefix) => (path, prefix),

@@ -35,6 +35,8 @@ pub type Fields = Vec<(String, String)>;
 const STREAM_MAX: usize = 10_000;
 /// Entries per script call when copying a key file in.
 const COPY_BATCH: usize = 1000;
+/// Times an edit is tried when other writers keep getting in first.
+const EDIT_ATTEMPTS: usize = 10;
 /// Entries read per pipeline when loading the whole table.
 const LOAD_BATCH: usize = 1000;
 /// Key-file field order, as `keys create` writes them; unknown fields go last (and fail
@@ -443,16 +445,38 @@ impl ClusterKeys {
     }
 
     /// Applies `change` to the store read as a document, checks the result as a replica will
-    /// load it, and writes what changed as one change; nothing is written if another change
-    /// came in meanwhile (the counterpart of the key file's lock).
+    /// load it, and writes what changed as one change. If another change came in meanwhile,
+    /// nothing is written and `change` runs again on the newer keys (the counterpart of the
+    /// key file's lock: concurrent runs lose nothing).
     pub fn edit<T>(
         &mut self,
-        change: impl FnOnce(&mut DocumentMut) -> Result<T, String>,
+        mut change: impl FnMut(&mut DocumentMut) -> Result<T, String>,
     ) -> Result<T, String> {
-        let (mut doc, before, seq) = self.snapshot()?;
-        let out = change(&mut doc)?;
-        let text = doc.to_string();
-        table_of(&self.names, &text)
+        for _ in 0..EDIT_ATTEMPTS {
+            let (mut doc, before, seq) = self.snapshot()?;
+            let out = change(&mut doc)?;
+            let payload = self.payload(&doc, &before)?;
+            if payload.put.is_empty() && payload.removed.is_empty() {
+                return Ok(out);
+            }
+            match apply(&mut self.connection, &self.names, &seq.to_string(), &payload)? {
+                Applied::Done { .. } => return Ok(out),
+                Applied::Stale => continue,
+                Applied::Conflict(ids) => {
+                    return Err(format!(
+                        "the same key is already stored under another id; nothing was written: {}",
+                        ids.join(", ")
+                    ));
+                }
+            }
+        }
+        Err("the keys in Redis kept changing while this command ran; nothing was written; run it again"
+            .to_string())
+    }
+
+    /// What turns the keys as read (`before`) into `doc`, validated as a whole first.
+    fn payload(&self, doc: &DocumentMut, before: &[Fields]) -> Result<Payload, String> {
+        table_of(&self.names, &doc.to_string())
             .map_err(|e| format!("the change would make the keys invalid, so nothing was written:\n{e}"))?;
         let after: Vec<Fields> = doc
             .get("keys")
@@ -462,24 +486,10 @@ impl ClusterKeys {
         let id_of = |f: &Fields| field(f, "id").map(unquoted).unwrap_or_default();
         let old: HashMap<String, &Fields> = before.iter().map(|f| (id_of(f), f)).collect();
         let new_ids: std::collections::HashSet<String> = after.iter().map(id_of).collect();
-        let payload = Payload {
+        Ok(Payload {
             put: after.iter().filter(|f| old.get(&id_of(f)) != Some(f)).map(PutEntry::new).collect(),
             removed: old.keys().filter(|id| !new_ids.contains(*id)).cloned().collect(),
-        };
-        if payload.put.is_empty() && payload.removed.is_empty() {
-            return Ok(out);
-        }
-        match apply(&mut self.connection, &self.names, &seq.to_string(), &payload)? {
-            Applied::Done { .. } => Ok(out),
-            Applied::Stale => {
-                Err("the keys changed in Redis while this command ran; nothing was written; run it again"
-                    .to_string())
-            }
-            Applied::Conflict(ids) => Err(format!(
-                "the same key is already stored under another id; nothing was written: {}",
-                ids.join(", ")
-            )),
-        }
+        })
     }
 
     /// Copies entries in (hashes only, as read from a key file): an entry whose id and hash

@@ -25,9 +25,9 @@ use crate::quota::QuotaLimit;
 
 use crate::keys::{Consumer, Duplicate, KeyEntry, KeyHash, KeyTable, RateLimit, ScopeSet};
 use crate::proxy::auth::{AuthSettings, Source};
-use crate::proxy::forward::upstream_client;
 use crate::proxy::path::normalize;
 use crate::proxy::route::{Route, RouteTable, ScopeRule, Upstream};
+use crate::proxy::transport::{Protocol, Transport, TransportSpec};
 use crate::tls;
 use error::SourceFile;
 use file::{GatewayFile, KeyFile, KeysFile, RouteFile};
@@ -287,6 +287,10 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
         Some(n) => check(source, n, in_range(1, 1_000_000)).map(|n| n as usize),
         None => Some(10_000),
     };
+    let upstream_max_connections = match &s.upstream_max_connections {
+        Some(n) => check(source, n, in_range(1, 100_000)).map(|n| n as usize),
+        None => Some(512),
+    };
     let admin = match &file.admin {
         Some(a) => {
             let listen = check(source, &a.listen, parse_addr);
@@ -310,7 +314,8 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
     let key_source = build_key_source(source, &file, base, store.as_ref());
     let allow_encoded_slashes = s.allow_encoded_slashes.unwrap_or(false);
     let key_headers = auth.as_ref().map(AuthSettings::key_headers).unwrap_or_default();
-    let routes = build_routes(source, file.routes, base, &key_headers);
+    let routes =
+        build_routes(source, file.routes, base, &key_headers, upstream_max_connections.unwrap_or(512));
     Some(Gateway {
         key_source: key_source?,
         tls: tls?,
@@ -325,6 +330,7 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
             idle_timeout: idle_timeout?,
             h2_max_concurrent_streams: h2_streams?,
             max_connections: max_connections?,
+            upstream_max_connections: upstream_max_connections?,
             trusted_proxies: trusted_proxies?.into(),
         },
         admin: admin?,
@@ -462,6 +468,7 @@ fn build_routes(
     files: Vec<Spanned<RouteFile>>,
     base: &Path,
     key_headers: &[http::HeaderName],
+    max_connections: usize,
 ) -> Option<RouteTable> {
     let mut seen: HashMap<(Option<String>, String), ()> = HashMap::new();
     let mut routes = Vec::with_capacity(files.len());
@@ -469,7 +476,7 @@ fn build_routes(
     for spanned in files {
         let span = spanned.span();
         let file = spanned.into_inner();
-        match build_route(source, file, base, key_headers) {
+        match build_route(source, file, base, key_headers, max_connections) {
             Some(route) => {
                 if seen.insert((route.host.clone(), route.prefix.clone()), ()).is_some() {
                     source.push(
@@ -495,6 +502,7 @@ fn build_route(
     file: RouteFile,
     base: &Path,
     key_headers: &[http::HeaderName],
+    max_connections: usize,
 ) -> Option<Route> {
     let prefix = check(source, &file.prefix, |p| {
         if !p.starts_with('/') {
@@ -508,19 +516,46 @@ fn build_route(
             )),
         }
     });
-    let mut upstream = check(source, &file.upstream, |u| parse_upstream(u));
-    if let Some(ca_file) = &file.ca_file {
-        let client =
-            check(source, ca_file, |path| tls::client_config(Some(&base.join(path))).map(upstream_client));
-        match (&mut upstream, client) {
-            (Some(up), Some(client)) if up.scheme == Scheme::HTTPS => up.client = Some(client),
-            (Some(_), Some(_)) => {
+    let upstream = check(source, &file.upstream, |u| parse_upstream(u));
+    let protocol = match &file.protocol {
+        Some(p) => check(source, p, |p| match p.as_str() {
+            "http1" => Ok(Protocol::Http1),
+            "h2" => Ok(Protocol::H2),
+            other => Err(format!("protocol {other:?} must be \"http1\" or \"h2\"")),
+        }),
+        None => Some(Protocol::Http1),
+    };
+    let private_ca = match &file.ca_file {
+        Some(ca_file) => match check(source, ca_file, |path| tls::client_config(Some(&base.join(path)))) {
+            Some(_) if upstream.as_ref().is_some_and(|u| u.scheme != Scheme::HTTPS) => {
                 source.push(ca_file.span(), "ca_file is for https:// upstreams");
-                upstream = None;
+                None
             }
-            _ => upstream = None,
+            Some(config) => Some(Some(config)),
+            None => None,
+        },
+        None => Some(None),
+    };
+    let upstream = match (upstream, protocol, private_ca) {
+        (Some(parsed), Some(protocol), Some(private_ca)) => {
+            // A limit of the route's own; the gateway swaps in the one it shares per host:port.
+            let limit = crate::proxy::limit::ConnectionLimit::new(max_connections, Default::default());
+            let spec = TransportSpec {
+                scheme: parsed.scheme.clone(),
+                authority: parsed.authority.clone(),
+                protocol,
+                private_ca,
+            };
+            Some(Upstream {
+                scheme: parsed.scheme,
+                authority: parsed.authority,
+                base_path: parsed.base_path,
+                host_header: parsed.host_header,
+                transport: Transport::new(spec, limit),
+            })
         }
-    }
+        _ => None,
+    };
     let host = match &file.host {
         Some(h) => check(source, h, |h| parse_host(h)).map(Some),
         None => Some(None),
@@ -589,7 +624,15 @@ fn build_cors(
     }
 }
 
-fn parse_upstream(text: &str) -> Result<Upstream, String> {
+/// An upstream URL taken apart, before its transport is chosen.
+struct ParsedUpstream {
+    scheme: Scheme,
+    authority: Authority,
+    base_path: String,
+    host_header: HeaderValue,
+}
+
+fn parse_upstream(text: &str) -> Result<ParsedUpstream, String> {
     let bad = |why: &str| format!("upstream {text:?} {why}; expected http(s)://host[:port][/path]");
     let uri: Uri = text.parse().map_err(|_| bad("is not a URL"))?;
     let scheme = match uri.scheme_str() {
@@ -606,8 +649,7 @@ fn parse_upstream(text: &str) -> Result<Upstream, String> {
     }
     let base_path = uri.path().trim_end_matches('/').to_string();
     let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| bad("has an invalid host"))?;
-    let pool = crate::proxy::pool::Http1Pool::new(authority.clone());
-    Ok(Upstream { scheme, authority, base_path, host_header, client: None, pool })
+    Ok(ParsedUpstream { scheme, authority, base_path, host_header })
 }
 
 fn parse_host(text: &str) -> Result<String, String> {
@@ -1055,6 +1097,11 @@ GET = "read"
         let rule = route.scopes.as_ref().unwrap();
         assert_eq!(rule.required(&Method::DELETE).unwrap().len(), 2);
         assert_eq!(snapshot.server.request_timeout, Duration::from_secs(30));
+        assert_eq!(snapshot.server.upstream_max_connections, 512);
+        assert_eq!(route.upstream.transport.spec().protocol, crate::proxy::transport::Protocol::Http1);
+        let h2 = load_pair(&GATEWAY.replace("upstream = ", "protocol = \"h2\"\nupstream = "), "").unwrap();
+        let route = h2.routes.find(None, "/x").unwrap();
+        assert_eq!(route.upstream.transport.spec().protocol, crate::proxy::transport::Protocol::H2);
     }
 
     #[test]
@@ -1097,6 +1144,19 @@ GET = "read"
             (GATEWAY.to_string(), key("a", "k") + "rate_limit = \"5/d\"\n", "rate_limit"),
             (GATEWAY.to_string(), key("a", "k") + &key("b", "k"), "duplicate hash"),
             (GATEWAY.replace("\"/\"", "\"/a/../\""), String::new(), "normalised"),
+            (
+                GATEWAY.replace("upstream = ", "protocol = \"h3\"\nupstream = "),
+                String::new(),
+                "protocol \"h3\" must be",
+            ),
+            (
+                GATEWAY.replace(
+                    "listen = \"127.0.0.1:0\"",
+                    "listen = \"127.0.0.1:0\"\nupstream_max_connections = 0",
+                ),
+                String::new(),
+                "must be between 1 and 100000",
+            ),
         ];
         for (gateway, keys, want) in cases {
             let errors = load_pair(&gateway, &keys).unwrap_err().to_string();

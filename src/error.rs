@@ -40,6 +40,8 @@ pub enum GatewayError {
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
+    #[error("every connection to the upstream is busy")]
+    UpstreamBusy,
     #[error("the gateway failed to handle the request")]
     Internal,
 }
@@ -58,6 +60,7 @@ impl GatewayError {
             Self::UnsupportedTransferEncoding => StatusCode::NOT_IMPLEMENTED,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -80,11 +83,52 @@ impl GatewayError {
             Self::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamBusy => "upstream_busy",
             Self::Internal => "internal_error",
         }
     }
 
-    /// Renders the error as keygate's JSON error response. The only place that does.
+    /// The gRPC status a gRPC client gets for this error (SPEC §2.5), derived from the HTTP
+    /// status so that every variant has one.
+    pub fn grpc_status(&self) -> u8 {
+        match self.status().as_u16() {
+            400 => 3,              // INVALID_ARGUMENT
+            401 => 16,             // UNAUTHENTICATED
+            403 => 7,              // PERMISSION_DENIED
+            404 | 405 | 501 => 12, // UNIMPLEMENTED
+            429 | 431 => 8,        // RESOURCE_EXHAUSTED
+            502 | 503 => 14,       // UNAVAILABLE
+            504 => 4,              // DEADLINE_EXCEEDED
+            500 => 13,             // INTERNAL
+            _ => 2,                // UNKNOWN
+        }
+    }
+
+    /// Renders the error for the client that sent the request: a gRPC client
+    /// (`content-type: application/grpc…`) gets a trailers-only gRPC answer, any other the JSON
+    /// one. The only place errors become responses.
+    pub fn render(&self, grpc: bool) -> Response<Full<Bytes>> {
+        if grpc { self.to_grpc_response() } else { self.to_response() }
+    }
+
+    /// HTTP 200 with `grpc-status` and `grpc-message` (the error code) in the headers and no
+    /// body: gRPC's trailers-only response, which every gRPC client reads as the call's status.
+    /// A JSON 401 would reach the caller as `UNKNOWN`.
+    fn to_grpc_response(&self) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(Bytes::new()));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from(u16::from(self.grpc_status())));
+        headers.insert("grpc-message", HeaderValue::from_static(self.code()));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Self::RateLimited { retry_after_secs, quota } = self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            set_quota_headers(headers, quota);
+        }
+        response
+    }
+
+    /// Renders the error as keygate's JSON error response.
     pub fn to_response(&self) -> Response<Full<Bytes>> {
         let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
         let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -157,6 +201,7 @@ mod tests {
             (GatewayError::UnsupportedTransferEncoding, 501, "unsupported_transfer_encoding"),
             (GatewayError::UpstreamUnavailable, 502, "upstream_unavailable"),
             (GatewayError::UpstreamTimeout, 504, "upstream_timeout"),
+            (GatewayError::UpstreamBusy, 503, "upstream_busy"),
             (GatewayError::Internal, 500, "internal_error"),
         ];
         for (error, status, code) in table {
@@ -170,6 +215,29 @@ mod tests {
             let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert_eq!(json["error"], code);
             assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+
+    #[test]
+    fn grpc_clients_get_trailers_only_answers() {
+        let table = [
+            (GatewayError::MissingApiKey, 16),
+            (GatewayError::InvalidApiKey, 16),
+            (GatewayError::InsufficientScope, 7),
+            (GatewayError::RateLimited { retry_after_secs: 3, quota: QUOTA }, 8),
+            (GatewayError::NoRoute, 12),
+            (GatewayError::BadRequest("x"), 3),
+            (GatewayError::UpstreamUnavailable, 14),
+            (GatewayError::UpstreamBusy, 14),
+            (GatewayError::UpstreamTimeout, 4),
+        ];
+        for (error, grpc_status) in table {
+            let response = error.render(true);
+            assert_eq!(response.status(), StatusCode::OK, "{error:?}");
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/grpc");
+            assert_eq!(response.headers()["grpc-status"], grpc_status.to_string().as_str(), "{error:?}");
+            assert_eq!(response.headers()["grpc-message"], error.code());
+            assert!(futures_body(response).is_empty());
         }
     }
 

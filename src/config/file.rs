@@ -33,6 +33,7 @@ pub struct ServerFile {
     pub idle_timeout: Option<Spanned<String>>,
     pub h2_max_concurrent_streams: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub upstream_max_connections: Option<Spanned<i64>>,
     pub trusted_proxies: Option<Vec<Spanned<String>>>,
 }
 
@@ -78,6 +79,7 @@ pub struct RouteFile {
     #[serde(default)]
     pub preserve_host: bool,
     pub ca_file: Option<Spanned<String>>,
+    pub protocol: Option<Spanned<String>>,
     pub scopes: Option<Spanned<BTreeMap<String, Spanned<ScopeList>>>>,
     pub cors: Option<Spanned<CorsFile>>,
 }

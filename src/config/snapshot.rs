@@ -64,6 +64,8 @@ pub struct ServerSettings {
     pub idle_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
     pub max_connections: usize,
+    /// Open connections per upstream host:port at most.
+    pub upstream_max_connections: usize,
     /// Peers whose `X-Forwarded-For` is believed (`proxy::client`).
     pub trusted_proxies: std::sync::Arc<[ipnet::IpNet]>,
 }

@@ -72,14 +72,20 @@ return {2, tostring(tokens), used}
 ";
 
 /// Adds a batch of usage: for each key KEYS[i], ARGV holds (last used, period field, requests).
-/// The last use only ever moves forward, whichever replica writes last.
+/// The last use only ever moves forward, whichever replica writes last; a new period's count
+/// replaces the last one's.
 const USAGE: &str = r"
 for i, key in ipairs(KEYS) do
   local last = tonumber(ARGV[i * 3 - 2])
   local current = tonumber(redis.call('HGET', key, 'last') or '0')
   if last > current then redis.call('HSET', key, 'last', last) end
+  local field = ARGV[i * 3 - 1]
   local n = tonumber(ARGV[i * 3])
-  if n > 0 then redis.call('HINCRBY', key, ARGV[i * 3 - 1], n) end
+  -- Only the current period's count is kept: a key used for years holds one field, not one a day.
+  local previous = redis.call('HGET', key, 'period')
+  if previous and previous ~= field then redis.call('HDEL', key, previous) end
+  redis.call('HSET', key, 'period', field)
+  if n > 0 then redis.call('HINCRBY', key, field, n) end
   redis.call('EXPIRE', key, 34560000)
 end
 return 1

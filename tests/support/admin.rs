@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use http::Method;
 
-use super::served::Served;
+use super::process::Served;
 use super::{Call, Exchange, Key, RecordingUpstream, Route, keygate_command, keys_toml};
 
 /// A key in the key file from the start.

@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use http::Method;
+use support::admin::admin_token;
 use support::poll::{Attempts, DEADLINE};
-use support::redis::RedisServer;
 use support::process::Served;
-use support::{GatewayConfig, Key, RecordingUpstream, Route, keygate_command};
+use support::redis::RedisServer;
+use support::{Call, Exchange, GatewayConfig, Key, RecordingUpstream, Route, keygate_command};
 use tokio::io::AsyncWriteExt;
 
 /// Writes keygate.toml with the cluster store (and an admin listener) into `dir`; keys.toml
@@ -323,4 +325,83 @@ async fn concurrent_cli_writers_lose_nothing_on_the_cluster_store() {
     for key in &created {
         until_answers(&mut replica, key, 200, None, DEADLINE).await;
     }
+}
+
+/// A `/keys` API call to `replica` with admin token `token`, and a JSON body when given.
+async fn key_api(
+    replica: &Served,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Exchange {
+    let call = Call::new(replica.admin, method, path).header("authorization", &format!("Bearer {token}"));
+    let call = match body {
+        Some(body) => call.header("content-type", "application/json").body(body.to_string()),
+        None => call,
+    };
+    call.send().await
+}
+
+#[tokio::test]
+async fn a_key_made_through_one_replicas_api_works_on_the_other_and_a_revoke_through_it_reaches_back() {
+    let mut redis = RedisServer::start().await;
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (token, entry) = admin_token(dir.path(), "ops").await;
+    let config = write_config(dir.path(), &upstream, &redis, &[]);
+    let text = std::fs::read_to_string(&config).expect("read keygate.toml");
+    let with_token = text.replace("[admin]\n", &format!("[admin]\ntokens = [{entry}]\n"));
+    assert_ne!(text, with_token, "the config helper's [admin] changed:\n{text}");
+    std::fs::write(&config, with_token).expect("write keygate.toml");
+    let mut fleet = replicas(&config, 2).await;
+
+    let made = key_api(
+        &fleet[0],
+        &token,
+        Method::POST,
+        "/keys",
+        Some(serde_json::json!({ "name": "via-api", "scopes": ["read"] })),
+    )
+    .await;
+    assert_eq!(made.status.as_u16(), 201, "{made}");
+    let made = made.json().unwrap_or_else(|| panic!("POST /keys answered no JSON"));
+    let (key, id) = (made["key"].as_str().expect("key"), made["id"].as_str().expect("id"));
+    // The replica that answered has the key already: no polling.
+    let at_once = fleet[0].get("/x", key).send().await;
+    assert_eq!(at_once.status.as_u16(), 200, "{at_once}\n{}", fleet[0].log());
+    until_answers(&mut fleet[1], key, 200, None, DEADLINE).await;
+    let requests = upstream.requests();
+    assert!(requests.len() >= 2, "the upstream saw {} requests", requests.len());
+    assert!(requests.iter().all(|r| r.header("x-keygate-key-id") == Some(id)), "not forwarded as {id}");
+
+    let revoked = key_api(&fleet[1], &token, Method::POST, &format!("/keys/{id}/revoke"), None).await;
+    assert_eq!(revoked.status.as_u16(), 200, "{revoked}");
+    assert_eq!(revoked.json().map(|j| j["status"].clone()), Some("revoked".into()), "{revoked}");
+    let refused = fleet[1].get("/x", key).send().await;
+    assert_eq!(refused.status.as_u16(), 401, "{refused}");
+    until_answers(&mut fleet[0], key, 401, Some("revoked_api_key"), DEADLINE).await;
+    let seen = upstream.count();
+    for replica in &fleet {
+        let refused = replica.get("/x", key).send().await;
+        assert_eq!(refused.error_code().as_deref(), Some("revoked_api_key"), "{refused}");
+    }
+    assert_eq!(upstream.count(), seen, "a revoked key reached the upstream");
+
+    // Both replicas list the same store.
+    for replica in &fleet {
+        let listed = key_api(replica, &token, Method::GET, "/keys", None).await;
+        let listed = listed.json().unwrap_or_else(|| panic!("GET /keys answered no JSON"));
+        assert_eq!(listed["keys"][0]["id"], id, "{listed:#}");
+        assert_eq!(listed["keys"][0]["status"], "revoked", "{listed:#}");
+    }
+
+    // Redis gone: the API says the store is out of reach, and the replica keeps serving.
+    redis.save_and_kill().await;
+    let body = serde_json::json!({ "name": "nope" });
+    let refused = key_api(&fleet[0], &token, Method::POST, "/keys", Some(body)).await;
+    assert_eq!(refused.status.as_u16(), 503, "{refused}");
+    assert_eq!(refused.error_code().as_deref(), Some("store_unavailable"), "{refused}");
+    let still = fleet[0].get("/x", key).send().await;
+    assert_eq!(still.error_code().as_deref(), Some("revoked_api_key"), "{still}");
 }

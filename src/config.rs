@@ -105,19 +105,6 @@ pub fn key_source_of(config_path: &Path) -> Result<(KeySource, String), ConfigEr
     }
 }
 
-/// Where the key file is and which prefix generated keys get; an error when the keys live
-/// in Redis instead.
-pub fn key_file_of(config_path: &Path) -> Result<(PathBuf, String), ConfigErrors> {
-    match key_source_of(config_path)? {
-        (KeySource::File(path), prefix) => Ok((path, prefix)),
-        (KeySource::Cluster(_), _) => Err(SourceFile::whole_file(
-            config_path,
-            "[auth] store = \"cluster\": the keys live in Redis, not in a key file".to_string(),
-        )
-        .into()),
-    }
-}
-
 /// Where usage and quota counts are kept, from a valid `keygate.toml`; the key file is not read.
 pub fn store_of(config_path: &Path) -> Result<StoreSettings, ConfigErrors> {
     let text = read(config_path)?;

@@ -113,6 +113,9 @@ async fn route(
         "/readyz" if gateway.is_draining() => {
             respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", "draining\n")
         }
+        "/readyz" if !gateway.keys_ready() => {
+            respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", "loading keys\n")
+        }
         "/readyz" => respond(StatusCode::OK, "text/plain; charset=utf-8", "ready\n"),
         "/metrics" => {
             let reloads = gateway.reload_status().view();
@@ -155,7 +158,7 @@ async fn route(
                     "reloads": { "success": reloads.successes, "failure": reloads.failures },
                     "last_reload_error": reloads.last_error,
                     "draining": gateway.is_draining(),
-                    "store": "file",
+                    "store": snapshot.key_source.kind(),
                     "counters": counters.kind,
             });
             if let (Some(cluster), Some(object)) = (counters.cluster, status.as_object_mut()) {

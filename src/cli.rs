@@ -88,6 +88,11 @@ fn check(path: &std::path::Path) -> ExitCode {
             if let Some(warning) = snapshot.store_warning() {
                 eprintln!("warning: {warning}");
             }
+            if let config::KeySource::Cluster(_) = snapshot.key_source {
+                eprintln!(
+                    "note: [auth] store = \"cluster\": the keys live in Redis and are not counted here"
+                );
+            }
             println!("ok: {}", snapshot.summary(SystemTime::now()));
             ExitCode::SUCCESS
         }
@@ -116,7 +121,14 @@ fn serve(path: &std::path::Path) -> ExitCode {
             tracing::warn!("{warning}");
         }
         let counters = crate::counters::open(&snapshot.store).await?;
+        let key_source = snapshot.key_source.clone();
         let gateway = Arc::new(Gateway::with_counters(snapshot, counters));
+        if let config::KeySource::Cluster(settings) = key_source {
+            // Not ready until every key is in memory: a load balancer sends nothing before.
+            gateway.await_keys();
+            crate::keys::cluster::follow::spawn(Arc::clone(&gateway), *settings)
+                .map_err(|e| format!("cannot start following the key store: {e}"))?;
+        }
         // Signal handlers first: once "listening on" is logged, SIGHUP and SIGTERM must already
         // mean reload and drain, never the default of killing the process.
         let shutdown = server::shutdown_signal();

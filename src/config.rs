@@ -18,7 +18,7 @@ use http::{HeaderValue, Method, Uri};
 use toml::Spanned;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use snapshot::{AdminSettings, AdminToken, ServerSettings, Snapshot, Summary};
+pub use snapshot::{AdminSettings, AdminToken, KeySource, ServerSettings, Snapshot, Summary};
 
 use crate::counters::{ClusterSettings, StoreSettings};
 use crate::quota::QuotaLimit;
@@ -38,34 +38,44 @@ pub fn default_path() -> PathBuf {
 }
 
 /// Reads and validates both files. Every problem found is reported, not just the first.
+/// With `store = "cluster"` the key table starts empty: the keys come from Redis
+/// (`keys::cluster`), and a reload keeps the table the gateway has.
 pub fn load(config_path: &Path) -> Result<Snapshot, ConfigErrors> {
     let text = read(config_path)?;
     let mut source = SourceFile::new(config_path, &text);
     let file: GatewayFile = toml::from_str(&text).map_err(|e| source.toml_error(&e))?;
     let base = config_path.parent().unwrap_or(Path::new(""));
-    let keys_path = base.join(file.auth.keys_file.get_ref());
+    let cluster = file.auth.store.as_ref().is_some_and(|s| s.get_ref() == "cluster");
+    let keys_path = file.auth.keys_file.as_ref().filter(|_| !cluster).map(|p| base.join(p.get_ref()));
     let gateway = build_gateway(&mut source, file, base);
     let mut errors = source.errors;
 
     // The key file is checked even when keygate.toml has problems, so one run shows all.
-    let keys = match read(&keys_path).and_then(|text| check_keys(&keys_path, &text)) {
-        Ok(table) => Some(table),
-        Err(ConfigErrors(e)) => {
-            errors.extend(e);
-            None
-        }
+    let keys = match &keys_path {
+        Some(keys_path) => match read(keys_path).and_then(|text| check_keys(keys_path, &text)) {
+            Ok(table) => Some(table),
+            Err(ConfigErrors(e)) => {
+                errors.extend(e);
+                None
+            }
+        },
+        None => Some(KeyTable::default()),
     };
     match (gateway, keys) {
         (Some(gateway), Some(keys)) if errors.is_empty() => Ok(Snapshot {
             config_path: config_path.to_path_buf(),
-            keys_path,
+            keys_path: match &gateway.key_source {
+                KeySource::File(path) => path.clone(),
+                KeySource::Cluster(_) => config_path.to_path_buf(),
+            },
+            key_source: gateway.key_source,
             server: gateway.server,
             tls: gateway.tls,
             admin: gateway.admin,
             auth: gateway.auth,
             routes: gateway.routes,
             store: gateway.store,
-            keys,
+            keys: Arc::new(keys),
             loaded_at: SystemTime::now(),
         }),
         _ => Err(ConfigErrors(errors)),
@@ -82,16 +92,15 @@ pub fn check_keys(path: &Path, text: &str) -> Result<KeyTable, ConfigErrors> {
     }
 }
 
-/// Where the key file is and which prefix generated keys get, from a valid `keygate.toml`;
-/// the key file itself is not read.
-pub fn key_file_of(config_path: &Path) -> Result<(PathBuf, String), ConfigErrors> {
+/// Where the keys live and which prefix generated keys get, from a valid `keygate.toml`;
+/// the keys themselves are not read.
+pub fn key_source_of(config_path: &Path) -> Result<(KeySource, String), ConfigErrors> {
     let text = read(config_path)?;
     let mut source = SourceFile::new(config_path, &text);
     let file: GatewayFile = toml::from_str(&text).map_err(|e| source.toml_error(&e))?;
     let base = config_path.parent().unwrap_or(Path::new(""));
-    let keys_path = base.join(file.auth.keys_file.get_ref());
     match build_gateway(&mut source, file, base) {
-        Some(gateway) if source.errors.is_empty() => Ok((keys_path, gateway.auth.key_prefix)),
+        Some(gateway) if source.errors.is_empty() => Ok((gateway.key_source, gateway.auth.key_prefix)),
         _ => Err(ConfigErrors(source.errors)),
     }
 }
@@ -108,6 +117,66 @@ pub fn store_of(config_path: &Path) -> Result<StoreSettings, ConfigErrors> {
     }
 }
 
+/// Every entry of a valid key file as (field, TOML value text) pairs, in file order: what
+/// `keys copy` writes into Redis. The file is validated completely first, as a load would.
+pub fn key_file_entries(path: &Path) -> Result<Vec<Vec<(String, String)>>, ConfigErrors> {
+    let text = read(path)?;
+    check_keys(path, &text)?;
+    let mut entries = Vec::new();
+    let whole = 0..text.len();
+    if keyfile::read(&text, whole, |key| entries.push(key_fields(key))).is_err() {
+        entries.clear();
+        let file: KeysFile =
+            toml::from_str(&text).map_err(|e| SourceFile::new(path, &text).toml_error(&e))?;
+        entries.extend(file.keys.into_iter().map(|k| key_fields(k.into_inner())));
+    }
+    Ok(entries)
+}
+
+/// One entry's fields as TOML value text, in the order `keys create` writes them.
+fn key_fields(key: KeyFile) -> Vec<(String, String)> {
+    let text = |s: &str| toml_edit::Value::from(s).to_string().trim().to_string();
+    let list = |items: &mut dyn Iterator<Item = String>| {
+        let array: toml_edit::Array = items.collect();
+        toml_edit::Value::Array(array).to_string().trim().to_string()
+    };
+    let mut fields = vec![
+        ("id".to_string(), text(key.id.get_ref())),
+        ("name".to_string(), text(key.name.get_ref())),
+        ("hash".to_string(), text(key.hash.get_ref())),
+    ];
+    if let Some(tail) = &key.tail {
+        fields.push(("tail".to_string(), text(tail.get_ref())));
+    }
+    fields.push(("scopes".to_string(), list(&mut key.scopes.iter().map(|s| s.get_ref().clone()))));
+    for (name, at) in
+        [("created_at", &key.created_at), ("expires_at", &key.expires_at), ("revoked_at", &key.revoked_at)]
+    {
+        if let Some(at) = at {
+            fields.push((name.to_string(), at.get_ref().to_string()));
+        }
+    }
+    for (name, value) in [("rate_limit", &key.rate_limit), ("quota", &key.quota), ("consumer", &key.consumer)]
+    {
+        if let Some(value) = value {
+            fields.push((name.to_string(), text(value.get_ref())));
+        }
+    }
+    if let Some(meta) = &key.meta {
+        let mut inline = toml_edit::InlineTable::new();
+        for (name, value) in meta.get_ref() {
+            inline.insert(name, value.get_ref().as_str().into());
+        }
+        fields
+            .push(("meta".to_string(), toml_edit::Value::InlineTable(inline).to_string().trim().to_string()));
+    }
+    if let Some(ips) = &key.allowed_ips {
+        fields
+            .push(("allowed_ips".to_string(), list(&mut ips.get_ref().iter().map(|s| s.get_ref().clone()))));
+    }
+    fields
+}
+
 /// Parses a duration as the config files write them (`500ms`, `30s`, `90d`).
 pub fn parse_duration_text(text: &str) -> Result<Duration, String> {
     parse_duration(&text.to_string())
@@ -119,6 +188,7 @@ fn read(path: &Path) -> Result<String, ConfigErrors> {
 }
 
 struct Gateway {
+    key_source: KeySource,
     tls: Option<tls::ServerCert>,
     server: ServerSettings,
     admin: Option<AdminSettings>,
@@ -232,11 +302,13 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
     let trusted_proxies = networks(source, s.trusted_proxies.as_deref().unwrap_or_default());
     let auth = build_auth(source, &file);
     let store = build_store(source, &file, base);
+    let key_source = build_key_source(source, &file, base, store.as_ref());
     let allow_encoded_slashes = s.allow_encoded_slashes.unwrap_or(false);
     let key_headers = auth.as_ref().map(AuthSettings::key_headers).unwrap_or_default();
     let routes =
         build_routes(source, file.routes, base, &key_headers, upstream_max_connections.unwrap_or(512));
     Some(Gateway {
+        key_source: key_source?,
         tls: tls?,
         server: ServerSettings {
             listen: listen?,
@@ -350,6 +422,45 @@ fn build_store(source: &mut SourceFile, file: &GatewayFile, base: &Path) -> Opti
     match &file.state {
         Some(state) => Some(StoreSettings::Local { path: base.join(state.path.get_ref()) }),
         None => Some(StoreSettings::Memory),
+    }
+}
+
+/// `[auth] store`: `file` needs `keys_file`; `cluster` needs `[cluster]` (its Redis).
+fn build_key_source(
+    source: &mut SourceFile,
+    file: &GatewayFile,
+    base: &Path,
+    store: Option<&StoreSettings>,
+) -> Option<KeySource> {
+    let auth = &file.auth;
+    let cluster = matches!(auth.store.as_ref().map(|s| s.get_ref().as_str()), Some("cluster"));
+    if let Some(kind) = &auth.store
+        && !matches!(kind.get_ref().as_str(), "file" | "cluster")
+    {
+        source.push(kind.span(), format!("store {:?} must be \"file\" or \"cluster\"", kind.get_ref()));
+        return None;
+    }
+    if cluster {
+        return match (store, &auth.store) {
+            (Some(StoreSettings::Cluster(settings)), _) => Some(KeySource::Cluster(settings.clone())),
+            // A [cluster] section with an error was reported where it is written.
+            (None, _) => None,
+            (Some(_), Some(kind)) => {
+                source.push(kind.span(), "store = \"cluster\" needs a [cluster] section naming the Redis");
+                None
+            }
+            (Some(_), None) => None,
+        };
+    }
+    match &auth.keys_file {
+        Some(path) => Some(KeySource::File(base.join(path.get_ref()))),
+        None => {
+            source.errors.push(SourceFile::whole_file(
+                source.path,
+                "[auth] keys_file is missing (it may be left out only with store = \"cluster\")".to_string(),
+            ));
+            None
+        }
     }
 }
 
@@ -1279,6 +1390,23 @@ GET = "read"
             mixed += &entry(i, if i == 1000 { "\"tenant\"" } else { "tenant" });
         }
         check_table(&mixed, 2000);
+    }
+
+    #[test]
+    fn the_cluster_store_needs_cluster_and_no_key_file() {
+        let without_file = GATEWAY.replace("keys_file = \"keys.toml\"\n", "store = \"cluster\"\n");
+        let errors = load_pair(&without_file, "").unwrap_err().to_string();
+        assert!(errors.contains("needs a [cluster] section"), "{errors}");
+        let with_cluster = format!("[cluster]\nredis = \"redis://127.0.0.1:1/0\"\n{without_file}");
+        let snapshot = load_pair(&with_cluster, "not even toml").unwrap();
+        assert_eq!((snapshot.keys.len(), snapshot.key_source.kind()), (0, "cluster"));
+        let bogus =
+            GATEWAY.replace("keys_file = \"keys.toml\"\n", "keys_file = \"keys.toml\"\nstore = \"disk\"\n");
+        let errors = load_pair(&bogus, "").unwrap_err().to_string();
+        assert!(errors.contains("must be \"file\" or \"cluster\""), "{errors}");
+        let no_file = GATEWAY.replace("keys_file = \"keys.toml\"\n", "");
+        let errors = load_pair(&no_file, "").unwrap_err().to_string();
+        assert!(errors.contains("keys_file is missing"), "{errors}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! API keys: the presented key as a secret, the generated key format, and the hashed key table.
 
+pub mod cluster;
 pub mod lifecycle;
 pub mod store;
 
@@ -236,7 +237,8 @@ impl RateLimit {
 }
 
 /// One key of the table: everything the request path needs, already in its final form.
-#[derive(Debug)]
+/// Cloning shares the scope set, networks and consumer.
+#[derive(Debug, Clone)]
 pub struct KeyEntry {
     pub hash: KeyHash,
     pub id: HeaderValue,
@@ -404,6 +406,29 @@ impl KeyTable {
 
     pub fn entries(&self) -> impl Iterator<Item = &KeyEntry> {
         self.runs.iter().flatten()
+    }
+
+    /// The next table: this one with the entries of `removed` ids gone and `put` in place of
+    /// the entries with the same ids (new ids go last). Built from memory, so one change
+    /// costs a copy of the table, never a read of the whole store. Duplicates are returned
+    /// as [`KeyTable::build`] reports them.
+    pub fn changed(&self, put: Vec<KeyEntry>, removed: &[String]) -> (Self, Vec<Duplicate>) {
+        let at: std::collections::HashMap<Vec<u8>, usize> =
+            put.iter().enumerate().map(|(i, e)| (e.id.as_bytes().to_vec(), i)).collect();
+        let removed: std::collections::HashSet<&[u8]> = removed.iter().map(|r| r.as_bytes()).collect();
+        let mut put: Vec<Option<KeyEntry>> = put.into_iter().map(Some).collect();
+        let mut next = Vec::with_capacity(self.len + put.len());
+        for entry in self.entries() {
+            if removed.contains(entry.id.as_bytes()) {
+                continue;
+            }
+            match at.get(entry.id.as_bytes()) {
+                Some(&i) => next.extend(put[i].take()),
+                None => next.push(entry.clone()),
+            }
+        }
+        next.extend(put.into_iter().flatten());
+        Self::build(vec![next])
     }
 }
 

@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! - [`config`]: the two TOML files → one validated, immutable [`config::Snapshot`]; the only way in.
-//! - [`keys`]: the presented key as a secret type, the generated key format, the hashed key table.
+//! - [`keys`]: the presented key as a secret type, the generated key format, the hashed key table,
+//!   and the key store seam (`keys::store`) over the key file and the cluster key store in
+//!   Redis (`keys::cluster`).
 //! - [`proxy`]: the request pipeline: route → extract → verify → authorize → rewrite → forward.
 //! - [`ratelimit`]: token-bucket arithmetic, shared by every counters store.
 //! - [`quota`]: `N/day` and `N/month` quotas and their UTC calendar periods.

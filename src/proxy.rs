@@ -17,7 +17,7 @@ pub mod transport;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -58,6 +58,12 @@ pub struct Gateway {
     metrics: Metrics,
     /// Set when shutdown begins: `/readyz` then answers 503.
     draining: AtomicBool,
+    /// False while a cluster key store's first whole load is pending: `/readyz` answers 503.
+    keys_ready: AtomicBool,
+    /// Held while a snapshot is swapped, so a reload and a key change never undo each other.
+    swapping: std::sync::Mutex<()>,
+    /// The last cluster key store change number in the key table, for the key API to wait on.
+    keys_seq: tokio::sync::watch::Sender<u64>,
     /// The route label of requests that matched no route.
     no_route: LabelText,
 }
@@ -82,6 +88,9 @@ impl Gateway {
             reload_status: ReloadStatus::new(),
             metrics,
             draining: AtomicBool::new(false),
+            keys_ready: AtomicBool::new(true),
+            swapping: std::sync::Mutex::new(()),
+            keys_seq: tokio::sync::watch::Sender::new(0),
             no_route: LabelText(Arc::from("-")),
         }
     }
@@ -112,8 +121,47 @@ impl Gateway {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// Whether the keys are loaded (always, with a key file).
+    pub fn keys_ready(&self) -> bool {
+        self.keys_ready.load(Ordering::Acquire)
+    }
+
+    /// Marks the keys as still to be loaded: `/readyz` answers 503 until [`Self::set_keys_ready`].
+    pub fn await_keys(&self) {
+        self.keys_ready.store(false, Ordering::Release);
+    }
+
+    pub fn set_keys_ready(&self) {
+        self.keys_ready.store(true, Ordering::Release);
+    }
+
+    /// Swaps in a new key table (a cluster store change), keeping everything else.
+    pub fn replace_keys(&self, keys: Arc<crate::keys::KeyTable>) {
+        let _swapping = self.swapping.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut next = Snapshot::clone(&self.snapshot());
+        next.keys = keys;
+        self.snapshot.store(Arc::new(next));
+    }
+
+    /// Records that the key table now holds every cluster store change up to `seq`.
+    pub fn set_keys_seq(&self, seq: u64) {
+        self.keys_seq.send_replace(seq);
+    }
+
+    /// Waits until the key table holds cluster store change `seq` (true), or `limit` passes.
+    pub async fn keys_seq_reached(&self, seq: u64, limit: Duration) -> bool {
+        let mut seen = self.keys_seq.subscribe();
+        matches!(tokio::time::timeout(limit, seen.wait_for(|at| *at >= seq)).await, Ok(Ok(_)))
+    }
+
     /// Replaces the snapshot atomically; requests already running finish on the old one.
+    /// With the cluster store, a reload's snapshot has no keys of its own: it keeps the
+    /// table the gateway follows.
     pub fn replace(&self, mut snapshot: Snapshot) {
+        let _swapping = self.swapping.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if matches!(snapshot.key_source, crate::config::KeySource::Cluster(_)) {
+            snapshot.keys = Arc::clone(&self.snapshot().keys);
+        }
         let mut transports = self.transports.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         adopt_transports(&mut transports, &self.metrics, &mut snapshot);
         drop(transports);

@@ -121,8 +121,10 @@ pub fn reload_now(gateway: &Gateway) -> Result<Reloaded, config::ConfigErrors> {
             break result;
         }
     };
-    let result =
-        result.and_then(|new| refuse_truncated(&current, new)).and_then(|new| refuse_tls_off(&current, new));
+    let result = result
+        .and_then(|new| refuse_truncated(&current, new))
+        .and_then(|new| refuse_tls_off(&current, new))
+        .and_then(|new| refuse_store_change(&current, new));
     match result {
         Ok(snapshot) => {
             warn_about_restart(&current, &snapshot);
@@ -163,6 +165,20 @@ fn refuse_truncated(current: &Snapshot, new: Snapshot) -> Result<Snapshot, confi
 fn refuse_tls_off(current: &Snapshot, new: Snapshot) -> Result<Snapshot, config::ConfigErrors> {
     if current.tls.is_some() && new.tls.is_none() {
         let message = "tls_cert and tls_key were removed: turning TLS off needs a restart";
+        return Err(config::ConfigError::whole_file(&new.config_path, message).into());
+    }
+    Ok(new)
+}
+
+/// The key store is followed (Redis) or watched (the file) from the start; switching between
+/// them while running would leave the table with nobody keeping it current.
+fn refuse_store_change(current: &Snapshot, new: Snapshot) -> Result<Snapshot, config::ConfigErrors> {
+    if current.key_source.kind() != new.key_source.kind() {
+        let message = format!(
+            "[auth] store changed from {:?} to {:?}: that needs a restart",
+            current.key_source.kind(),
+            new.key_source.kind()
+        );
         return Err(config::ConfigError::whole_file(&new.config_path, message).into());
     }
     Ok(new)

@@ -27,6 +27,9 @@ use crate::quota::{Period, QuotaLimit};
 pub const BODY_LIMIT: usize = 64 * 1024;
 /// A body that has not arrived by then is not coming.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a change through the cluster store waits for this replica to apply it; past
+/// that (Redis gone just after the write) the change is stored all the same, and answered.
+const REPLICA_WAIT: Duration = Duration::from_secs(5);
 
 /// `POST /keys`: what `keygate keys create` takes, plus meta and allowed_ips.
 #[derive(Debug, Deserialize)]
@@ -207,8 +210,8 @@ async fn change(
     operation: impl FnOnce(&dyn KeyStore, OffsetDateTime) -> Result<KeyChange, StoreError> + Send + 'static,
 ) -> Result<KeyChange, AdminError> {
     let store = store::of_snapshot(&gateway.snapshot());
-    let gateway = Arc::clone(gateway);
-    blocking(move || {
+    let reloading = Arc::clone(gateway);
+    let change = blocking(move || {
         let change = operation(store.as_ref(), OffsetDateTime::now_utc())?;
         if change.changed {
             actor.audit.record(&actor.token, &change);
@@ -216,12 +219,25 @@ async fn change(
         // Read-your-writes: the file watcher would pick the change up within a second anyway
         // (and still reloads once more, harmlessly); a client that hands the new key on at
         // once must not meet a 401.
-        if let Err(errors) = crate::reload::reload_now(&gateway) {
+        if change.cluster_seq.is_none()
+            && let Err(errors) = crate::reload::reload_now(&reloading)
+        {
             tracing::warn!("the key change is written but the reload after it failed: {errors}");
         }
         Ok(change)
     })
-    .await
+    .await?;
+    // With the cluster store the change reaches this replica through the stream it follows,
+    // as it reaches every other; waiting for it here gives the same read-your-writes.
+    if let Some(seq) = change.cluster_seq
+        && !gateway.keys_seq_reached(seq, REPLICA_WAIT).await
+    {
+        tracing::warn!(
+            seq,
+            "the key change is stored in Redis but this replica has not applied it yet; it will once Redis is back in reach"
+        );
+    }
+    Ok(change)
 }
 
 async fn blocking<T: Send + 'static>(

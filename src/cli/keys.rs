@@ -2,16 +2,17 @@
 //! `KEY=$(keygate keys create …)` works); everything meant for people goes to stderr.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use time::OffsetDateTime;
 
 use crate::audit::AuditLog;
-use crate::config;
+use crate::config::{self, KeySource};
 use crate::keys;
+use crate::keys::cluster::{self, ClusterKeys};
 use crate::keys::lifecycle::{self, Grant, GrantRequest, KeyView};
-use crate::keys::store::{self, KeyChange, Rotation, Secret};
+use crate::keys::store::{self, KeyChange, Locked, Rotation, Secret};
 use crate::quota::{Period, QuotaLimit};
 
 #[derive(Debug, Subcommand)]
@@ -40,6 +41,12 @@ pub enum KeysCommand {
     },
     /// Read a key on stdin, print sha256:<hex>
     Hash,
+    /// Copy every entry of a key file into the configured store (hashes only); entries
+    /// already there are skipped, so it can run again
+    Copy {
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+    },
 }
 
 /// What a new key holds, as `create` and `import` take it.
@@ -146,6 +153,14 @@ pub fn run(config_path: &Path, command: KeysCommand) -> Outcome {
             println!("{}", change.secret.as_ref().map(Secret::expose).unwrap_or_default());
         }
         KeysCommand::Hash => {}
+        KeysCommand::Copy { from } => {
+            let entries = config::key_file_entries(&from).map_err(|e| e.to_string())?;
+            let (copied, skipped) = match config::key_source_of(config_path).map_err(|e| e.to_string())?.0 {
+                KeySource::Cluster(settings) => ClusterKeys::open(&settings)?.copy(&entries)?,
+                KeySource::File(keys_path) => copy_into_file(&keys_path, &entries)?,
+            };
+            eprintln!("copied {copied}, skipped {skipped} (already there) from {}", from.display());
+        }
     }
     Ok(())
 }
@@ -155,6 +170,76 @@ impl GrantArgs {
         let GrantArgs { name, scopes, expires, rate_limit, quota, consumer } = self;
         GrantRequest { name, scopes, expires, rate_limit, quota, consumer, ..GrantRequest::default() }
     }
+}
+
+/// `keys copy` into a key file: the same rules as into Redis (same id and hash: skipped; an
+/// id or key stored differently: an error listing them, and nothing written).
+fn copy_into_document(
+    doc: &mut toml_edit::DocumentMut,
+    entries: &[cluster::Fields],
+) -> Result<(u64, u64), String> {
+    let value = |table: &toml_edit::Table, name: &str| {
+        table.get(name).and_then(toml_edit::Item::as_str).map(str::to_string)
+    };
+    let field = |fields: &cluster::Fields, name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
+    let existing = doc.get("keys").and_then(toml_edit::Item::as_array_of_tables);
+    let mut by_id = std::collections::HashMap::new();
+    let mut by_hash = std::collections::HashMap::new();
+    for table in existing.into_iter().flat_map(|keys| keys.iter()) {
+        let (id, hash) = (value(table, "id").unwrap_or_default(), value(table, "hash").unwrap_or_default());
+        by_id.insert(id.clone(), hash.clone());
+        by_hash.insert(hash, id);
+    }
+    let (mut conflicts, mut fresh, mut skipped) = (Vec::new(), Vec::new(), 0);
+    for fields in entries {
+        let (id, hash) = (field(fields, "id"), field(fields, "hash"));
+        match (by_id.get(&id), by_hash.get(&hash)) {
+            (Some(stored), _) if *stored == hash => skipped += 1,
+            (Some(_), _) | (None, Some(_)) => conflicts.push(id),
+            (None, None) => fresh.push(fields),
+        }
+    }
+    if !conflicts.is_empty() {
+        return Err(format!(
+            "{} entries clash with keys already in the store (the id holds another key, or the key is stored under another id); nothing was copied:\n  {}",
+            conflicts.len(),
+            conflicts.join("\n  ")
+        ));
+    }
+    let keys = doc
+        .entry("keys")
+        .or_insert(toml_edit::Item::ArrayOfTables(toml_edit::ArrayOfTables::new()))
+        .as_array_of_tables_mut()
+        .ok_or("the key file's `keys` is not a list of [[keys]] tables")?;
+    for fields in &fresh {
+        let one: toml_edit::DocumentMut = cluster::render(fields).parse().map_err(|e| format!("{e}"))?;
+        let table =
+            one.get("keys").and_then(toml_edit::Item::as_array_of_tables).and_then(|k| k.get(0)).cloned();
+        let mut table = table.ok_or("an entry did not read back")?;
+        table.decor_mut().set_prefix("\n");
+        keys.push(table);
+    }
+    Ok((fresh.len() as u64, skipped))
+}
+
+/// `keys copy` into a key file: locked, checked as the gateway would load it, and written
+/// atomically, or not at all. (Copies keep ids and hashes as they are, which the store's
+/// create/import cannot, so this is the one write that does not go through [`store::KeyStore`].)
+fn copy_into_file(keys_path: &Path, entries: &[cluster::Fields]) -> Result<(u64, u64), String> {
+    let lock = Locked::lock(keys_path).map_err(|e| e.to_string())?;
+    let mut doc = lock.read().map_err(|e| e.to_string())?;
+    let counts = copy_into_document(&mut doc, entries)?;
+    let text = doc.to_string();
+    config::check_keys(lock.path(), &text)
+        .map_err(|e| format!("the change would make the key file invalid, so nothing was written:\n{e}"))?;
+    lock.write(&text).map_err(|e| e.to_string())?;
+    Ok(counts)
 }
 
 fn read_stdin_key() -> Result<String, String> {

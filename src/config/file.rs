@@ -72,7 +72,8 @@ pub struct ClusterFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthFile {
-    pub keys_file: Spanned<String>,
+    pub keys_file: Option<Spanned<String>>,
+    pub store: Option<Spanned<String>>,
     pub sources: Option<Spanned<Vec<Spanned<String>>>>,
     pub key_prefix: Option<Spanned<String>>,
 }

@@ -2,18 +2,25 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::counters::StoreSettings;
+use crate::counters::{ClusterSettings, StoreSettings};
 use crate::keys::{KeyState, KeyTable};
 use crate::proxy::auth::AuthSettings;
 use crate::proxy::route::RouteTable;
 
-/// Everything one request needs, immutable once built; a reload builds a new one.
-#[derive(Debug)]
+/// Everything one request needs, immutable once built; a reload builds a new one. Cloning is
+/// cheap (the key table is shared), so a change to the cluster key table makes the next
+/// snapshot from this one.
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     pub config_path: PathBuf,
+    /// The key file; with `store = "cluster"`, the config file itself (there is no key file
+    /// to watch, and watching the config twice is harmless).
     pub keys_path: PathBuf,
+    /// Where the keys live: the key file, or Redis (`[auth] store`).
+    pub key_source: KeySource,
     pub server: ServerSettings,
     /// The listener's certificate when it speaks HTTPS; reloaded with everything else.
     pub tls: Option<crate::tls::ServerCert>,
@@ -22,8 +29,27 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// Where usage and quota counts are kept; chosen at start, a reload does not change it.
     pub store: StoreSettings,
-    pub keys: KeyTable,
+    pub keys: Arc<KeyTable>,
     pub loaded_at: SystemTime,
+}
+
+/// `[auth] store`: where the keys live, chosen at start.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// `store = "file"`: the key file, edited by `keygate keys` and watched for changes.
+    File(PathBuf),
+    /// `store = "cluster"`: Redis, shared by every replica (`keys::cluster`).
+    Cluster(Box<ClusterSettings>),
+}
+
+impl KeySource {
+    /// `file` or `cluster`, as `/status` shows it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::File(_) => "file",
+            Self::Cluster(_) => "cluster",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

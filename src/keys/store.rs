@@ -2,6 +2,8 @@
 //! holds them. `keygate keys` and the `/keys` API call these same functions, so a key made
 //! either way is checked, locked and written by one code path.
 
+mod cluster;
+mod document;
 mod file;
 
 use std::fmt;
@@ -10,10 +12,11 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+pub use cluster::ClusterStore;
 pub use file::{FileError, FileStore, Locked, read_document, write_private};
 
 use super::lifecycle::{self, Grant, KeyView, LifecycleError};
-use crate::config::{self, Snapshot};
+use crate::config::{self, KeySource, Snapshot};
 
 /// Why a store operation did nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,11 +102,14 @@ pub struct KeyChange {
     pub replaced: Option<KeyView>,
     /// False when there was nothing to do (revoking a key revoked already).
     pub changed: bool,
+    /// With the cluster store: the change number holding this change; a replica that has
+    /// applied it serves the change.
+    pub cluster_seq: Option<u64>,
 }
 
 impl KeyChange {
     pub fn new(action: Action, key: KeyView) -> Self {
-        Self { action, key, secret: None, replaced: None, changed: true }
+        Self { action, key, secret: None, replaced: None, changed: true, cluster_seq: None }
     }
 
     pub fn with_secret(mut self, secret: Secret) -> Self {
@@ -163,12 +169,20 @@ pub trait KeyStore: Send + Sync {
 
 /// The store a running gateway's snapshot names.
 pub fn of_snapshot(snapshot: &Snapshot) -> Box<dyn KeyStore> {
-    Box::new(FileStore::new(snapshot.keys_path.clone(), snapshot.auth.key_prefix.clone()))
+    of_source(snapshot.key_source.clone(), snapshot.auth.key_prefix.clone())
 }
 
-/// The store `keygate.toml` names, for the command line; the key file itself is not read yet.
+/// The store `keygate.toml` names, for the command line; neither the key file nor Redis is
+/// read yet.
 pub fn of_config(config_path: &Path) -> Result<Box<dyn KeyStore>, StoreError> {
-    let (keys_path, prefix) =
-        config::key_file_of(config_path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-    Ok(Box::new(FileStore::new(keys_path, prefix)))
+    let (source, prefix) =
+        config::key_source_of(config_path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    Ok(of_source(source, prefix))
+}
+
+fn of_source(source: KeySource, prefix: String) -> Box<dyn KeyStore> {
+    match source {
+        KeySource::File(path) => Box::new(FileStore::new(path, prefix)),
+        KeySource::Cluster(settings) => Box::new(ClusterStore::new(*settings, prefix)),
+    }
 }

@@ -119,6 +119,19 @@ impl RedisServer {
         self.kill();
         self.spawn().await;
     }
+
+    /// Writes the data to disk (`SAVE`) and kills the server: [`Self::restart`] then comes
+    /// back with the same data, as a Redis with persistence does after a crash.
+    pub async fn save_and_kill(&mut self) {
+        let saved = self.command(&["SAVE"]).await;
+        assert!(saved.as_deref().is_some_and(|r| r.starts_with("+OK")), "SAVE failed: {saved:?}");
+        self.kill();
+    }
+
+    /// Starts the server again (on the same port, from whatever was saved) after a kill.
+    pub async fn start_again(&mut self) {
+        self.spawn().await;
+    }
 }
 
 impl Drop for RedisServer {

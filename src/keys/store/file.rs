@@ -10,11 +10,8 @@ use std::path::{Path, PathBuf};
 use time::OffsetDateTime;
 use toml_edit::DocumentMut;
 
-use super::{Action, KeyChange, KeyStore, Rotation, Secret, StoreError};
-use crate::keys::{
-    self,
-    lifecycle::{self, Grant, KeyView, LifecycleError},
-};
+use super::{KeyChange, KeyStore, Rotation, StoreError, document};
+use crate::keys::lifecycle::{self, Grant, KeyView};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -118,45 +115,10 @@ impl FileStore {
         lock.write(&text).map_err(unavailable)?;
         Ok(out)
     }
-
-    fn unused_id(doc: &DocumentMut) -> Result<String, StoreError> {
-        let taken = lifecycle::ids(doc);
-        for _ in 0..16 {
-            let id = keys::generate_id().map_err(no_randomness)?;
-            if !taken.contains(&id) {
-                return Ok(id);
-            }
-        }
-        Err(StoreError::Unavailable("could not find an unused key id".to_string()))
-    }
-
-    fn unused_key(&self, doc: &DocumentMut) -> Result<(String, Secret), StoreError> {
-        let taken = lifecycle::ids(doc);
-        for _ in 0..16 {
-            let (id, key) = keys::generate(&self.prefix).map_err(no_randomness)?;
-            if !taken.contains(&id) {
-                return Ok((id, Secret::new(key)));
-            }
-        }
-        Err(StoreError::Unavailable("could not find an unused key id".to_string()))
-    }
 }
 
 fn unavailable(error: FileError) -> StoreError {
     StoreError::Unavailable(error.to_string())
-}
-
-fn no_randomness(error: getrandom::Error) -> StoreError {
-    StoreError::Unavailable(format!("no OS randomness: {error}"))
-}
-
-/// The entry at `index` as it reads now.
-fn view_at(doc: &DocumentMut, index: usize, now: OffsetDateTime) -> Result<KeyView, StoreError> {
-    let mut views = lifecycle::views(doc, now);
-    if index >= views.len() {
-        return Err(LifecycleError::Layout.into());
-    }
-    Ok(views.swap_remove(index))
 }
 
 impl KeyStore for FileStore {
@@ -168,35 +130,15 @@ impl KeyStore for FileStore {
     }
 
     fn create(&self, grant: &Grant, now: OffsetDateTime) -> Result<KeyChange, StoreError> {
-        self.edit(|doc| {
-            let (id, key) = self.unused_key(doc)?;
-            lifecycle::append(doc, &id, &keys::hash_key(key.expose()), keys::tail(key.expose()), grant, now)?;
-            let index = lifecycle::select(doc, &id)?;
-            Ok(KeyChange::new(Action::Create, view_at(doc, index, now)?).with_secret(key))
-        })
+        self.edit(|doc| document::create(doc, &self.prefix, grant, now))
     }
 
     fn import(&self, key: &str, grant: &Grant, now: OffsetDateTime) -> Result<KeyChange, StoreError> {
-        let hash = keys::hash_key(key);
-        self.edit(|doc| {
-            if let Some(existing) = lifecycle::id_of_hash(doc, &hash) {
-                return Err(LifecycleError::AlreadyPresent(existing).into());
-            }
-            let id = Self::unused_id(doc)?;
-            lifecycle::append(doc, &id, &hash, keys::tail(key), grant, now)?;
-            let index = lifecycle::select(doc, &id)?;
-            Ok(KeyChange::new(Action::Import, view_at(doc, index, now)?))
-        })
+        self.edit(|doc| document::import(doc, key, grant, now))
     }
 
     fn revoke(&self, selector: &str, now: OffsetDateTime) -> Result<KeyChange, StoreError> {
-        self.edit(|doc| {
-            let index = lifecycle::select(doc, selector)?;
-            let changed = lifecycle::revoke(doc, index, now)?;
-            let mut change = KeyChange::new(Action::Revoke, view_at(doc, index, now)?);
-            change.changed = changed;
-            Ok(change)
-        })
+        self.edit(|doc| document::revoke(doc, selector, now))
     }
 
     fn rotate(
@@ -205,38 +147,11 @@ impl KeyStore for FileStore {
         rotation: &Rotation,
         now: OffsetDateTime,
     ) -> Result<KeyChange, StoreError> {
-        let grace = time::Duration::try_from(rotation.grace)
-            .map_err(|_| StoreError::Invalid("the grace period is too long".to_string()))?;
-        self.edit(|doc| {
-            let index = lifecycle::select(doc, selector)?;
-            let mut grant = lifecycle::successor_grant(doc, index, now)?;
-            if let Some(expiry) = rotation.expires_at {
-                grant.expires_at = expiry;
-            }
-            lifecycle::expire(doc, index, now + grace)?;
-            let (id, key) = self.unused_key(doc)?;
-            lifecycle::append(
-                doc,
-                &id,
-                &keys::hash_key(key.expose()),
-                keys::tail(key.expose()),
-                &grant,
-                now,
-            )?;
-            let new_index = lifecycle::select(doc, &id)?;
-            let mut change = KeyChange::new(Action::Rotate, view_at(doc, new_index, now)?).with_secret(key);
-            change.replaced = Some(view_at(doc, index, now)?);
-            Ok(change)
-        })
+        self.edit(|doc| document::rotate(doc, &self.prefix, selector, rotation, now))
     }
 
     fn delete(&self, selector: &str, now: OffsetDateTime) -> Result<KeyChange, StoreError> {
-        self.edit(|doc| {
-            let index = lifecycle::select(doc, selector)?;
-            let key = view_at(doc, index, now)?;
-            lifecycle::remove(doc, index)?;
-            Ok(KeyChange::new(Action::Delete, key))
-        })
+        self.edit(|doc| document::delete(doc, selector, now))
     }
 }
 

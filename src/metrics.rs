@@ -89,11 +89,24 @@ pub struct Observation<'a> {
     pub handles: Option<&'a RouteMetrics>,
     pub status: u16,
     pub key_id: Option<&'a str>,
-    /// The code of an auth rejection (`missing_api_key` …), if the request was one.
+    /// The error code keygate answered with, if it answered itself; auth rejections
+    /// (`missing_api_key` …, [`AUTH_REJECTIONS`]) are counted by reason.
     pub rejection: Option<&'static str>,
     pub duration: Duration,
     pub upstream_duration: Option<Duration>,
 }
+
+/// The error codes that count as `keygate_auth_rejections_total{reason}`.
+pub const AUTH_REJECTIONS: [&str; 8] = [
+    "missing_api_key",
+    "invalid_api_key",
+    "revoked_api_key",
+    "expired_api_key",
+    "ip_not_allowed",
+    "insufficient_scope",
+    "rate_limited",
+    "quota_exceeded",
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -101,6 +114,9 @@ pub struct Metrics {
     request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     upstream_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     rejections: Family<ReasonLabels, Counter>,
+    /// Each reason's counter of `rejections`, taken on its first use (so a reason never seen
+    /// is not exposed at zero): a flood of rejections hashes no labels.
+    rejection_handles: [std::sync::OnceLock<Counter>; AUTH_REJECTIONS.len()],
 }
 
 impl Default for Metrics {
@@ -128,7 +144,14 @@ impl Default for Metrics {
             "Requests refused by authentication or authorization, by reason",
             rejections.clone(),
         );
-        Self { registry, requests, request_duration, upstream_duration, rejections }
+        Self {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            rejections,
+            rejection_handles: Default::default(),
+        }
     }
 }
 
@@ -181,9 +204,7 @@ impl Metrics {
         if let Some(upstream) = o.upstream_duration {
             self.upstream_duration.get_or_create(&route).observe(upstream.as_secs_f64());
         }
-        if let Some(reason) = o.rejection {
-            self.rejections.get_or_create(&ReasonLabels { reason }).inc();
-        }
+        self.count_rejection(o.rejection);
     }
 
     fn observe_on(&self, handles: &RouteMetrics, o: &Observation<'_>) {
@@ -204,8 +225,16 @@ impl Metrics {
         if let Some(upstream) = o.upstream_duration {
             handles.upstream.observe(upstream.as_secs_f64());
         }
-        if let Some(reason) = o.rejection {
-            self.rejections.get_or_create(&ReasonLabels { reason }).inc();
+        self.count_rejection(o.rejection);
+    }
+
+    fn count_rejection(&self, code: Option<&'static str>) {
+        let Some(code) = code else { return };
+        if let Some(i) = AUTH_REJECTIONS.iter().position(|reason| *reason == code) {
+            let counter = self.rejection_handles[i].get_or_init(|| {
+                self.rejections.get_or_create(&ReasonLabels { reason: AUTH_REJECTIONS[i] }).clone()
+            });
+            counter.inc();
         }
     }
 

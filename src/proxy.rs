@@ -139,7 +139,6 @@ impl Gateway {
         {
             cors.decorate(response.headers_mut(), allow_origin);
         }
-        response.headers_mut().insert(X_REQUEST_ID, request_id);
         if let Some(quota) = &log.quota {
             crate::error::set_quota_headers(response.headers_mut(), quota);
         }
@@ -150,12 +149,15 @@ impl Gateway {
             handles: matched.and_then(|route: &Route| route.metrics.as_deref()),
             status: response.status().as_u16(),
             key_id: log.key_id.as_ref().and_then(|k| k.to_str().ok()),
-            rejection: log.reason.filter(|r| AUTH_REJECTIONS.contains(r)),
+            rejection: log.reason,
             duration,
             upstream_duration: log.upstream_duration,
         };
         let per_key = snapshot.admin.as_ref().is_some_and(|a| a.per_key_metrics);
         self.metrics.observe(&observation, per_key);
+        // Last, once the log no longer borrows it: the id moves into the response uncopied.
+        drop(log);
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
         response
     }
 
@@ -165,7 +167,7 @@ impl Gateway {
         client: ClientInfo,
         request: Request<RequestBody>,
         request_id: &HeaderValue,
-        log: &mut AccessLog,
+        log: &mut AccessLog<'_>,
         matched: &mut Option<&'s Route>,
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let (mut parts, body) = request.into_parts();
@@ -243,7 +245,7 @@ impl Gateway {
             }
         });
         let client_upgrade = websocket.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
-        let connection_guard = parts.extensions.remove::<forward::ConnectionGuard>();
+        let connection_guard = client_upgrade.as_ref().and_then(|_| client.guard().cloned());
         forward::scrub_request(&mut parts.headers);
         if let Some(protocol) = &websocket {
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -375,18 +377,6 @@ fn default_trust() -> Arc<rustls::ClientConfig> {
     })
 }
 
-/// The error codes that count as `keygate_auth_rejections_total{reason}`.
-const AUTH_REJECTIONS: [&str; 8] = [
-    "missing_api_key",
-    "invalid_api_key",
-    "revoked_api_key",
-    "expired_api_key",
-    "ip_not_allowed",
-    "insufficient_scope",
-    "rate_limited",
-    "quota_exceeded",
-];
-
 /// Refuses a request head larger than `max_header_bytes` with a JSON 431. (hyper itself cuts
 /// off heads beyond twice that, see the server.)
 fn check_head_size(parts: &Parts, max: usize) -> Result<(), GatewayError> {
@@ -416,7 +406,7 @@ fn request_host(parts: &Parts) -> Result<Option<RequestHost>, GatewayError> {
     let mut hosts = parts.headers.get_all(HOST).iter();
     let header = match (hosts.next(), hosts.next()) {
         (None, _) => None,
-        (Some(one), None) => Some(host::parse(one.as_bytes()).map_err(|e| GatewayError::BadRequest(e.0))?),
+        (Some(one), None) => Some(host::parse_header(one).map_err(|e| GatewayError::BadRequest(e.0))?),
         (Some(_), Some(_)) => {
             return Err(GatewayError::BadRequest("the request has more than one Host header"));
         }

@@ -247,6 +247,10 @@ impl Gateway {
         let client_upgrade = websocket.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
         let connection_guard = client_upgrade.as_ref().and_then(|_| client.guard().cloned());
         forward::scrub_request(&mut parts.headers);
+        // Room, in one growth, for what keygate adds below (forwarding, Host, request id,
+        // identity): hyper sized the map for the client's headers only, and growing it step by
+        // step rehashes every header each time.
+        parts.headers.reserve(8 + key.map_or(0, |k| k.meta.len()));
         if let Some(protocol) = &websocket {
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(UPGRADE, protocol.clone());
@@ -263,10 +267,15 @@ impl Gateway {
             forward::set_identity(&mut parts.headers, key);
         }
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
-        let target = match query {
-            Some(q) => format!("{}{path}?{q}", upstream.base_path),
-            None => format!("{}{path}", upstream.base_path),
-        };
+        let mut target = String::with_capacity(
+            upstream.base_path.len() + path.len() + query.as_ref().map_or(0, |q| q.len() + 1),
+        );
+        target.push_str(&upstream.base_path);
+        target.push_str(path);
+        if let Some(q) = &query {
+            target.push('?');
+            target.push_str(q);
+        }
         // A plain-http upstream without a private CA, for anything but a WebSocket, goes
         // through the in-task pool (origin-form target); the rest through hyper-util's client
         // (absolute URI: it picks the connection from it).
@@ -390,10 +399,10 @@ fn check_head_size(parts: &Parts, max: usize) -> Result<(), GatewayError> {
 /// Only plain `chunked` may frame a request body: with any other coding the body's boundaries
 /// are something keygate and the upstream could disagree on.
 fn check_transfer_encoding(parts: &Parts) -> Result<(), GatewayError> {
-    let codings: Vec<&HeaderValue> = parts.headers.get_all(TRANSFER_ENCODING).iter().collect();
-    match codings.as_slice() {
-        [] => Ok(()),
-        [one] if one.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") => Ok(()),
+    let mut codings = parts.headers.get_all(TRANSFER_ENCODING).iter();
+    match (codings.next(), codings.next()) {
+        (None, _) => Ok(()),
+        (Some(one), None) if one.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") => Ok(()),
         _ => Err(GatewayError::UnsupportedTransferEncoding),
     }
 }

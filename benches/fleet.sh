@@ -15,7 +15,9 @@
 #   limited cluster       rate_limit + quota, [cluster] on a local redis-server: one script
 #                         call (one round trip) per request
 # The limits are far above what the machine can send, so nothing is refused: this measures the
-# bookkeeping, not the 429 path. wrk: -t1 -c64 (closed loop), requests/s and p99.
+# bookkeeping, not the 429 path. wrk: -t1 -c64 (closed loop), requests/s and p99, and the CPU
+# time keygate and redis-server spent per request (utime+stime from /proc): on a machine
+# shared with other work, CPU per request moves far less than requests/s does.
 #
 # Environment: FLEET_ROUNDS, FLEET_DURATION (s), FLEET_CONNECTIONS, FLEET_PROFILE (cargo
 # profile; default release, dev with --quick). Needs wrk, nginx and redis-server (Debian:
@@ -85,7 +87,8 @@ PIDS+=($!)
 # Redis, persistence off.
 REDIS_PORT=$(free_port)
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$TMP" >/dev/null &
-PIDS+=($!)
+REDIS_PID=$!
+PIDS+=($REDIS_PID)
 for _ in $(seq 100); do
   [[ $(redis-cli -p "$REDIS_PORT" ping 2>/dev/null || true) == PONG ]] && break
   sleep 0.05
@@ -124,7 +127,11 @@ write_target t2 "" "$LIMITS"
 write_target t3 "$STATE" "$LIMITS"
 write_target t4 "$CLUSTER" "$LIMITS"
 
-# run_target INDEX → "rps p99_ms"
+# CPU ticks (utime + stime) a process has used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+
+# run_target INDEX → "rps p99_ms keygate_cpu_us_per_request redis_cpu_us_per_request"
 run_target() {
   local d="$TMP/t$1"
   rm -f "$d/keygate.state"
@@ -141,38 +148,46 @@ run_target() {
   local check
   check=$(curl -s -o /dev/null -w '%{http_code}' -H "x-api-key: $KEY" "http://$addr/warm")
   [[ $check == 200 ]] || die "target t$1 answered $check"
-  local out
+  local out k0 r0 k1 r1
+  k0=$(cpu_ticks "$pid"); r0=$(cpu_ticks "$REDIS_PID")
   out=$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "x-api-key: $KEY" "http://$addr/x")
+  k1=$(cpu_ticks "$pid"); r1=$(cpu_ticks "$REDIS_PID")
   kill "$pid"; wait "$pid" 2>/dev/null || true
-  local rps p99
+  local rps p99 total
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; print v}' <<<"$out")
   local non2xx
   non2xx=$(awk '/Non-2xx/ {print $4}' <<<"$out")
   [[ -z $non2xx ]] || die "target t$1: $non2xx non-2xx answers"
-  echo "$rps $p99"
+  total=$(awk '/requests in/ {print $1}' <<<"$out")
+  echo "$rps $p99 $(awk -v d=$((k1 - k0)) -v n="$total" -v hz="$HZ" 'BEGIN {printf "%.1f", d / hz / n * 1e6}') \
+    $(awk -v d=$((r1 - r0)) -v n="$total" -v hz="$HZ" 'BEGIN {printf "%.1f", d / hz / n * 1e6}')"
 }
 
-declare -A RPS P99
+declare -A RPS P99 KCPU RCPU
 for round in $(seq "$ROUNDS"); do
   for i in "${!TARGETS[@]}"; do
     log "round $round: ${TARGETS[$i]}"
-    read -r rps p99 < <(run_target "$i")
+    read -r rps p99 kcpu rcpu < <(run_target "$i")
     RPS[$i]+="$rps "
     P99[$i]+="$p99 "
+    KCPU[$i]+="$kcpu "
+    RCPU[$i]+="$rcpu "
   done
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
-printf '\n%-20s %12s %10s %10s %10s\n' target "requests/s" "p99 ms" "rps ratio" "p99 ratio"
+printf '\n%-20s %12s %10s %10s %10s %14s %12s\n' target "requests/s" "p99 ms" "rps ratio" "p99 ratio" \
+  "keygate µs/req" "redis µs/req"
 base_rps=$(median <<<"${RPS[0]}")
 base_p99=$(median <<<"${P99[0]}")
 for i in "${!TARGETS[@]}"; do
   rps=$(median <<<"${RPS[$i]}")
   p99=$(median <<<"${P99[$i]}")
-  printf '%-20s %12.0f %10.2f %10.2f %10.2f\n' "${TARGETS[$i]}" "$rps" "$p99" \
-    "$(awk -v a="$rps" -v b="$base_rps" 'BEGIN {print a/b}')" "$(awk -v a="$p99" -v b="$base_p99" 'BEGIN {print a/b}')"
+  printf '%-20s %12.0f %10.2f %10.2f %10.2f %14.1f %12.1f\n' "${TARGETS[$i]}" "$rps" "$p99" \
+    "$(awk -v a="$rps" -v b="$base_rps" 'BEGIN {print a/b}')" "$(awk -v a="$p99" -v b="$base_p99" 'BEGIN {print a/b}')" \
+    "$(median <<<"${KCPU[$i]}")" "$(median <<<"${RCPU[$i]}")"
 done
 printf '(medians of %s round(s) × %s s, wrk -t1 -c%s, profile %s, ratios against "unlimited")\n' \
   "$ROUNDS" "$DURATION" "$CONNECTIONS" "$PROFILE"

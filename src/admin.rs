@@ -1,5 +1,10 @@
 //! The admin listener: liveness, readiness, Prometheus metrics and reload status, on an address
-//! of its own so that it can stay private while the gateway port is public.
+//! of its own so that it can stay private while the gateway port is public; with admin tokens,
+//! also the key API ([`keys`]) and the web console ([`console`]). This file routes.
+
+pub mod console;
+pub mod keys;
+pub mod token;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,6 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use crate::error::AdminError;
 use crate::metrics::Current;
 use crate::proxy::Gateway;
 
@@ -36,7 +42,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) {
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let gateway = Arc::clone(&gateway);
-                async move { Ok::<_, Infallible>(answer(&gateway, &request).await) }
+                async move { Ok::<_, Infallible>(answer(gateway, request).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), service).await;
         });
@@ -51,7 +57,7 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
     response
 }
 
-fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
     respond(status, "application/json", value.to_string())
 }
 
@@ -80,20 +86,29 @@ fn host_allowed(gateway: &Gateway, request: &Request<Incoming>) -> bool {
         .is_some_and(|admin| admin.hosts.iter().any(|h| h.eq_ignore_ascii_case(name)))
 }
 
-pub async fn answer(gateway: &Gateway, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if !host_allowed(gateway, request) {
-        return json(
-            StatusCode::MISDIRECTED_REQUEST,
-            &serde_json::json!({"error": "misdirected_request", "message": "the admin listener does not answer for this Host; add it to [admin] hosts"}),
-        );
+pub async fn answer(gateway: Arc<Gateway>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    route(gateway, request).await.unwrap_or_else(|error| error.to_response())
+}
+
+async fn route(
+    gateway: Arc<Gateway>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, AdminError> {
+    // Before anything else: a rebinding page must learn nothing, not even which paths exist.
+    if !host_allowed(&gateway, &request) {
+        return Err(AdminError::MisdirectedRequest);
+    }
+    let path = request.uri().path();
+    if path == "/keys" || path.starts_with("/keys/") {
+        return keys::answer(gateway, request).await;
+    }
+    if path == "/console" || path.starts_with("/console/") {
+        return console::answer(&gateway, &request);
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
-        return json(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &serde_json::json!({"error": "method_not_allowed", "message": "the admin endpoints answer GET only"}),
-        );
+        return Err(AdminError::MethodNotAllowed("GET, HEAD"));
     }
-    match request.uri().path() {
+    Ok(match request.uri().path() {
         "/healthz" => respond(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
         "/readyz" if gateway.is_draining() => {
             respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", "draining\n")
@@ -116,10 +131,7 @@ pub async fn answer(gateway: &Gateway, request: &Request<Incoming>) -> Response<
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     text,
                 ),
-                Err(_) => json(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &serde_json::json!({"error": "internal_error", "message": "metrics could not be rendered"}),
-                ),
+                Err(_) => return Err(AdminError::Internal),
             }
         }
         "/status" => {
@@ -151,16 +163,13 @@ pub async fn answer(gateway: &Gateway, request: &Request<Incoming>) -> Response<
             }
             json(StatusCode::OK, &status)
         }
-        "/usage" => usage(gateway).await,
-        _ => json(
-            StatusCode::NOT_FOUND,
-            &serde_json::json!({"error": "not_found", "message": "admin endpoints: /healthz /readyz /metrics /status /usage"}),
-        ),
-    }
+        "/usage" => usage(&gateway).await?,
+        _ => return Err(AdminError::NotFound),
+    })
 }
 
 /// Every key's last use and requests this period, with its quota, from the counters store.
-async fn usage(gateway: &Gateway) -> Response<Full<Bytes>> {
+async fn usage(gateway: &Gateway) -> Result<Response<Full<Bytes>>, AdminError> {
     let snapshot = gateway.snapshot();
     let now = SystemTime::now();
     let keys: Vec<(String, crate::quota::Period)> = snapshot
@@ -196,11 +205,8 @@ async fn usage(gateway: &Gateway) -> Response<Full<Bytes>> {
                     })
                 })
                 .collect();
-            json(StatusCode::OK, &serde_json::json!({ "keys": rows }))
+            Ok(json(StatusCode::OK, &serde_json::json!({ "keys": rows })))
         }
-        Err(error) => json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({"error": "store_unavailable", "message": format!("usage could not be read: {error}")}),
-        ),
+        Err(error) => Err(AdminError::StoreUnavailable(format!("usage could not be read: {error}"))),
     }
 }

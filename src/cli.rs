@@ -1,5 +1,6 @@
 //! The command line: flags parsed by clap, then each command run to an exit code.
 
+mod admin;
 mod keys;
 
 use std::net::SocketAddr;
@@ -36,6 +37,11 @@ pub enum Command {
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
+    /// Admin tokens for the key API and the console
+    Admin {
+        #[command(subcommand)]
+        command: admin::AdminCommand,
+    },
     /// Start an echo upstream and a gateway with a fresh key, for a first try
     Demo {
         /// Where the demo gateway listens
@@ -57,6 +63,13 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Check => check(&config_path),
         Command::Serve => serve(&config_path),
         Command::Keys { command } => match keys::run(&config_path, command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("keygate: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Admin { command } => match admin::run(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("keygate: {error}");

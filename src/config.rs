@@ -18,16 +18,16 @@ use http::{HeaderValue, Method, Uri};
 use toml::Spanned;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use snapshot::{AdminSettings, ServerSettings, Snapshot, Summary};
+pub use snapshot::{AdminSettings, AdminToken, ServerSettings, Snapshot, Summary};
 
 use crate::counters::{ClusterSettings, StoreSettings};
 use crate::quota::QuotaLimit;
 
 use crate::keys::{Consumer, Duplicate, KeyEntry, KeyHash, KeyTable, RateLimit, ScopeSet};
 use crate::proxy::auth::{AuthSettings, Source};
-use crate::proxy::forward::upstream_client;
 use crate::proxy::path::normalize;
 use crate::proxy::route::{Route, RouteTable, ScopeRule, Upstream};
+use crate::proxy::transport::{Protocol, Transport, TransportSpec};
 use crate::tls;
 use error::SourceFile;
 use file::{GatewayFile, KeyFile, KeysFile, RouteFile};
@@ -204,17 +204,25 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
         Some(n) => check(source, n, in_range(1, 1_000_000)).map(|n| n as usize),
         None => Some(10_000),
     };
+    let upstream_max_connections = match &s.upstream_max_connections {
+        Some(n) => check(source, n, in_range(1, 100_000)).map(|n| n as usize),
+        None => Some(512),
+    };
     let admin = match &file.admin {
         Some(a) => {
             let listen = check(source, &a.listen, parse_addr);
             let hosts: Vec<Option<String>> =
                 a.hosts.iter().flatten().map(|h| check(source, h, |h| parse_host(h))).collect();
             let hosts: Option<Vec<String>> = hosts.into_iter().collect();
-            match (listen, hosts) {
-                (Some(listen), Some(hosts)) => Some(Some(AdminSettings {
+            let tokens = admin_tokens(source, a.tokens.as_deref().unwrap_or_default());
+            let audit_log = a.audit_log.as_ref().map(|p| base.join(p.get_ref()));
+            match (listen, hosts, tokens) {
+                (Some(listen), Some(hosts), Some(tokens)) => Some(Some(AdminSettings {
                     listen,
                     per_key_metrics: a.per_key_metrics.unwrap_or(false),
                     hosts,
+                    tokens,
+                    audit_log,
                 })),
                 _ => None,
             }
@@ -226,7 +234,8 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
     let store = build_store(source, &file, base);
     let allow_encoded_slashes = s.allow_encoded_slashes.unwrap_or(false);
     let key_headers = auth.as_ref().map(AuthSettings::key_headers).unwrap_or_default();
-    let routes = build_routes(source, file.routes, base, &key_headers);
+    let routes =
+        build_routes(source, file.routes, base, &key_headers, upstream_max_connections.unwrap_or(512));
     Some(Gateway {
         tls: tls?,
         server: ServerSettings {
@@ -240,6 +249,7 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
             idle_timeout: idle_timeout?,
             h2_max_concurrent_streams: h2_streams?,
             max_connections: max_connections?,
+            upstream_max_connections: upstream_max_connections?,
             trusted_proxies: trusted_proxies?.into(),
         },
         admin: admin?,
@@ -247,6 +257,62 @@ fn build_gateway(source: &mut SourceFile, file: GatewayFile, base: &Path) -> Opt
         routes: routes?,
         store: store?,
     })
+}
+
+/// An admin token's name goes into audit lines and logs as it is: short and plain.
+pub fn valid_admin_token_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
+}
+
+/// `[admin] tokens`: names fit for a log line, well-formed hashes, neither repeated.
+fn admin_tokens(source: &mut SourceFile, list: &[Spanned<file::AdminTokenFile>]) -> Option<Vec<AdminToken>> {
+    let mut tokens = Vec::with_capacity(list.len());
+    let mut ok = true;
+    for entry in list {
+        let entry = entry.get_ref();
+        let name = check(source, &entry.name, |n| {
+            if valid_admin_token_name(n) {
+                Ok(n.clone())
+            } else {
+                Err("an admin token name must be 1 to 64 letters, digits, '.', '_', ':', '@' or '-'"
+                    .to_string())
+            }
+        });
+        let hash = check(source, &entry.hash, |h| {
+            KeyHash::parse(h).ok_or_else(|| {
+                "an admin token hash must be sha256: followed by 64 lower-case hex digits (`keygate admin token` prints it)"
+                    .to_string()
+            })
+        });
+        match (name, hash) {
+            (Some(name), Some(hash)) => {
+                if tokens.iter().any(|t: &AdminToken| t.name == name) {
+                    source.push(entry.name.span(), "this admin token name is used twice");
+                    ok = false;
+                } else if tokens.iter().any(|t: &AdminToken| t.hash == hash) {
+                    source.push(entry.hash.span(), "this admin token hash is listed twice");
+                    ok = false;
+                }
+                tokens.push(AdminToken { name, hash });
+            }
+            _ => ok = false,
+        }
+    }
+    ok.then_some(tokens)
+}
+
+/// `[admin]` from a valid `keygate.toml` (for the audit log of `keygate keys`); the key file is not read.
+pub fn admin_of(config_path: &Path) -> Result<Option<AdminSettings>, ConfigErrors> {
+    let text = read(config_path)?;
+    let mut source = SourceFile::new(config_path, &text);
+    let file: GatewayFile = toml::from_str(&text).map_err(|e| source.toml_error(&e))?;
+    let base = config_path.parent().unwrap_or(Path::new(""));
+    match build_gateway(&mut source, file, base) {
+        Some(gateway) if source.errors.is_empty() => Ok(gateway.admin),
+        _ => Err(ConfigErrors(source.errors)),
+    }
 }
 
 /// `[cluster]` wins over `[state]`: with both, counts live in Redis and the file is unused.
@@ -338,6 +404,7 @@ fn build_routes(
     files: Vec<Spanned<RouteFile>>,
     base: &Path,
     key_headers: &[http::HeaderName],
+    max_connections: usize,
 ) -> Option<RouteTable> {
     let mut seen: HashMap<(Option<String>, String), ()> = HashMap::new();
     let mut routes = Vec::with_capacity(files.len());
@@ -345,7 +412,7 @@ fn build_routes(
     for spanned in files {
         let span = spanned.span();
         let file = spanned.into_inner();
-        match build_route(source, file, base, key_headers) {
+        match build_route(source, file, base, key_headers, max_connections) {
             Some(route) => {
                 if seen.insert((route.host.clone(), route.prefix.clone()), ()).is_some() {
                     source.push(
@@ -371,6 +438,7 @@ fn build_route(
     file: RouteFile,
     base: &Path,
     key_headers: &[http::HeaderName],
+    max_connections: usize,
 ) -> Option<Route> {
     let prefix = check(source, &file.prefix, |p| {
         if !p.starts_with('/') {
@@ -384,19 +452,46 @@ fn build_route(
             )),
         }
     });
-    let mut upstream = check(source, &file.upstream, |u| parse_upstream(u));
-    if let Some(ca_file) = &file.ca_file {
-        let client =
-            check(source, ca_file, |path| tls::client_config(Some(&base.join(path))).map(upstream_client));
-        match (&mut upstream, client) {
-            (Some(up), Some(client)) if up.scheme == Scheme::HTTPS => up.client = Some(client),
-            (Some(_), Some(_)) => {
+    let upstream = check(source, &file.upstream, |u| parse_upstream(u));
+    let protocol = match &file.protocol {
+        Some(p) => check(source, p, |p| match p.as_str() {
+            "http1" => Ok(Protocol::Http1),
+            "h2" => Ok(Protocol::H2),
+            other => Err(format!("protocol {other:?} must be \"http1\" or \"h2\"")),
+        }),
+        None => Some(Protocol::Http1),
+    };
+    let private_ca = match &file.ca_file {
+        Some(ca_file) => match check(source, ca_file, |path| tls::client_config(Some(&base.join(path)))) {
+            Some(_) if upstream.as_ref().is_some_and(|u| u.scheme != Scheme::HTTPS) => {
                 source.push(ca_file.span(), "ca_file is for https:// upstreams");
-                upstream = None;
+                None
             }
-            _ => upstream = None,
+            Some(config) => Some(Some(config)),
+            None => None,
+        },
+        None => Some(None),
+    };
+    let upstream = match (upstream, protocol, private_ca) {
+        (Some(parsed), Some(protocol), Some(private_ca)) => {
+            // A limit of the route's own; the gateway swaps in the one it shares per host:port.
+            let limit = crate::proxy::limit::ConnectionLimit::new(max_connections, Default::default());
+            let spec = TransportSpec {
+                scheme: parsed.scheme.clone(),
+                authority: parsed.authority.clone(),
+                protocol,
+                private_ca,
+            };
+            Some(Upstream {
+                scheme: parsed.scheme,
+                authority: parsed.authority,
+                base_path: parsed.base_path,
+                host_header: parsed.host_header,
+                transport: Transport::new(spec, limit),
+            })
         }
-    }
+        _ => None,
+    };
     let host = match &file.host {
         Some(h) => check(source, h, |h| parse_host(h)).map(Some),
         None => Some(None),
@@ -465,7 +560,15 @@ fn build_cors(
     }
 }
 
-fn parse_upstream(text: &str) -> Result<Upstream, String> {
+/// An upstream URL taken apart, before its transport is chosen.
+struct ParsedUpstream {
+    scheme: Scheme,
+    authority: Authority,
+    base_path: String,
+    host_header: HeaderValue,
+}
+
+fn parse_upstream(text: &str) -> Result<ParsedUpstream, String> {
     let bad = |why: &str| format!("upstream {text:?} {why}; expected http(s)://host[:port][/path]");
     let uri: Uri = text.parse().map_err(|_| bad("is not a URL"))?;
     let scheme = match uri.scheme_str() {
@@ -482,8 +585,7 @@ fn parse_upstream(text: &str) -> Result<Upstream, String> {
     }
     let base_path = uri.path().trim_end_matches('/').to_string();
     let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| bad("has an invalid host"))?;
-    let pool = crate::proxy::pool::Http1Pool::new(authority.clone());
-    Ok(Upstream { scheme, authority, base_path, host_header, client: None, pool })
+    Ok(ParsedUpstream { scheme, authority, base_path, host_header })
 }
 
 fn parse_host(text: &str) -> Result<String, String> {
@@ -931,6 +1033,11 @@ GET = "read"
         let rule = route.scopes.as_ref().unwrap();
         assert_eq!(rule.required(&Method::DELETE).unwrap().len(), 2);
         assert_eq!(snapshot.server.request_timeout, Duration::from_secs(30));
+        assert_eq!(snapshot.server.upstream_max_connections, 512);
+        assert_eq!(route.upstream.transport.spec().protocol, crate::proxy::transport::Protocol::Http1);
+        let h2 = load_pair(&GATEWAY.replace("upstream = ", "protocol = \"h2\"\nupstream = "), "").unwrap();
+        let route = h2.routes.find(None, "/x").unwrap();
+        assert_eq!(route.upstream.transport.spec().protocol, crate::proxy::transport::Protocol::H2);
     }
 
     #[test]
@@ -973,6 +1080,19 @@ GET = "read"
             (GATEWAY.to_string(), key("a", "k") + "rate_limit = \"5/d\"\n", "rate_limit"),
             (GATEWAY.to_string(), key("a", "k") + &key("b", "k"), "duplicate hash"),
             (GATEWAY.replace("\"/\"", "\"/a/../\""), String::new(), "normalised"),
+            (
+                GATEWAY.replace("upstream = ", "protocol = \"h3\"\nupstream = "),
+                String::new(),
+                "protocol \"h3\" must be",
+            ),
+            (
+                GATEWAY.replace(
+                    "listen = \"127.0.0.1:0\"",
+                    "listen = \"127.0.0.1:0\"\nupstream_max_connections = 0",
+                ),
+                String::new(),
+                "must be between 1 and 100000",
+            ),
         ];
         for (gateway, keys, want) in cases {
             let errors = load_pair(&gateway, &keys).unwrap_err().to_string();

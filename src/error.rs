@@ -42,6 +42,8 @@ pub enum GatewayError {
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
+    #[error("every connection to the upstream is busy")]
+    UpstreamBusy,
     #[error("the gateway failed to handle the request")]
     Internal,
 }
@@ -60,6 +62,7 @@ impl GatewayError {
             Self::UnsupportedTransferEncoding => StatusCode::NOT_IMPLEMENTED,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -82,6 +85,7 @@ impl GatewayError {
             Self::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamBusy => "upstream_busy",
             Self::Internal => "internal_error",
         }
     }
@@ -108,6 +112,7 @@ impl GatewayError {
             Self::UpstreamUnavailable => 12,
             Self::UpstreamTimeout => 13,
             Self::Internal => 14,
+            Self::UpstreamBusy => 15,
         };
         RENDERED[slot].get_or_init(|| self.render_body()).clone()
     }
@@ -117,7 +122,47 @@ impl GatewayError {
         Bytes::from(body.to_string())
     }
 
-    /// Renders the error as keygate's JSON error response. The only place that does.
+    /// The gRPC status a gRPC client gets for this error (SPEC §2.5), derived from the HTTP
+    /// status so that every variant has one.
+    pub fn grpc_status(&self) -> u8 {
+        match self.status().as_u16() {
+            400 => 3,              // INVALID_ARGUMENT
+            401 => 16,             // UNAUTHENTICATED
+            403 => 7,              // PERMISSION_DENIED
+            404 | 405 | 501 => 12, // UNIMPLEMENTED
+            429 | 431 => 8,        // RESOURCE_EXHAUSTED
+            502 | 503 => 14,       // UNAVAILABLE
+            504 => 4,              // DEADLINE_EXCEEDED
+            500 => 13,             // INTERNAL
+            _ => 2,                // UNKNOWN
+        }
+    }
+
+    /// Renders the error for the client that sent the request: a gRPC client
+    /// (`content-type: application/grpc…`) gets a trailers-only gRPC answer, any other the JSON
+    /// one. The only place errors become responses.
+    pub fn render(&self, grpc: bool) -> Response<Full<Bytes>> {
+        if grpc { self.to_grpc_response() } else { self.to_response() }
+    }
+
+    /// HTTP 200 with `grpc-status` and `grpc-message` (the error code) in the headers and no
+    /// body: gRPC's trailers-only response, which every gRPC client reads as the call's status.
+    /// A JSON 401 would reach the caller as `UNKNOWN`.
+    fn to_grpc_response(&self) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(Bytes::new()));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from(u16::from(self.grpc_status())));
+        headers.insert("grpc-message", HeaderValue::from_static(self.code()));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Self::RateLimited { retry_after_secs, quota } = self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            set_quota_headers(headers, quota);
+        }
+        response
+    }
+
+    /// Renders the error as keygate's JSON error response.
     pub fn to_response(&self) -> Response<Full<Bytes>> {
         let mut response = Response::new(Full::new(self.body()));
         *response.status_mut() = self.status();
@@ -166,6 +211,86 @@ pub fn set_quota_headers(headers: &mut http::HeaderMap, quota: &crate::ratelimit
     headers.insert("ratelimit-reset", HeaderValue::from(quota.reset_secs));
 }
 
+/// Why the admin listener (`/keys`, `/console`, health and metrics) answered with an error.
+/// Messages never echo a key; the ones an unauthenticated caller can get are fixed sentences.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    #[error("the admin listener does not answer for this Host; add it to [admin] hosts")]
+    MisdirectedRequest,
+    #[error("this path needs an admin token: Authorization: Bearer <token> (see `keygate admin token`)")]
+    AdminTokenRequired,
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("the request body is larger than {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("no key matches this selector (by id, name or tail)")]
+    KeyNotFound,
+    #[error("{0}")]
+    AmbiguousSelector(String),
+    #[error("the key store cannot be used right now: {0}")]
+    StoreUnavailable(String),
+    #[error("no such admin endpoint")]
+    NotFound,
+    #[error("this admin endpoint does not answer this method (it answers {0})")]
+    MethodNotAllowed(&'static str),
+    #[error("the admin listener failed to handle the request")]
+    Internal,
+}
+
+impl AdminError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MisdirectedRequest => StatusCode::MISDIRECTED_REQUEST,
+            Self::AdminTokenRequired => StatusCode::UNAUTHORIZED,
+            Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::KeyNotFound | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::AmbiguousSelector(_) => StatusCode::CONFLICT,
+            Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MisdirectedRequest => "misdirected_request",
+            Self::AdminTokenRequired => "admin_token_required",
+            // SPEC §10 names invalid_request for every refused body; the status says why.
+            Self::InvalidRequest(_) | Self::BodyTooLarge(_) => "invalid_request",
+            Self::KeyNotFound => "key_not_found",
+            Self::AmbiguousSelector(_) => "ambiguous_selector",
+            Self::StoreUnavailable(_) => "store_unavailable",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::Internal => "internal_error",
+        }
+    }
+
+    /// Renders the error as the admin listener's JSON error response. The only place that does.
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match self {
+            Self::AdminTokenRequired => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"keygate-admin\""),
+                );
+            }
+            Self::MethodNotAllowed(allow) => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +316,7 @@ mod tests {
             (GatewayError::UnsupportedTransferEncoding, 501, "unsupported_transfer_encoding"),
             (GatewayError::UpstreamUnavailable, 502, "upstream_unavailable"),
             (GatewayError::UpstreamTimeout, 504, "upstream_timeout"),
+            (GatewayError::UpstreamBusy, 503, "upstream_busy"),
             (GatewayError::Internal, 500, "internal_error"),
         ];
         for (error, status, code) in table {
@@ -214,6 +340,54 @@ mod tests {
             assert_eq!(error.body(), error.render_body(), "second use of the shared body");
         }
         assert_ne!(GatewayError::BadRequest("a").body(), GatewayError::BadRequest("b").body());
+    }
+
+    #[test]
+    fn every_admin_variant_has_its_status_and_code() {
+        let table = [
+            (AdminError::MisdirectedRequest, 421, "misdirected_request"),
+            (AdminError::AdminTokenRequired, 401, "admin_token_required"),
+            (AdminError::InvalidRequest("x".into()), 400, "invalid_request"),
+            (AdminError::BodyTooLarge(10), 413, "invalid_request"),
+            (AdminError::KeyNotFound, 404, "key_not_found"),
+            (AdminError::AmbiguousSelector("x".into()), 409, "ambiguous_selector"),
+            (AdminError::StoreUnavailable("x".into()), 503, "store_unavailable"),
+            (AdminError::NotFound, 404, "not_found"),
+            (AdminError::MethodNotAllowed("GET"), 405, "method_not_allowed"),
+            (AdminError::Internal, 500, "internal_error"),
+        ];
+        for (error, status, code) in table {
+            let response = error.to_response();
+            assert_eq!(response.status().as_u16(), status, "{error:?}");
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            assert_eq!(response.headers().contains_key(header::WWW_AUTHENTICATE), status == 401, "{error:?}");
+            let json: serde_json::Value = serde_json::from_slice(&futures_body(response)).unwrap();
+            assert_eq!(json["error"], code);
+            assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+
+    #[test]
+    fn grpc_clients_get_trailers_only_answers() {
+        let table = [
+            (GatewayError::MissingApiKey, 16),
+            (GatewayError::InvalidApiKey, 16),
+            (GatewayError::InsufficientScope, 7),
+            (GatewayError::RateLimited { retry_after_secs: 3, quota: QUOTA }, 8),
+            (GatewayError::NoRoute, 12),
+            (GatewayError::BadRequest("x"), 3),
+            (GatewayError::UpstreamUnavailable, 14),
+            (GatewayError::UpstreamBusy, 14),
+            (GatewayError::UpstreamTimeout, 4),
+        ];
+        for (error, grpc_status) in table {
+            let response = error.render(true);
+            assert_eq!(response.status(), StatusCode::OK, "{error:?}");
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/grpc");
+            assert_eq!(response.headers()["grpc-status"], grpc_status.to_string().as_str(), "{error:?}");
+            assert_eq!(response.headers()["grpc-message"], error.code());
+            assert!(futures_body(response).is_empty());
+        }
     }
 
     #[test]

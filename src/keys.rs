@@ -101,6 +101,11 @@ const CHECKSUM_LEN: usize = 6;
 pub const KEY_BODY_LEN: usize = ID_LEN + 1 + SECRET_LEN + CHECKSUM_LEN;
 
 /// Draws `len` characters of `alphabet` from the OS CSPRNG, without modulo bias.
+/// `len` characters of base62, each drawn from OS randomness without bias.
+pub fn random_base62(len: usize) -> Result<String, getrandom::Error> {
+    random_chars(BASE62, len)
+}
+
 fn random_chars(alphabet: &[u8], len: usize) -> Result<String, getrandom::Error> {
     // Bytes at or above the largest multiple of the alphabet size are redrawn.
     let limit = (256 / alphabet.len() * alphabet.len()) as u16;

@@ -11,7 +11,9 @@
 //! - [`error`]: every rejection keygate answers itself, and the one place it becomes HTTP.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 connections, graceful drain.
 //! - [`metrics`]: Prometheus counters and histograms, rendered for the admin listener.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/status` on their own listener.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/status` on their own listener; with admin
+//!   tokens, the key API (`/keys`) and the web console (`/console`).
+//! - [`audit`]: one JSON line per key change, never the key.
 //! - [`tls`]: the listener's certificate and the trust for `https://` upstreams.
 //! - [`telemetry`]: tracing subscriber set-up and the access log event.
 //! - [`demo`]: an echo upstream and a gateway with a fresh key, for a first run.
@@ -20,6 +22,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod admin;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod counters;

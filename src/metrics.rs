@@ -57,6 +57,11 @@ struct RouteLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
 }
@@ -114,6 +119,7 @@ pub struct Metrics {
     request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     upstream_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     rejections: Family<ReasonLabels, Counter>,
+    upstream_connections: Family<UpstreamLabels, Gauge>,
     /// Each reason's counter of `rejections`, taken on its first use (so a reason never seen
     /// is not exposed at zero): a flood of rejections hashes no labels.
     rejection_handles: [std::sync::OnceLock<Counter>; AUTH_REJECTIONS.len()],
@@ -144,12 +150,19 @@ impl Default for Metrics {
             "Requests refused by authentication or authorization, by reason",
             rejections.clone(),
         );
+        let upstream_connections = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "keygate_upstream_connections",
+            "Open connections to each upstream host:port",
+            upstream_connections.clone(),
+        );
         Self {
             registry,
             requests,
             request_duration,
             upstream_duration,
             rejections,
+            upstream_connections,
             rejection_handles: Default::default(),
         }
     }
@@ -188,6 +201,12 @@ impl Metrics {
             upstream: self.upstream_duration.get_or_create(&labels).clone(),
             statuses: std::sync::RwLock::default(),
         })
+    }
+
+    /// The open-connections gauge of one upstream (`host:port`), shared by every snapshot
+    /// that names it.
+    pub fn upstream_connections(&self, upstream: &str) -> Gauge {
+        self.upstream_connections.get_or_create(&UpstreamLabels { upstream: upstream.to_string() }).clone()
     }
 
     pub fn observe(&self, o: &Observation<'_>, per_key: bool) {

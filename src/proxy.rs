@@ -5,11 +5,14 @@ pub mod auth;
 pub mod client;
 pub mod cors;
 pub mod forward;
+pub mod h2pool;
 pub mod host;
+pub mod limit;
 pub mod path;
 pub mod pool;
 pub mod redact;
 pub mod route;
+pub mod transport;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,10 +21,12 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{CONNECTION, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    CONNECTION, CONTENT_TYPE, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, TE, TRANSFER_ENCODING, UPGRADE,
+};
 use http::request::Parts;
 use http::uri::Authority;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::upgrade::OnUpgrade;
 
@@ -31,20 +36,21 @@ use crate::error::GatewayError;
 use crate::metrics::{LabelText, Metrics, Observation};
 use crate::reload::ReloadStatus;
 use crate::telemetry::AccessLog;
-use forward::{ClientInfo, RequestBody, UpstreamClient, X_REQUEST_ID};
+use forward::{ClientInfo, RequestBody, X_REQUEST_ID};
 use host::RequestHost;
-use pool::{Http1Pool, UpstreamBody};
+use limit::{ConnectionLimit, Overdue};
 use route::Route;
+use transport::{Protocol, ResponseBody, Transport};
 
 /// Upstream bodies stream through untouched; keygate's own answers are small and whole.
-pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
+pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
 
 /// The running gateway: the current snapshot, swapped whole on reload, and the upstream pool.
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
-    client: UpstreamClient,
-    /// Every upstream's connection pool so far, handed on from snapshot to snapshot.
-    pools: std::sync::Mutex<HashMap<Authority, Http1Pool>>,
+    /// Every upstream's transport and connection limit so far, handed on from snapshot to
+    /// snapshot.
+    transports: std::sync::Mutex<Transports>,
     request_ids: RequestIds,
     /// Rate limits, quotas and usage: the store chosen at start, kept across reloads.
     counters: Arc<dyn Counters>,
@@ -64,14 +70,13 @@ impl Gateway {
 
     /// A gateway with the counters store opened from the config ([`crate::counters::open`]).
     pub fn with_counters(mut snapshot: Snapshot, counters: Arc<dyn Counters>) -> Self {
-        let mut pools = HashMap::new();
-        adopt_pools(&mut pools, &mut snapshot);
+        let mut transports = Transports::default();
         let metrics = Metrics::default();
+        adopt_transports(&mut transports, &metrics, &mut snapshot);
         adopt_metrics(&metrics, &mut snapshot);
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
-            client: forward::upstream_client(default_trust()),
-            pools: std::sync::Mutex::new(pools),
+            transports: std::sync::Mutex::new(transports),
             request_ids: RequestIds::new(),
             counters,
             reload_status: ReloadStatus::new(),
@@ -109,9 +114,9 @@ impl Gateway {
 
     /// Replaces the snapshot atomically; requests already running finish on the old one.
     pub fn replace(&self, mut snapshot: Snapshot) {
-        let mut pools = self.pools.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        adopt_pools(&mut pools, &mut snapshot);
-        drop(pools);
+        let mut transports = self.transports.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        adopt_transports(&mut transports, &self.metrics, &mut snapshot);
+        drop(transports);
         adopt_metrics(&self.metrics, &mut snapshot);
         self.snapshot.store(Arc::new(snapshot));
     }
@@ -123,12 +128,13 @@ impl Gateway {
         let mut log = AccessLog::new(request.method(), &request_id);
         let mut matched = None;
         let origin = request.headers().get(http::header::ORIGIN).cloned();
+        let grpc = is_grpc(request.headers());
         let forwarded = self.forward(&snapshot, client, request, &request_id, &mut log, &mut matched).await;
         let mut response = match forwarded {
             Ok(response) => response,
             Err(error) => {
                 log.reason = Some(error.code());
-                error.to_response().map(Either::Right)
+                error.render(grpc).map(Either::Right)
             }
         };
         // On a route with `[routes.cors]`, every answer to an allowed origin says so, keygate's
@@ -234,9 +240,14 @@ impl Gateway {
         // header naming ours, a spoofed `x-keygate-*`) can remove or shadow what keygate adds.
         let query = auth::strip_credentials(&snapshot.auth.sources, &mut parts.headers, parts.uri.query());
         let query = redact::remove_stray_keys(&snapshot.auth.key_prefix, &mut parts.headers, query);
-        // Only a WebSocket upgrade is relayed; any other (`h2c` above all) is dropped with the
-        // other hop-by-hop headers and the request goes on as a plain one.
-        let websocket = forward::websocket_upgrade(&parts);
+        let upstream = &route.upstream;
+        // Only a WebSocket upgrade to an HTTP/1.1 upstream is relayed; any other (`h2c` above
+        // all) is dropped with the other hop-by-hop headers and the request goes on as a plain one.
+        let websocket = forward::websocket_upgrade(&parts).filter(|_| upstream.transport.relays_upgrades());
+        // `TE` is hop-by-hop, but over HTTP/2 `te: trailers` is the one value allowed
+        // (RFC 9113 §8.2.2) and gRPC servers require it; an HTTP/1.1 upstream never gets it.
+        let trailers =
+            upstream.transport.spec().protocol == Protocol::H2 && forward::accepts_trailers(&parts.headers);
         let websocket_key = websocket.as_ref().and_then(|_| {
             let mut keys = parts.headers.get_all(SEC_WEBSOCKET_KEY).iter();
             match (keys.next(), keys.next()) {
@@ -255,9 +266,11 @@ impl Gateway {
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(UPGRADE, protocol.clone());
         }
+        if trailers {
+            parts.headers.insert(TE, HeaderValue::from_static("trailers"));
+        }
         let host = host.map(|h| h.value);
         forward::set_forwarding(&mut parts.headers, &client, &address, host.as_ref());
-        let upstream = &route.upstream;
         let upstream_host = match (&host, route.preserve_host) {
             (Some(host), true) => host.clone(),
             _ => upstream.host_header.clone(),
@@ -276,44 +289,32 @@ impl Gateway {
             target.push('?');
             target.push_str(q);
         }
-        // A plain-http upstream without a private CA, for anything but a WebSocket, goes
-        // through the in-task pool (origin-form target); the rest through hyper-util's client
-        // (absolute URI: it picks the connection from it).
-        let in_task =
-            websocket.is_none() && upstream.client.is_none() && upstream.scheme == http::uri::Scheme::HTTP;
-        let mut uri = Uri::builder();
-        if !in_task {
-            uri = uri.scheme(upstream.scheme.clone()).authority(upstream.authority.clone());
-        }
-        parts.uri = uri
+        // Origin-form; the transport turns it into what its connections need.
+        parts.uri = Uri::builder()
             .path_and_query(target)
             .build()
             .map_err(|_| GatewayError::BadRequest("the request target cannot be forwarded"))?;
-        parts.version = Version::HTTP_11;
 
+        // Send: the one place for every transport. The wait for a connection slot and the wait
+        // for the response head share `request_timeout`; which one ran out decides 503 or 504.
         let upstream_started = Instant::now();
         let body_failed = body.failure();
         let request = Request::from_parts(parts, body);
-        let result = if in_task {
-            let sent = Box::pin(upstream.pool.send(request));
-            tokio::time::timeout(snapshot.server.request_timeout, sent)
-                .await
-                .map(|sent| sent.map_err(|e| e.to_string()))
-        } else {
-            let client = upstream.client.as_ref().unwrap_or(&self.client);
-            let sent = client.request(request);
-            tokio::time::timeout(snapshot.server.request_timeout, sent).await.map(|sent| {
-                sent.map(|response| response.map(UpstreamBody::from)).map_err(|e| format!("{e:?}"))
-            })
-        };
+        let sent = upstream.transport.send(request, websocket.is_some());
+        let result = limit::bounded(snapshot.server.request_timeout, sent).await;
         log.upstream_duration = Some(upstream_started.elapsed());
-        let mut response = result.map_err(|_| GatewayError::UpstreamTimeout)?.map_err(|error| {
-            if body_failed.load(std::sync::atomic::Ordering::Relaxed) {
-                return GatewayError::BadRequest("the request body is malformed or was cut short");
-            }
-            tracing::debug!(route = %route.label, %error, "upstream request failed");
-            GatewayError::UpstreamUnavailable
-        })?;
+        let mut response = result
+            .map_err(|overdue| match overdue {
+                Overdue::Busy => GatewayError::UpstreamBusy,
+                Overdue::Timeout => GatewayError::UpstreamTimeout,
+            })?
+            .map_err(|error| {
+                if body_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return GatewayError::BadRequest("the request body is malformed or was cut short");
+                }
+                tracing::debug!(route = %route.label, %error, "upstream request failed");
+                GatewayError::UpstreamUnavailable
+            })?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let (Some(client_side), Some(protocol), Some(key)) = (client_upgrade, websocket, websocket_key)
             else {
@@ -356,14 +357,60 @@ impl Gateway {
     }
 }
 
-/// Gives each route of a new snapshot the pool its upstream already has, so connections stay
-/// warm across reloads; pools of upstreams no longer named simply go idle and empty.
-fn adopt_pools(pools: &mut HashMap<Authority, Http1Pool>, snapshot: &mut Snapshot) {
+/// What outlives snapshots: one connection limit per upstream host:port, and the transports
+/// (with their pooled connections) of upstreams that use the system's trust.
+#[derive(Default)]
+struct Transports {
+    limits: HashMap<Authority, Arc<ConnectionLimit>>,
+    shared: HashMap<(Authority, http::uri::Scheme, Protocol), Transport>,
+}
+
+/// Gives each route of a new snapshot the transport its upstream already has, so connections
+/// stay warm across reloads, and every transport to one host:port the same connection limit.
+/// Transports of upstreams no longer named simply go idle and empty. A route with a private
+/// CA gets a fresh transport, so a changed CA file takes effect.
+fn adopt_transports(transports: &mut Transports, metrics: &Metrics, snapshot: &mut Snapshot) {
+    let max = snapshot.server.upstream_max_connections;
     for route in snapshot.routes.iter_mut() {
         let upstream = &mut route.upstream;
-        let pool = pools.entry(upstream.authority.clone()).or_insert_with(|| upstream.pool.clone());
-        upstream.pool = pool.clone();
+        let spec = upstream.transport.spec().clone();
+        let limit = transports
+            .limits
+            .entry(spec.authority.clone())
+            .and_modify(|limit| {
+                if limit.max() != max {
+                    // Connections under the old limit count on until they close.
+                    *limit = ConnectionLimit::new(max, metrics.upstream_connections(spec.authority.as_str()));
+                }
+            })
+            .or_insert_with(|| {
+                ConnectionLimit::new(max, metrics.upstream_connections(spec.authority.as_str()))
+            })
+            .clone();
+        if spec.private_ca.is_some() {
+            upstream.transport = Transport::new(spec, limit);
+            continue;
+        }
+        let key = (spec.authority.clone(), spec.scheme.clone(), spec.protocol);
+        let transport = transports
+            .shared
+            .entry(key)
+            .and_modify(|transport| {
+                if !Arc::ptr_eq(transport.limit(), &limit) {
+                    *transport = Transport::new(spec.clone(), Arc::clone(&limit));
+                }
+            })
+            .or_insert_with(|| Transport::new(spec, limit));
+        upstream.transport = transport.clone();
     }
+}
+
+/// A gRPC request, which gets keygate's own answers in gRPC's form.
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|value| {
+        let value = value.as_bytes();
+        value.len() >= 16 && value[..16].eq_ignore_ascii_case(b"application/grpc")
+    })
 }
 
 /// Gives each route of a new snapshot its metric handles.
@@ -371,19 +418,6 @@ fn adopt_metrics(metrics: &Metrics, snapshot: &mut Snapshot) {
     for route in snapshot.routes.iter_mut() {
         route.metrics = Some(metrics.route(&route.label));
     }
-}
-
-/// The system's roots for `https://` upstreams; without them such upstreams answer 502.
-fn default_trust() -> Arc<rustls::ClientConfig> {
-    crate::tls::client_config(None).unwrap_or_else(|error| {
-        tracing::warn!(%error, "no TLS trust for https upstreams");
-        // With only the ring provider compiled in, rustls picks it without a process default.
-        Arc::new(
-            rustls::ClientConfig::builder()
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth(),
-        )
-    })
 }
 
 /// Refuses a request head larger than `max_header_bytes` with a JSON 431. (hyper itself cuts

@@ -109,3 +109,21 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String
         .with_no_client_auth();
     Ok(Arc::new(config))
 }
+
+/// The system's roots, loaded once per process: every `https://` upstream without a `ca_file`
+/// shares them. Without any, such upstreams answer 502.
+pub fn system_trust() -> Arc<ClientConfig> {
+    static SYSTEM: std::sync::OnceLock<Arc<ClientConfig>> = std::sync::OnceLock::new();
+    Arc::clone(SYSTEM.get_or_init(|| {
+        client_config(None).unwrap_or_else(|error| {
+            tracing::warn!(%error, "no TLS trust for https upstreams");
+            no_trust()
+        })
+    }))
+}
+
+/// A client configuration that trusts nothing, for clients that never speak TLS.
+pub fn no_trust() -> Arc<ClientConfig> {
+    // With only the ring provider compiled in, rustls picks it without a process default.
+    Arc::new(ClientConfig::builder().with_root_certificates(RootCertStore::empty()).with_no_client_auth())
+}

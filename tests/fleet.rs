@@ -7,6 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use support::poll::{Attempts, DEADLINE};
 use support::redis::RedisServer;
 use support::served::Served;
 use support::{GatewayConfig, Key, RecordingUpstream, Route, assert_error, keygate_command};
@@ -70,17 +71,21 @@ async fn replicas_share_one_limit(n: u64) {
     let upstream = RecordingUpstream::start().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let key = Key::generated("limited", &[]);
+    let free = Key::generated("free", &[]);
     // 10 an hour: no token drips back while the test runs.
-    let config = write_config(
-        dir.path(),
-        &upstream,
-        &cluster_section(&redis, "500ms"),
-        &[key_with(&key, &[("rate_limit", "10/h")])],
-    );
+    let keys = [key_with(&key, &[("rate_limit", "10/h")]), free.to_toml()];
+    let config = write_config(dir.path(), &upstream, &cluster_section(&redis, "500ms"), &keys);
     let replicas = fleet(&config, n).await;
     let (forwarded, refused) = spread(&replicas, &key.secret, 30, "rate_limited").await;
     assert_eq!((forwarded, refused), (10, 20), "the limit holds across {n} replicas together");
     assert_eq!(upstream.count(), 10, "the upstream saw exactly the limit");
+    // A key with neither limit nor quota never reaches Redis on the request path: no bucket,
+    // no count (its usage goes out later, in a batch, under test:usage:).
+    assert_eq!(spread(&replicas, &free.secret, 10, "rate_limited").await, (10, 0));
+    let limited_keys = redis.command(&["KEYS", &format!("test:{{k:{}}}*", key.id)]).await;
+    assert!(limited_keys.as_deref().is_some_and(|r| r.starts_with("*1\r\n")), "{limited_keys:?}");
+    let free_keys = redis.command(&["KEYS", &format!("test:{{k:{}}}*", free.id)]).await;
+    assert_eq!(free_keys.as_deref(), Some("*0\r\n"), "the unlimited key touched Redis");
 }
 
 #[tokio::test]
@@ -191,16 +196,13 @@ async fn quota_survives_a_restart(extra: &str) {
     assert_error(&fourth, 429, "quota_exceeded");
     assert_eq!(upstream.count(), 3, "the quota held across the restart");
     // Usage reaches the store within a flush, and `keys list` reads it while the gateway runs.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let listed = keys_list(&config, false).await;
-        if listed.contains("3/3") {
-            assert!(listed.contains("LAST USED") && listed.contains("USED"), "{listed}");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "keys list never showed 3/3 used:\n{listed}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut poll = Attempts::within(DEADLINE * 2);
+    let mut listed = String::new();
+    while poll.again().await && !listed.contains("3/3") {
+        listed = keys_list(&config, false).await;
     }
+    assert!(listed.contains("3/3"), "keys list never showed 3/3 used ({}):\n{listed}", poll.report());
+    assert!(listed.contains("LAST USED") && listed.contains("USED"), "{listed}");
     let json: serde_json::Value =
         serde_json::from_str(&keys_list(&config, true).await).expect("keys list --json");
     assert_eq!(json[0]["used"], 3, "{json:#}");
@@ -245,7 +247,7 @@ async fn redis_trouble_refuses_nothing(gone: bool) {
         key_with(&billed, &[("quota", "5/day")]),
     ];
     let config = write_config(dir.path(), &upstream, &cluster_section(&redis, "100ms"), &keys);
-    let replicas = fleet(&config, 2).await;
+    let mut replicas = fleet(&config, 2).await;
     // One billed request while Redis counts: a gone Redis forgets it, a slow one does not.
     assert_eq!(spread(&replicas, &billed.secret, 1, "quota_exceeded").await, (1, 0));
 
@@ -267,8 +269,9 @@ async fn redis_trouble_refuses_nothing(gone: bool) {
     assert_eq!(forwarded, 4, "fallback buckets hold rate / replicas in all");
     // Quota counted locally meanwhile: 2 requests.
     assert_eq!(spread(&replicas, &billed.secret, 2, "quota_exceeded").await, (2, 0));
-    for replica in &replicas {
-        assert_eq!(replica.lines_with("Redis failed").len(), 1, "one warning per outage\n{}", replica.log());
+    for replica in &mut replicas {
+        let warnings = replica.count("Redis failed");
+        assert_eq!(warnings, 1, "one warning per outage\n{}", replica.log());
     }
 
     if gone {
@@ -370,4 +373,64 @@ async fn keys_create_and_rotate_keep_quota_and_consumer() {
     }
     let bad = run(&["keys", "create", "--name", "x", "--quota", "5/week"]).await.expect("ran");
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("N/day or N/month"));
+}
+
+#[tokio::test]
+async fn a_state_file_is_written_while_running_and_survives_a_crash() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = Key::generated("billed", &[]);
+    let config = write_config(
+        dir.path(),
+        &upstream,
+        "[state]\npath = \"keygate.state\"\n",
+        &[key_with(&key, &[("quota", "3/day")])],
+    );
+    let first = Served::start(&config).await;
+    for _ in 0..2 {
+        assert_eq!(first.get("/a", &key.secret).send().await.status, 200);
+    }
+    // The periodic write (every 2 s), not the one at shutdown: seen while the gateway runs.
+    let mut poll = Attempts::within(DEADLINE * 2);
+    let mut listed = String::new();
+    while poll.again().await && !listed.contains("2/3") {
+        listed = keys_list(&config, false).await;
+    }
+    assert!(listed.contains("2/3"), "the state file never showed 2/3 ({}):\n{listed}", poll.report());
+    first.kill().await; // no shutdown write
+    let second = Served::start(&config).await;
+    assert_eq!(second.get("/a", &key.secret).send().await.status, 200);
+    assert_error(&second.get("/a", &key.secret).send().await, 429, "quota_exceeded");
+    assert_eq!(upstream.count(), 3);
+}
+
+#[tokio::test]
+async fn a_replica_started_before_redis_serves_and_joins_when_it_appears() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = Key::generated("limited", &[]);
+    let port = support::redis::free_port();
+    let cluster = format!(
+        "[cluster]\nredis = \"redis://127.0.0.1:{port}/0\"\nnamespace = \"test\"\ntimeout = \"100ms\"\n"
+    );
+    let config = write_config(dir.path(), &upstream, &cluster, &[key_with(&key, &[("rate_limit", "3/h")])]);
+    let mut replica = Served::start(&config).await;
+    let status = replica.status().await;
+    assert_eq!(status["cluster"]["connected"], false, "{status:#}");
+    let warnings = replica.count("Redis is not reachable");
+    assert_eq!(warnings, 1, "{}", replica.log());
+    // Served from the start, limited locally (one replica known: the whole rate).
+    let (forwarded, refused) = spread(std::slice::from_ref(&replica), &key.secret, 5, "rate_limited").await;
+    assert_eq!((forwarded, refused), (3, 2));
+    let redis = RedisServer::start_at(port).await;
+    replica
+        .wait_status("connected", |s| {
+            s["cluster"]["connected"] == true && s["cluster"]["last_error"].is_null()
+        })
+        .await;
+    // Shared counting from now on: a fresh bucket in Redis.
+    let (forwarded, _) = spread(std::slice::from_ref(&replica), &key.secret, 5, "rate_limited").await;
+    assert_eq!(forwarded, 3, "the bucket now lives in Redis");
+    let bucket = redis.command(&["EXISTS", &format!("test:{{k:{}}}:bucket", key.id)]).await;
+    assert_eq!(bucket.as_deref(), Some(":1\r\n"));
 }

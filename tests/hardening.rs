@@ -645,6 +645,29 @@ async fn stray_key_class_a_keygate_key_never_reaches_the_upstream_wherever_it_tr
     }
     assert_all("stray-key carriers", carriers.len() * 2, &failures);
 
+    // HTTP/2: the same carriers through a real HTTP/2 client.
+    let mut failures = Vec::new();
+    for (lines, query) in &carriers {
+        let mut call = gateway.get(&format!("/api/x{query}")).http2().header("x-api-key", &owner.secret);
+        for line in lines {
+            let (name, value) = line.split_once(':').unwrap_or((line, ""));
+            call = call.header(&name.trim().to_ascii_lowercase(), value.trim());
+        }
+        let got = call.send().await;
+        let Some(upstream_saw) = upstream.received(&got) else {
+            failures.push(format!("{lines:?} {query}: not forwarded\n{got}"));
+            continue;
+        };
+        let everything = format!("{} {:?}", upstream_saw.uri, upstream_saw.headers);
+        if everything.contains(secret_part) || everything.contains(&basic) || everything.contains(&user_basic)
+        {
+            failures.push(format!(
+                "{lines:?} {query}: the key reached the upstream over HTTP/2: {upstream_saw:?}"
+            ));
+        }
+    }
+    assert_all("stray-key carriers over HTTP/2", carriers.len(), &failures);
+
     // Free of false positives: the same shape with a broken checksum is someone else's data.
     let mut forged = other.clone();
     let last = forged.pop().unwrap_or('0');

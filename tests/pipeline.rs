@@ -983,8 +983,9 @@ async fn slow_upstream_is_504_upstream_timeout() {
         .route(Route::new("/", &upstream.url()).public())
         .start()
         .await;
-    // The upstream would answer 200 after 5 s; only the 300 ms timeout can make this a 504.
-    let exchange = gateway.get("/slow").header("x-test-sleep-ms", "5000").send().await;
+    // The upstream would answer 200 after 20 s, twice the client's own timeout: only the 300 ms
+    // request_timeout can make this a 504, and a gateway that waited fails the send instead.
+    let exchange = gateway.get("/slow").header("x-test-sleep-ms", "20000").send().await;
     assert_error(&exchange, 504, "upstream_timeout");
     upstream.expect_received(&exchange);
 

@@ -6,12 +6,12 @@ use std::path::Path;
 
 use clap::Subcommand;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
+use crate::audit::AuditLog;
 use crate::config;
-use crate::keys::lifecycle::{self, Grant, KeyView};
-use crate::keys::store::{self, KeyStore};
-use crate::keys::{self, RateLimit};
+use crate::keys;
+use crate::keys::lifecycle::{self, Grant, GrantRequest, KeyView};
+use crate::keys::store::{self, KeyChange, Rotation, Secret};
 use crate::quota::{Period, QuotaLimit};
 
 #[derive(Debug, Subcommand)]
@@ -68,20 +68,29 @@ type Outcome = Result<(), String>;
 
 pub fn run(config_path: &Path, command: KeysCommand) -> Outcome {
     let now = OffsetDateTime::now_utc();
+    if let KeysCommand::Hash = command {
+        println!("{}", keys::hash_key(&read_stdin_key()?));
+        return Ok(());
+    }
+    let store = store::of_config(config_path).map_err(|e| e.to_string())?;
+    let audit = AuditLog::of_config(config_path);
+    // Every change is audited as made by "cli"; the API names its admin token instead.
+    let record = |change: &KeyChange| audit.record("cli", change);
     match command {
         KeysCommand::Create(args) => {
-            let grant = grant(args, now)?;
-            let (id, key) = edit(config_path, |doc, prefix| {
-                let (id, key) = unused_key(doc, prefix)?;
-                lifecycle::append(doc, &id, &keys::hash_key(&key), keys::tail(&key), &grant, now)
-                    .map_err(|e| e.to_string())?;
-                Ok((id, key))
-            })?;
-            eprintln!("created key {id} ({}) {}; it is shown only this once", grant.name, describe(&grant));
-            println!("{key}");
+            let grant = args.into_request().check(now)?;
+            let change = store.create(&grant, now).map_err(|e| e.to_string())?;
+            record(&change);
+            eprintln!(
+                "created key {} ({}) {}; it is shown only this once",
+                change.key.id,
+                grant.name,
+                describe(&grant)
+            );
+            println!("{}", change.secret.as_ref().map(Secret::expose).unwrap_or_default());
         }
         KeysCommand::Import(args) => {
-            let grant = grant(args, now)?;
+            let grant = args.into_request().check(now)?;
             let key = read_stdin_key()?;
             if key.chars().count() < keys::MIN_IMPORTED_KEY_LEN {
                 return Err(format!(
@@ -89,23 +98,13 @@ pub fn run(config_path: &Path, command: KeysCommand) -> Outcome {
                     keys::MIN_IMPORTED_KEY_LEN
                 ));
             }
-            let hash = keys::hash_key(&key);
-            let id = edit(config_path, |doc, _| {
-                if let Some(existing) = lifecycle::id_of_hash(doc, &hash) {
-                    return Err(lifecycle::LifecycleError::AlreadyPresent(existing).to_string());
-                }
-                let id = unused_id(doc)?;
-                lifecycle::append(doc, &id, &hash, keys::tail(&key), &grant, now)
-                    .map_err(|e| e.to_string())?;
-                Ok(id)
-            })?;
-            eprintln!("imported key {id} ({}) {}", grant.name, describe(&grant));
-            println!("{id}");
+            let change = store.import(&key, &grant, now).map_err(|e| e.to_string())?;
+            record(&change);
+            eprintln!("imported key {} ({}) {}", change.key.id, grant.name, describe(&grant));
+            println!("{}", change.key.id);
         }
         KeysCommand::List { json } => {
-            let (keys_path, _) = config::key_file_of(config_path).map_err(|e| e.to_string())?;
-            let doc = store::read_document(&keys_path).map_err(|e| e.to_string())?;
-            let mut views = lifecycle::views(&doc, now);
+            let mut views = store.list(now).map_err(|e| e.to_string())?;
             let with_usage = add_usage(config_path, &mut views)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&views).map_err(|e| e.to_string())?);
@@ -114,136 +113,48 @@ pub fn run(config_path: &Path, command: KeysCommand) -> Outcome {
             }
         }
         KeysCommand::Revoke { selector } => {
-            let (id, changed) = edit(config_path, |doc, _| {
-                let index = lifecycle::select(doc, &selector).map_err(|e| e.to_string())?;
-                let id = lifecycle::views(doc, now).swap_remove(index).id;
-                Ok((id, lifecycle::revoke(doc, index, now).map_err(|e| e.to_string())?))
-            })?;
-            if changed {
-                eprintln!("revoked key {id}");
+            let change = store.revoke(&selector, now).map_err(|e| e.to_string())?;
+            if change.changed {
+                record(&change);
+                eprintln!("revoked key {}", change.key.id);
             } else {
-                eprintln!("key {id} was already revoked");
+                eprintln!("key {} was already revoked", change.key.id);
             }
         }
         KeysCommand::Delete { selector } => {
-            let (id, name) = edit(config_path, |doc, _| {
-                let index = lifecycle::select(doc, &selector).map_err(|e| e.to_string())?;
-                lifecycle::remove(doc, index).map_err(|e| e.to_string())
-            })?;
-            eprintln!("deleted key {id} ({name})");
+            let change = store.delete(&selector, now).map_err(|e| e.to_string())?;
+            record(&change);
+            eprintln!("deleted key {} ({})", change.key.id, change.key.name);
         }
         KeysCommand::Rotate { selector, grace, expires } => {
-            let grace = config::parse_duration_text(&grace).or_else(|e| match grace.trim() {
-                "0" | "0s" => Ok(std::time::Duration::ZERO),
-                _ => Err(format!("--grace: {e}")),
-            })?;
-            let new_expiry = expires.as_deref().map(|e| parse_expiry(e, now)).transpose()?;
-            let (old_id, old_end, new_id, key) = edit(config_path, |doc, prefix| {
-                let index = lifecycle::select(doc, &selector).map_err(|e| e.to_string())?;
-                let old_id = lifecycle::views(doc, now).swap_remove(index).id;
-                let mut grant = lifecycle::successor_grant(doc, index, now).map_err(|e| e.to_string())?;
-                if let Some(expiry) = new_expiry {
-                    grant.expires_at = expiry;
-                }
-                let end = lifecycle::expire(doc, index, now + grace).map_err(|e| e.to_string())?;
-                let (new_id, key) = unused_key(doc, prefix)?;
-                lifecycle::append(doc, &new_id, &keys::hash_key(&key), keys::tail(&key), &grant, now)
-                    .map_err(|e| e.to_string())?;
-                Ok((old_id, end, new_id, key))
-            })?;
+            let grace = lifecycle::parse_grace(&grace).map_err(|e| format!("--{e}"))?;
+            let expires_at = expires
+                .as_deref()
+                .map(|e| lifecycle::parse_expiry(e, now))
+                .transpose()
+                .map_err(|e| format!("--{e}"))?;
+            let change =
+                store.rotate(&selector, &Rotation { grace, expires_at }, now).map_err(|e| e.to_string())?;
+            record(&change);
+            let old = change.replaced.as_ref();
             eprintln!(
-                "rotated: new key {new_id}; old key {old_id} ends at {}; the new key is shown only this once",
-                lifecycle::timestamp(old_end)
+                "rotated: new key {}; old key {} ends at {}; the new key is shown only this once",
+                change.key.id,
+                old.map_or("?", |v| v.id.as_str()),
+                old.and_then(|v| v.expires.as_deref()).unwrap_or("?"),
             );
-            println!("{key}");
+            println!("{}", change.secret.as_ref().map(Secret::expose).unwrap_or_default());
         }
-        KeysCommand::Hash => println!("{}", keys::hash_key(&read_stdin_key()?)),
+        KeysCommand::Hash => {}
     }
     Ok(())
 }
 
-/// Locks the key file, applies `change`, checks the result as the gateway would load it, and
-/// only then writes it (atomically). A failure anywhere leaves the file as it was.
-fn edit<T>(
-    config_path: &Path,
-    change: impl FnOnce(&mut toml_edit::DocumentMut, &str) -> Result<T, String>,
-) -> Result<T, String> {
-    let (keys_path, prefix) = config::key_file_of(config_path).map_err(|e| e.to_string())?;
-    let store = KeyStore::lock(&keys_path).map_err(|e| e.to_string())?;
-    let mut doc = store.read().map_err(|e| e.to_string())?;
-    let out = change(&mut doc, &prefix)?;
-    let text = doc.to_string();
-    config::check_keys(store.path(), &text)
-        .map_err(|e| format!("the change would make the key file invalid, so nothing was written:\n{e}"))?;
-    store.write(&text).map_err(|e| e.to_string())?;
-    Ok(out)
-}
-
-fn unused_id(doc: &toml_edit::DocumentMut) -> Result<String, String> {
-    let taken = lifecycle::ids(doc);
-    for _ in 0..16 {
-        let id = keys::generate_id().map_err(|e| format!("no OS randomness: {e}"))?;
-        if !taken.contains(&id) {
-            return Ok(id);
-        }
+impl GrantArgs {
+    fn into_request(self) -> GrantRequest {
+        let GrantArgs { name, scopes, expires, rate_limit, quota, consumer } = self;
+        GrantRequest { name, scopes, expires, rate_limit, quota, consumer, ..GrantRequest::default() }
     }
-    Err("could not find an unused key id".to_string())
-}
-
-fn unused_key(doc: &toml_edit::DocumentMut, prefix: &str) -> Result<(String, String), String> {
-    let taken = lifecycle::ids(doc);
-    for _ in 0..16 {
-        let (id, key) = keys::generate(prefix).map_err(|e| format!("no OS randomness: {e}"))?;
-        if !taken.contains(&id) {
-            return Ok((id, key));
-        }
-    }
-    Err("could not find an unused key id".to_string())
-}
-
-fn grant(args: GrantArgs, now: OffsetDateTime) -> Result<Grant, String> {
-    let GrantArgs { name, scopes, expires, rate_limit, quota, consumer } = args;
-    if name.trim().is_empty() || name.chars().any(char::is_control) {
-        return Err("--name must be non-empty text without control characters".to_string());
-    }
-    for scope in &scopes {
-        if !config::valid_scope(scope) {
-            return Err(format!("--scope {scope:?} must be a name without spaces, commas or quotes"));
-        }
-    }
-    if let Some(rate) = &rate_limit
-        && RateLimit::parse(rate).is_none()
-    {
-        return Err(format!("--rate-limit {rate:?} must be N/s, N/m or N/h with N > 0"));
-    }
-    if let Some(q) = &quota
-        && QuotaLimit::parse(q).is_none()
-    {
-        return Err(format!("--quota {q:?} must be N/day or N/month with N > 0"));
-    }
-    if let Some(c) = &consumer
-        && (c.trim().is_empty() || c.len() > 128 || c.chars().any(char::is_control))
-    {
-        return Err("--consumer must be 1 to 128 bytes of text without control characters".to_string());
-    }
-    let expires_at = expires.map(|e| parse_expiry(&e, now)).transpose()?.flatten();
-    Ok(Grant { name, scopes, expires_at, rate_limit, quota, consumer, ..Grant::default() })
-}
-
-/// `never`, a duration from now, or an RFC 3339 instant.
-fn parse_expiry(text: &str, now: OffsetDateTime) -> Result<Option<OffsetDateTime>, String> {
-    let text = text.trim();
-    if text.eq_ignore_ascii_case("never") {
-        return Ok(None);
-    }
-    if let Ok(after) = config::parse_duration_text(text) {
-        let after =
-            time::Duration::try_from(after).map_err(|_| format!("--expires {text:?} is too far away"))?;
-        return Ok(Some(now + after));
-    }
-    OffsetDateTime::parse(text, &Rfc3339)
-        .map(Some)
-        .map_err(|_| format!("--expires {text:?} must be a duration (90d), an RFC 3339 instant, or never"))
 }
 
 fn read_stdin_key() -> Result<String, String> {
@@ -285,9 +196,15 @@ fn add_usage(config_path: &Path, views: &mut [KeyView]) -> Result<bool, String> 
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let usage = runtime
-        .block_on(crate::counters::read_usage(&settings, &keys, std::time::SystemTime::now()))?
-        .unwrap_or_default();
+    // The key list matters more than its usage columns: a store out of reach costs only those.
+    let usage =
+        match runtime.block_on(crate::counters::read_usage(&settings, &keys, std::time::SystemTime::now())) {
+            Ok(usage) => usage.unwrap_or_default(),
+            Err(error) => {
+                eprintln!("warning: usage not shown: {error}");
+                return Ok(false);
+            }
+        };
     for (view, usage) in views.iter_mut().zip(usage) {
         view.last_used_at = Some(usage.last_used_at.map(crate::counters::usage_timestamp));
         view.used = Some(usage.used);

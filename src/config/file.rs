@@ -33,6 +33,7 @@ pub struct ServerFile {
     pub idle_timeout: Option<Spanned<String>>,
     pub h2_max_concurrent_streams: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub upstream_max_connections: Option<Spanned<i64>>,
     pub trusted_proxies: Option<Vec<Spanned<String>>>,
 }
 
@@ -42,6 +43,16 @@ pub struct AdminFile {
     pub listen: Spanned<String>,
     pub per_key_metrics: Option<bool>,
     pub hosts: Option<Vec<Spanned<String>>>,
+    pub tokens: Option<Vec<Spanned<AdminTokenFile>>>,
+    pub audit_log: Option<Spanned<String>>,
+}
+
+/// One `[admin] tokens` entry: a name for the audit log and the token's SHA-256.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTokenFile {
+    pub name: Spanned<String>,
+    pub hash: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +88,7 @@ pub struct RouteFile {
     #[serde(default)]
     pub preserve_host: bool,
     pub ca_file: Option<Spanned<String>>,
+    pub protocol: Option<Spanned<String>>,
     pub scopes: Option<Spanned<BTreeMap<String, Spanned<ScopeList>>>>,
     pub cors: Option<Spanned<CorsFile>>,
 }

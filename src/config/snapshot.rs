@@ -38,6 +38,8 @@ pub struct ServerSettings {
     pub idle_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
     pub max_connections: usize,
+    /// Open connections per upstream host:port at most.
+    pub upstream_max_connections: usize,
     /// Peers whose `X-Forwarded-For` is believed (`proxy::client`).
     pub trusted_proxies: std::sync::Arc<[ipnet::IpNet]>,
 }
@@ -49,6 +51,17 @@ pub struct AdminSettings {
     /// Host names the admin listener answers besides IP literals and `localhost`: lower case,
     /// no trailing dot.
     pub hosts: Vec<String>,
+    /// Who may use `/keys` and `/console`; none: those paths answer 404.
+    pub tokens: Vec<AdminToken>,
+    /// Where each key change is recorded, one JSON line each.
+    pub audit_log: Option<PathBuf>,
+}
+
+/// An admin token as configured: its name (for the audit log) and the SHA-256 of the token.
+#[derive(Debug, Clone)]
+pub struct AdminToken {
+    pub name: String,
+    pub hash: crate::keys::KeyHash,
 }
 
 /// Counts for `keygate check` and `/status`.

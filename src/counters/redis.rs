@@ -27,7 +27,8 @@ use crate::quota::{Period, Window};
 use crate::ratelimit::Bucket;
 
 /// Takes a token and counts a request, both or neither, on Redis's own clock (so replicas
-/// with skewed clocks share one bucket). KEYS: bucket, quota count. ARGV: capacity (0: no
+/// with skewed clocks share one bucket). The bucket is one string `"<tokens> <ms>"`, the
+/// fewest commands per request (the script's cost is what a limited request pays). KEYS: bucket, quota count. ARGV: capacity (0: no
 /// rate limit), refill period in ms, quota limit (0: no quota), when the quota count expires.
 /// Returns {0 rate limited | 1 quota exceeded | 2 admitted, tokens left, quota used}.
 const ADMIT: &str = r"
@@ -37,14 +38,19 @@ local capacity = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
 local tokens = 0
 if capacity > 0 then
-  local b = redis.call('HMGET', KEYS[1], 't', 'at')
-  tokens = tonumber(b[1])
-  local at = tonumber(b[2])
-  if tokens == nil or at == nil then tokens = capacity; at = now end
-  if now > at then tokens = math.min(capacity, tokens + (now - at) * capacity / period) end
+  tokens = capacity
+  local b = redis.call('GET', KEYS[1])
+  if b then
+    local left, at = string.match(b, '^(%S+) (%d+)$')
+    left = tonumber(left)
+    at = tonumber(at)
+    if left and at then
+      tokens = left
+      if now > at then tokens = math.min(capacity, tokens + (now - at) * capacity / period) end
+    end
+  end
   if tokens < 1 then
-    redis.call('HSET', KEYS[1], 't', tostring(tokens), 'at', now)
-    redis.call('PEXPIRE', KEYS[1], period * 2)
+    redis.call('SET', KEYS[1], tostring(tokens) .. ' ' .. now, 'PX', period * 2)
     return {0, tostring(tokens), 0}
   end
 end
@@ -56,25 +62,30 @@ if limit > 0 then
     return {1, tostring(tokens), used}
   end
   used = redis.call('INCR', KEYS[2])
-  redis.call('EXPIREAT', KEYS[2], ARGV[4])
+  if used == 1 then redis.call('EXPIREAT', KEYS[2], ARGV[4]) end
 end
 if capacity > 0 then
   tokens = tokens - 1
-  redis.call('HSET', KEYS[1], 't', tostring(tokens), 'at', now)
-  redis.call('PEXPIRE', KEYS[1], period * 2)
+  redis.call('SET', KEYS[1], tostring(tokens) .. ' ' .. now, 'PX', period * 2)
 end
 return {2, tostring(tokens), used}
 ";
 
 /// Adds a batch of usage: for each key KEYS[i], ARGV holds (last used, period field, requests).
-/// The last use only ever moves forward, whichever replica writes last.
+/// The last use only ever moves forward, whichever replica writes last; a new period's count
+/// replaces the last one's.
 const USAGE: &str = r"
 for i, key in ipairs(KEYS) do
   local last = tonumber(ARGV[i * 3 - 2])
   local current = tonumber(redis.call('HGET', key, 'last') or '0')
   if last > current then redis.call('HSET', key, 'last', last) end
+  local field = ARGV[i * 3 - 1]
   local n = tonumber(ARGV[i * 3])
-  if n > 0 then redis.call('HINCRBY', key, ARGV[i * 3 - 1], n) end
+  -- Only the current period's count is kept: a key used for years holds one field, not one a day.
+  local previous = redis.call('HGET', key, 'period')
+  if previous and previous ~= field then redis.call('HDEL', key, previous) end
+  redis.call('HSET', key, 'period', field)
+  if n > 0 then redis.call('HINCRBY', key, field, n) end
   redis.call('EXPIRE', key, 34560000)
 end
 return 1

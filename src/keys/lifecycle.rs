@@ -38,6 +38,15 @@ pub struct KeyView {
     pub last_used_at: Option<Option<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub used: Option<u64>,
+    // Not in `keys list --json` (its fields are fixed); the `/keys` API shows them.
+    #[serde(skip)]
+    pub revoked: Option<String>,
+    #[serde(skip)]
+    pub rate_limit: Option<String>,
+    #[serde(skip)]
+    pub meta: Vec<(String, String)>,
+    #[serde(skip)]
+    pub allowed_ips: Vec<String>,
 }
 
 /// What a new key holds besides its secret.
@@ -53,6 +62,87 @@ pub struct Grant {
     pub allowed_ips: Vec<String>,
     pub quota: Option<String>,
     pub consumer: Option<String>,
+}
+
+/// How long a rotated key stays valid when no grace is given (SPEC §4).
+pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// A new key's fields as people write them (`keygate keys create` flags, `POST /keys` JSON),
+/// before [`GrantRequest::check`] makes a [`Grant`] of them.
+#[derive(Debug, Clone, Default)]
+pub struct GrantRequest {
+    pub name: String,
+    pub scopes: Vec<String>,
+    /// A duration from now (`90d`), an RFC 3339 instant, or `never`.
+    pub expires: Option<String>,
+    pub rate_limit: Option<String>,
+    pub quota: Option<String>,
+    pub consumer: Option<String>,
+    pub meta: Vec<(String, String)>,
+    pub allowed_ips: Vec<String>,
+}
+
+impl GrantRequest {
+    /// Checks every field as the key file's loader does (the same code: the grant is written
+    /// as a one-entry key file and loaded), with a message naming the field.
+    pub fn check(self, now: OffsetDateTime) -> Result<Grant, String> {
+        let GrantRequest { name, scopes, expires, rate_limit, quota, consumer, meta, allowed_ips } = self;
+        if name.trim().is_empty() || name.chars().any(char::is_control) {
+            return Err("name must be non-empty text without control characters".to_string());
+        }
+        for scope in &scopes {
+            if !crate::config::valid_scope(scope) {
+                return Err(format!("scope {scope:?} must be a name without spaces, commas or quotes"));
+            }
+        }
+        if let Some(rate) = &rate_limit
+            && crate::keys::RateLimit::parse(rate).is_none()
+        {
+            return Err(format!("rate_limit {rate:?} must be N/s, N/m or N/h with N > 0"));
+        }
+        if let Some(q) = &quota
+            && crate::quota::QuotaLimit::parse(q).is_none()
+        {
+            return Err(format!("quota {q:?} must be N/day or N/month with N > 0"));
+        }
+        if let Some(c) = &consumer
+            && (c.trim().is_empty() || c.len() > 128 || c.chars().any(char::is_control))
+        {
+            return Err("consumer must be 1 to 128 bytes of text without control characters".to_string());
+        }
+        let expires_at = expires.map(|e| parse_expiry(&e, now)).transpose()?.flatten();
+        let grant = Grant { name, scopes, expires_at, rate_limit, meta, allowed_ips, quota, consumer };
+        let mut doc = DocumentMut::new();
+        append(&mut doc, "new", &format!("sha256:{}", "0".repeat(64)), None, &grant, now)
+            .map_err(|e| e.to_string())?;
+        crate::config::check_keys(std::path::Path::new("request"), &doc.to_string())
+            .map_err(|errors| errors.0.into_iter().map(|e| e.message).collect::<Vec<_>>().join("; "))?;
+        Ok(grant)
+    }
+}
+
+/// `never`, a duration from now, or an RFC 3339 instant.
+pub fn parse_expiry(text: &str, now: OffsetDateTime) -> Result<Option<OffsetDateTime>, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("never") {
+        return Ok(None);
+    }
+    if let Ok(after) = crate::config::parse_duration_text(text) {
+        let after =
+            time::Duration::try_from(after).map_err(|_| format!("expires {text:?} is too far away"))?;
+        return now.checked_add(after).map(Some).ok_or_else(|| format!("expires {text:?} is too far away"));
+    }
+    OffsetDateTime::parse(text, &Rfc3339)
+        .map(Some)
+        .map_err(|_| format!("expires {text:?} must be a duration (90d), an RFC 3339 instant, or never"))
+}
+
+/// A rotation's grace: a duration, or `0` to end the old key at once.
+pub fn parse_grace(text: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_duration_text(text).or_else(|e| match text.trim() {
+        "0" | "0s" => Ok(std::time::Duration::ZERO),
+        _ => Err(format!("grace: {e}")),
+    })
 }
 
 /// A time as the key file writes it: RFC 3339, whole seconds, UTC.
@@ -101,9 +191,14 @@ pub fn id_of_hash(doc: &DocumentMut, hash: &str) -> Option<String> {
 /// Finds one entry: by id, else by name, else by tail. Several matches at the first level
 /// that has any is an error listing them, so nothing is changed by mistake.
 pub fn select(doc: &DocumentMut, selector: &str) -> Result<usize, LifecycleError> {
-    let tables: Vec<&Table> = keys(doc).map(|k| k.iter().collect()).unwrap_or_default();
-    for field in ["id", "name", "tail"] {
-        let matches: Vec<usize> = (0..tables.len()).filter(|&i| text(tables[i], field) == selector).collect();
+    select_in(&views(doc, OffsetDateTime::UNIX_EPOCH), selector)
+}
+
+/// [`select`] over keys as any store lists them.
+pub fn select_in(views: &[KeyView], selector: &str) -> Result<usize, LifecycleError> {
+    let fields: [fn(&KeyView) -> &str; 3] = [|v| &v.id, |v| &v.name, |v| &v.tail];
+    for field in fields {
+        let matches: Vec<usize> = (0..views.len()).filter(|&i| field(&views[i]) == selector).collect();
         match matches.as_slice() {
             [] => continue,
             [one] => return Ok(*one),
@@ -111,8 +206,8 @@ pub fn select(doc: &DocumentMut, selector: &str) -> Result<usize, LifecycleError
                 let candidates = many
                     .iter()
                     .map(|&i| {
-                        let t = tables[i];
-                        format!("  id={} name={} tail={}", text(t, "id"), text(t, "name"), text(t, "tail"))
+                        let v = &views[i];
+                        format!("  id={} name={} tail={}", v.id, v.name, v.tail)
                     })
                     .collect();
                 return Err(LifecycleError::Ambiguous { selector: selector.to_string(), candidates });
@@ -308,6 +403,20 @@ pub fn views(doc: &DocumentMut, now: OffsetDateTime) -> Vec<KeyView> {
                 consumer: t.get("consumer").and_then(Item::as_str).map(str::to_string),
                 last_used_at: None,
                 used: None,
+                revoked: instant(t, "revoked_at").map(timestamp),
+                rate_limit: t.get("rate_limit").and_then(Item::as_str).map(str::to_string),
+                meta: t
+                    .get("meta")
+                    .and_then(Item::as_table_like)
+                    .map(|m| {
+                        m.iter().filter_map(|(k, v)| Some((k.to_string(), v.as_str()?.to_string()))).collect()
+                    })
+                    .unwrap_or_default(),
+                allowed_ips: t
+                    .get("allowed_ips")
+                    .and_then(Item::as_array)
+                    .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                    .unwrap_or_default(),
             }
         })
         .collect()

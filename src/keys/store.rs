@@ -1,188 +1,174 @@
-//! The key file as `keygate keys` edits it: one writer at a time (an advisory lock beside the
-//! file), edits through toml_edit so comments and order survive, and a write that a running
-//! gateway can never see half done (temporary file in the same folder, fsync, rename).
+//! The key store seam: list, find, create, import, revoke, rotate and delete keys, whatever
+//! holds them. `keygate keys` and the `/keys` API call these same functions, so a key made
+//! either way is checked, locked and written by one code path.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+mod file;
 
-use toml_edit::DocumentMut;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
 
-#[derive(Debug, thiserror::Error)]
+use time::OffsetDateTime;
+
+pub use file::{FileError, FileStore, Locked, read_document, write_private};
+
+use super::lifecycle::{self, Grant, KeyView, LifecycleError};
+use crate::config::{self, Snapshot};
+
+/// Why a store operation did nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
-    #[error("{path}: {action}: {source}")]
-    Io { path: PathBuf, action: &'static str, source: std::io::Error },
-    #[error("{path}: not valid TOML: {message}")]
-    Syntax { path: PathBuf, message: String },
+    #[error("no key matches {0:?} (by id, name or tail)")]
+    NotFound(String),
+    #[error("{selector:?} matches {} keys; use the id:\n{}", candidates.len(), candidates.join("\n"))]
+    Ambiguous { selector: String, candidates: Vec<String> },
+    #[error("this key is already in the store, as id {0}")]
+    AlreadyPresent(String),
+    /// The change itself is refused (it would make the store invalid).
+    #[error("{0}")]
+    Invalid(String),
+    /// The store cannot be read or written now (I/O, lock, a file it cannot edit).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
-fn io<'p>(path: &'p Path, action: &'static str) -> impl FnOnce(std::io::Error) -> StoreError + 'p {
-    move |source| StoreError::Io { path: path.to_path_buf(), action, source }
-}
-
-/// Reads the key file without a lock: writers replace it by rename, so a reader always sees
-/// a whole file, and read-only mounts (a Kubernetes Secret) can still be listed.
-pub fn read_document(path: &Path) -> Result<DocumentMut, StoreError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(io(path, "cannot read")(e)),
-    };
-    text.parse::<DocumentMut>()
-        .map_err(|e| StoreError::Syntax { path: path.to_path_buf(), message: e.to_string() })
-}
-
-/// The key file, locked against other `keygate keys` runs for as long as this lives.
-pub struct KeyStore {
-    path: PathBuf,
-    // Held for its lock; released when dropped (or when the process ends, however it ends).
-    _lock: File,
-}
-
-impl KeyStore {
-    /// Waits for the lock on `<folder>/.<name>.lock`. The lock is not on the key file itself:
-    /// that file is replaced by rename, and a lock on a replaced inode guards nothing.
-    pub fn lock(path: &Path) -> Result<Self, StoreError> {
-        let name = path.file_name().map_or_else(|| "keys".into(), |n| n.to_string_lossy().into_owned());
-        let lock_path = path.with_file_name(format!(".{name}.lock"));
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io(&lock_path, "cannot open the lock file"))?;
-        lock.lock().map_err(io(&lock_path, "cannot lock"))?;
-        Ok(Self { path: path.to_path_buf(), _lock: lock })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The file as an editable document; a missing file is an empty one.
-    pub fn read(&self) -> Result<DocumentMut, StoreError> {
-        read_document(&self.path)
-    }
-
-    /// Replaces the file with `text` atomically, keeping its permissions (0600 for a new file).
-    pub fn write(&self, text: &str) -> Result<(), StoreError> {
-        replace(&self.path, text)
-    }
-}
-
-/// Writes a key file that only its owner may read, by the same exclusive-temporary-file and
-/// rename path as every other write.
-pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    replace(path, text).map_err(|e| match e {
-        StoreError::Io { source, .. } => source,
-        other => std::io::Error::other(other.to_string()),
-    })
-}
-
-/// Mode of a key file keygate creates: its hashes are no one else's business.
-const NEW_FILE_MODE: u32 = 0o600;
-
-/// Replaces `path` with `text`: a temporary file with an unpredictable name, created
-/// exclusively (`O_EXCL` never opens an existing file or follows a link planted under that
-/// name), written, synced, then renamed over `path`. A rewrite keeps the file's mode.
-fn replace(path: &Path, text: &str) -> Result<(), StoreError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().map_or_else(|| "keys".into(), |n| n.to_string_lossy().into_owned());
-    let mode = std::fs::metadata(path).map_or(NEW_FILE_MODE, |meta| meta.permissions().mode() & 0o7777);
-    let (temp, mut file) = create_temp(&dir, &name, mode)?;
-    let result = (|| {
-        // The mode given at creation is masked by the umask; set it exactly.
-        file.set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(io(&temp, "cannot set permissions"))?;
-        file.write_all(text.as_bytes()).map_err(io(&temp, "cannot write"))?;
-        file.sync_all().map_err(io(&temp, "cannot sync"))?;
-        std::fs::rename(&temp, path).map_err(io(path, "cannot replace"))?;
-        // The rename itself is durable only once the folder is synced.
-        if let Ok(folder) = File::open(&dir) {
-            let _ = folder.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result
-}
-
-/// Creates `<dir>/.<name>.tmp-<16 random hex digits>` exclusively. A leading single dot: not the
-/// watched name, and not the `..` of a Kubernetes swap.
-fn create_temp(dir: &Path, name: &str, mode: u32) -> Result<(PathBuf, File), StoreError> {
-    let mut last = None;
-    // A name taken (by a planted file or link) is skipped, never opened; a few draws suffice.
-    for _ in 0..8 {
-        let mut random = [0u8; 8];
-        getrandom::fill(&mut random)
-            .map_err(|e| io(dir, "cannot draw a temporary name")(std::io::Error::other(e.to_string())))?;
-        let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
-        let temp = dir.join(format!(".{name}.tmp-{suffix}"));
-        match OpenOptions::new().write(true).create_new(true).mode(mode).open(&temp) {
-            Ok(file) => return Ok((temp, file)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
-            Err(e) => return Err(io(&temp, "cannot create")(e)),
+impl From<LifecycleError> for StoreError {
+    fn from(error: LifecycleError) -> Self {
+        match error {
+            LifecycleError::NotFound(selector) => Self::NotFound(selector),
+            LifecycleError::Ambiguous { selector, candidates } => Self::Ambiguous { selector, candidates },
+            LifecycleError::AlreadyPresent(id) => Self::AlreadyPresent(id),
+            LifecycleError::Layout => Self::Unavailable(error.to_string()),
         }
     }
-    Err(io(dir, "cannot create a temporary file")(
-        last.unwrap_or_else(|| std::io::Error::other("every name drawn was taken")),
-    ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What a change did, in the words of the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Create,
+    Import,
+    Revoke,
+    Rotate,
+    Delete,
+}
 
-    #[test]
-    fn write_replaces_atomically_and_keeps_comments_through_a_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.toml");
-        std::fs::write(&path, "# top comment\n[[keys]] # trailing\nid = \"a\"  # why\n").unwrap();
-        let store = KeyStore::lock(&path).unwrap();
-        let doc = store.read().unwrap();
-        store.write(&doc.to_string()).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&path).unwrap(),
-            "# top comment\n[[keys]] # trailing\nid = \"a\"  # why\n"
-        );
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.contains("tmp"))
-            .collect();
-        assert!(leftovers.is_empty(), "{leftovers:?}");
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Import => "import",
+            Self::Revoke => "revoke",
+            Self::Rotate => "rotate",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+/// A new key's plaintext, on its way to be shown once. `Debug` never shows it, so a change
+/// logged by mistake leaks nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(key: String) -> Self {
+        Self(key)
     }
 
-    #[test]
-    fn a_new_file_is_private_and_a_rewrite_keeps_the_mode() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.toml");
-        let store = KeyStore::lock(&path).unwrap();
-        store.write("# new\n").unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
-        store.write("# again\n").unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The result of one change, whatever store made it.
+#[derive(Debug, Clone)]
+pub struct KeyChange {
+    pub action: Action,
+    /// The key as it is after the change (for a delete: as it was; for a rotate: the new key).
+    pub key: KeyView,
+    /// The new key itself (create, rotate): shown once, never stored.
+    pub secret: Option<Secret>,
+    /// A rotate's old key, as it is now (ending after the grace).
+    pub replaced: Option<KeyView>,
+    /// False when there was nothing to do (revoking a key revoked already).
+    pub changed: bool,
+}
+
+impl KeyChange {
+    pub fn new(action: Action, key: KeyView) -> Self {
+        Self { action, key, secret: None, replaced: None, changed: true }
     }
 
-    #[test]
-    fn temporary_names_are_unpredictable_and_never_reused() {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, _) = create_temp(dir.path(), "keys.toml", 0o600).unwrap();
-        let (b, _) = create_temp(dir.path(), "keys.toml", 0o600).unwrap();
-        assert_ne!(a, b);
+    pub fn with_secret(mut self, secret: Secret) -> Self {
+        self.secret = Some(secret);
+        self
+    }
+}
+
+/// How a rotation ends the old key and dates the new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// The old key stays valid this long from now.
+    pub grace: Duration,
+    /// The new key's expiry (`Some(None)`: never); `None`: the old key's lifetime from now.
+    pub expires_at: Option<Option<OffsetDateTime>>,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Self { grace: lifecycle::DEFAULT_GRACE, expires_at: None }
+    }
+}
+
+/// Where keys live. Blocking: async callers run it on a blocking thread. Every write is
+/// validated as the gateway would load it, and either happens whole or not at all.
+pub trait KeyStore: Send + Sync {
+    /// Every key, in store order.
+    fn list(&self, now: OffsetDateTime) -> Result<Vec<KeyView>, StoreError>;
+
+    /// One key: by id, else name, else tail (SPEC §4); several matches is an error.
+    fn find(&self, selector: &str, now: OffsetDateTime) -> Result<KeyView, StoreError> {
+        let mut all = self.list(now)?;
+        let index = lifecycle::select_in(&all, selector)?;
+        Ok(all.swap_remove(index))
     }
 
-    #[test]
-    fn a_missing_file_reads_as_empty() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = KeyStore::lock(&dir.path().join("keys.toml")).unwrap();
-        assert_eq!(store.read().unwrap().to_string(), "");
-    }
+    /// Makes a key in keygate's format; the change carries it, to be shown once.
+    fn create(&self, grant: &Grant, now: OffsetDateTime) -> Result<KeyChange, StoreError>;
+
+    /// Stores the hash of an existing key.
+    fn import(&self, key: &str, grant: &Grant, now: OffsetDateTime) -> Result<KeyChange, StoreError>;
+
+    /// Sets `revoked_at` to now (a key revoked earlier keeps its first time).
+    fn revoke(&self, selector: &str, now: OffsetDateTime) -> Result<KeyChange, StoreError>;
+
+    /// A successor with the same grant; the old key ends after the grace.
+    fn rotate(
+        &self,
+        selector: &str,
+        rotation: &Rotation,
+        now: OffsetDateTime,
+    ) -> Result<KeyChange, StoreError>;
+
+    /// Removes the entry.
+    fn delete(&self, selector: &str, now: OffsetDateTime) -> Result<KeyChange, StoreError>;
+}
+
+/// The store a running gateway's snapshot names.
+pub fn of_snapshot(snapshot: &Snapshot) -> Box<dyn KeyStore> {
+    Box::new(FileStore::new(snapshot.keys_path.clone(), snapshot.auth.key_prefix.clone()))
+}
+
+/// The store `keygate.toml` names, for the command line; the key file itself is not read yet.
+pub fn of_config(config_path: &Path) -> Result<Box<dyn KeyStore>, StoreError> {
+    let (keys_path, prefix) =
+        config::key_file_of(config_path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    Ok(Box::new(FileStore::new(keys_path, prefix)))
 }

@@ -13,9 +13,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::limit::{ConnectionLimit, LimitedConnector};
 use crate::keys::KeyEntry;
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+pub type UpstreamClient = Client<LimitedConnector<HttpsConnector<HttpConnector>>, RequestBody>;
 
 /// A client's request body on its way upstream, telling its owner once it has been read to
 /// the end: from then on the request waits on the upstream, not on the client.
@@ -108,9 +109,9 @@ impl hyper::body::Body for RequestBody {
     }
 }
 
-/// A pooled client for `http://` and `https://` upstreams (verified with `tls`); the pool is
-/// keyed by scheme and authority.
-pub fn upstream_client(tls: Arc<rustls::ClientConfig>) -> UpstreamClient {
+/// A pooled HTTP/1.1 client for one `http://` or `https://` upstream (verified with `tls`),
+/// whose connections each hold a slot of `limit`.
+pub fn upstream_client(tls: Arc<rustls::ClientConfig>, limit: Arc<ConnectionLimit>) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -120,6 +121,7 @@ pub fn upstream_client(tls: Arc<rustls::ClientConfig>) -> UpstreamClient {
         .https_or_http()
         .enable_http1()
         .wrap_connector(connector);
+    let connector = LimitedConnector::new(connector, limit);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_timer(TokioTimer::new())
@@ -191,6 +193,17 @@ fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
     for name in doomed {
         headers.remove(name);
     }
+}
+
+/// Whether the client's `TE` names `trailers`: it will read trailers, so an HTTP/2 upstream
+/// may be told so (gRPC servers insist on `te: trailers`).
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| coding.split(';').next().is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers")))
 }
 
 /// The `Upgrade` value of an HTTP/1.1 WebSocket handshake (`Connection: upgrade` and

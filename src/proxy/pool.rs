@@ -9,6 +9,9 @@
 //! pool when the body is dropped; any other is closed, so a half-read response can never be
 //! mistaken for the start of the next one.
 //!
+//! Every connection holds a slot of the upstream's [`ConnectionLimit`]; with all slots taken a
+//! request waits for whichever comes first, a connection handed back or a slot freed.
+//!
 //! `https://` upstreams and WebSocket upgrades keep using the hyper-util client.
 
 use std::pin::Pin;
@@ -25,6 +28,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::forward::RequestBody;
+use super::limit::{ConnectionLimit, ConnectionSlot, Waiting};
 
 /// How long an unused connection is kept. Upstreams that close theirs sooner are noticed by
 /// the sweep (or at checkout) and their connections dropped.
@@ -45,6 +49,8 @@ pub enum SendError {
     Connect(std::io::Error),
     Http(hyper::Error),
 }
+
+impl std::error::Error for SendError {}
 
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -71,6 +77,9 @@ impl std::fmt::Debug for Http1Pool {
 
 struct Shared {
     authority: Authority,
+    limit: Arc<ConnectionLimit>,
+    /// Woken when a connection goes back to the idle list, for requests waiting on the limit.
+    returned: tokio::sync::Notify,
     idle: Mutex<Vec<Idle>>,
     sweeping: std::sync::OnceLock<()>,
 }
@@ -90,6 +99,7 @@ struct Conn {
     /// What the driver is polled with; it passes wakes on to the task now using the connection.
     gate: Arc<Gate>,
     gate_waker: Waker,
+    _slot: ConnectionSlot,
 }
 
 /// The waker a connection's driver sees. It forwards to the task that drives the connection,
@@ -144,7 +154,7 @@ impl Wake for Gate {
 
 impl Conn {
     /// Boxed: a connection is moved in and out of the pool and the response on every request.
-    async fn open(authority: &Authority) -> Result<Box<Self>, SendError> {
+    async fn open(authority: &Authority, slot: ConnectionSlot) -> Result<Box<Self>, SendError> {
         let connect = TcpStream::connect(authority.as_str());
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(stream)) => stream,
@@ -159,7 +169,7 @@ impl Conn {
             .map_err(SendError::Http)?;
         let gate = Arc::new(Gate::default());
         let gate_waker = Waker::from(Arc::clone(&gate));
-        Ok(Box::new(Self { sender, driver, closed: false, gate, gate_waker }))
+        Ok(Box::new(Self { sender, driver, closed: false, gate, gate_waker, _slot: slot }))
     }
 
     /// Lets the connection make whatever progress its socket allows.
@@ -184,8 +194,14 @@ impl Conn {
 }
 
 impl Http1Pool {
-    pub fn new(authority: Authority) -> Self {
-        let shared = Shared { authority, idle: Mutex::new(Vec::new()), sweeping: std::sync::OnceLock::new() };
+    pub fn new(authority: Authority, limit: Arc<ConnectionLimit>) -> Self {
+        let shared = Shared {
+            authority,
+            limit,
+            returned: tokio::sync::Notify::new(),
+            idle: Mutex::new(Vec::new()),
+            sweeping: std::sync::OnceLock::new(),
+        };
         Self { shared: Arc::new(shared) }
     }
 
@@ -204,7 +220,7 @@ impl Http1Pool {
         let (mut conn, idle) = match self.checkout() {
             Some((conn, idle)) => (conn, Some(idle)),
             // Boxed: connecting is rare, and this keeps every request's future small.
-            None => (Box::pin(Conn::open(authority)).await?, None),
+            None => Box::pin(self.obtain()).await?,
         };
         let replay = match idle {
             Some(idle) if idle >= REPLAY_AFTER_IDLE => replayable_copy(&request),
@@ -223,10 +239,38 @@ impl Http1Pool {
             },
         };
         drop(conn);
-        let mut conn = Box::pin(Conn::open(authority)).await?;
+        let slot = self.shared.limit.acquire().await;
+        let mut conn = Box::pin(Conn::open(authority, slot)).await?;
         match exchange(&mut conn, request).await {
             Ok(response) => Ok(self.lease(conn, response)),
             Err(error) => Err(SendError::Http(error.into_error())),
+        }
+    }
+
+    /// A connection when none was idle: a new one if a slot is free, else whichever comes
+    /// first, a connection handed back or a slot.
+    async fn obtain(&self) -> Result<(Box<Conn>, Option<Duration>), SendError> {
+        let shared = &self.shared;
+        if let Some(slot) = shared.limit.try_acquire() {
+            return Ok((Conn::open(&shared.authority, slot).await?, None));
+        }
+        loop {
+            let returned = shared.returned.notified();
+            let mut returned = std::pin::pin!(returned);
+            // Registered before looking again, so a hand-back in between is not missed.
+            returned.as_mut().enable();
+            if let Some((conn, idle)) = self.checkout() {
+                return Ok((conn, Some(idle)));
+            }
+            let waiting = Waiting::start();
+            let slot = tokio::select! {
+                slot = shared.limit.acquire() => Some(slot),
+                () = &mut returned => None,
+            };
+            waiting.finish();
+            if let Some(slot) = slot {
+                return Ok((Conn::open(&shared.authority, slot).await?, None));
+            }
         }
     }
 
@@ -271,6 +315,9 @@ impl Shared {
         let mut list = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if list.len() < MAX_IDLE_PER_UPSTREAM {
             list.push(Idle { conn, since: Instant::now() });
+            drop(list);
+            // Lock-free when nobody waits: only requests held back by the limit listen.
+            self.returned.notify_one();
         }
     }
 
@@ -280,7 +327,20 @@ impl Shared {
     }
 }
 
-async fn sweep(shared: Weak<Shared>) {
+/// A pool that drops its idle and dead connections when asked.
+pub(crate) trait Sweep: Send + Sync + 'static {
+    fn sweep(&self);
+}
+
+impl Sweep for Shared {
+    fn sweep(&self) {
+        Shared::sweep(self);
+    }
+}
+
+/// Sweeps a pool every few seconds until the pool itself is gone: a pool nobody routes to any
+/// more must not keep its connections, and must not be kept alive by its own sweeper.
+pub(crate) async fn sweep<T: Sweep>(shared: Weak<T>) {
     let mut every = tokio::time::interval(SWEEP_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

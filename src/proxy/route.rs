@@ -12,10 +12,8 @@ pub struct Upstream {
     pub base_path: String,
     /// The `Host` sent upstream unless the route preserves the client's.
     pub host_header: HeaderValue,
-    /// A client of its own when the route trusts a private CA (`ca_file`); else the shared one.
-    pub client: Option<crate::proxy::forward::UpstreamClient>,
-    /// Idle connections to a plain-`http://` upstream.
-    pub pool: crate::proxy::pool::Http1Pool,
+    /// How requests travel there, and the connections that carry them.
+    pub transport: crate::proxy::transport::Transport,
 }
 
 /// Which scope a method needs on a route: any one of the listed scopes suffices.
@@ -70,8 +68,15 @@ impl Route {
                 authority: authority.clone(),
                 base_path: String::new(),
                 host_header: HeaderValue::from_static("127.0.0.1:9"),
-                client: None,
-                pool: crate::proxy::pool::Http1Pool::new(authority),
+                transport: crate::proxy::transport::Transport::new(
+                    crate::proxy::transport::TransportSpec {
+                        scheme: Scheme::HTTP,
+                        authority,
+                        protocol: crate::proxy::transport::Protocol::Http1,
+                        private_ca: None,
+                    },
+                    crate::proxy::limit::ConnectionLimit::new(512, Default::default()),
+                ),
             },
             public,
             preserve_host: false,

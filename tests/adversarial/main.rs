@@ -37,11 +37,13 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::h2;
+use support::leak::{leaked_piece, tampered};
+use support::process::Process;
 use support::{
     Call, GatewayConfig, IO_TIMEOUT, Key, PROBE_HEADER, RawExchange, Recorded, RecordingUpstream, Route,
     TestGateway, WatchedGateway, keys_toml, preview, raw_exchange, sha256_ref,
 };
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -207,15 +209,6 @@ fn assert_no_failures(what: &str, tried: usize, failures: &[String]) {
         let _ = write!(text, "\n--- {} ---\n{failure}\n", i + 1);
     }
     panic!("{text}");
-}
-
-/// The first 8-character piece of `key` that `text` contains, ignoring pieces that lie wholly
-/// in the key's first `public` characters (a generated key's `kg_<id>_`).
-fn leaked_piece<'k>(text: &str, key: &'k str, public: usize) -> Option<&'k str> {
-    if key.len() < 8 {
-        return text.contains(key).then_some(key);
-    }
-    (0..=key.len() - 8).filter(|&i| i + 8 > public).map(|i| &key[i..i + 8]).find(|piece| text.contains(piece))
 }
 
 // =============================================================================================

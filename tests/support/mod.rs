@@ -4,7 +4,9 @@
 //! (a listener handed to `serve` is already bound, so the gateway accepts as soon as it exists).
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod admin;
 pub mod browser;
+pub mod grpc;
 pub mod h2;
 pub mod leak;
 pub mod pki;
@@ -134,6 +136,7 @@ impl fmt::Debug for Recorded {
 pub struct RecordingUpstream {
     addr: SocketAddr,
     log: Arc<Mutex<Vec<Recorded>>>,
+    conns: Arc<ConnectionCount>,
     load: Arc<InFlight>,
     accept: JoinHandle<()>,
 }
@@ -145,14 +148,89 @@ struct InFlight {
     most: AtomicUsize,
 }
 
+/// Connections a test server has accepted: in all, open now, and the most open at once.
+#[derive(Default, Debug)]
+pub struct ConnectionCount {
+    accepted: AtomicU64,
+    open: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl ConnectionCount {
+    /// Counts one accepted connection until the returned guard is dropped.
+    pub fn opened(self: &Arc<Self>) -> OpenConnection {
+        self.accepted.fetch_add(1, Ordering::SeqCst);
+        let open = self.open.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(open, Ordering::SeqCst);
+        OpenConnection(Arc::clone(self))
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::SeqCst)
+    }
+}
+
+/// One connection counted as open by a [`ConnectionCount`].
+pub struct OpenConnection(Arc<ConnectionCount>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl RecordingUpstream {
     pub async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind recording upstream");
         let addr = listener.local_addr().expect("upstream local addr");
         let log = Arc::new(Mutex::new(Vec::new()));
+        let conns = Arc::new(ConnectionCount::default());
         let load = Arc::new(InFlight::default());
-        let accept = tokio::spawn(upstream_accept_loop(listener, Arc::clone(&log), Arc::clone(&load)));
-        Self { addr, log, load, accept }
+        let accept = tokio::spawn(upstream_accept_loop(
+            listener,
+            Arc::clone(&log),
+            Arc::clone(&conns),
+            Arc::clone(&load),
+            None,
+        ));
+        Self { addr, log, conns, load, accept }
+    }
+
+    /// The same upstream behind TLS with `config` (its certificate names `localhost`); use
+    /// [`https_url`](Self::https_url) for the route.
+    pub async fn start_tls(config: Arc<rustls::ServerConfig>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind recording upstream");
+        let addr = listener.local_addr().expect("upstream local addr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let conns = Arc::new(ConnectionCount::default());
+        let load = Arc::new(InFlight::default());
+        let tls = Some(tokio_rustls::TlsAcceptor::from(config));
+        let accept = tokio::spawn(upstream_accept_loop(
+            listener,
+            Arc::clone(&log),
+            Arc::clone(&conns),
+            Arc::clone(&load),
+            tls,
+        ));
+        Self { addr, log, conns, load, accept }
+    }
+
+    /// `https://localhost:PORT`, for a route to an upstream made by [`start_tls`](Self::start_tls).
+    pub fn https_url(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
+
+    /// The connections keygate has opened to this upstream.
+    pub fn connections(&self) -> &ConnectionCount {
+        &self.conns
     }
 
     /// The most requests this upstream was answering at the same time (from the moment a
@@ -208,12 +286,21 @@ impl Drop for RecordingUpstream {
     }
 }
 
-async fn upstream_accept_loop(listener: TcpListener, log: Arc<Mutex<Vec<Recorded>>>, load: Arc<InFlight>) {
+async fn upstream_accept_loop(
+    listener: TcpListener,
+    log: Arc<Mutex<Vec<Recorded>>>,
+    conns: Arc<ConnectionCount>,
+    load: Arc<InFlight>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     // Ends when the task is aborted (the upstream is dropped) or accept fails.
     while let Ok((stream, peer)) = listener.accept().await {
         let log = Arc::clone(&log);
         let load = Arc::clone(&load);
+        let open = conns.opened();
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let _open = open;
             let service = service_fn(move |req| {
                 let (log, load) = (Arc::clone(&log), Arc::clone(&load));
                 async move {
@@ -224,9 +311,17 @@ async fn upstream_accept_loop(listener: TcpListener, log: Arc<Mutex<Vec<Recorded
                     answer
                 }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            match tls {
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                }
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(stream).await {
+                        let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                    }
+                }
+            }
         });
     }
 }
@@ -246,7 +341,12 @@ async fn upstream_answer(
     let response_bytes = header_number(&parts.headers, "x-test-response-bytes");
     log.lock().expect("upstream log").push(Recorded {
         method: parts.method,
-        uri: parts.uri.to_string(),
+        // HTTP/2 always carries scheme and authority as pseudo-headers, which hyper puts in
+        // the URI; the target itself is the path and query.
+        uri: match parts.version {
+            Version::HTTP_2 => parts.uri.path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.to_string()),
+            _ => parts.uri.to_string(),
+        },
         version: parts.version,
         headers: parts.headers,
         body: body.clone(),
@@ -288,6 +388,8 @@ pub struct Route {
     preserve_host: bool,
     scopes: Vec<(String, Vec<String>)>,
     cors: Option<String>,
+    /// Further raw TOML lines of the route (`protocol = "h2"`, `ca_file = "ca.pem"`).
+    extra: Vec<String>,
 }
 
 impl Route {
@@ -300,7 +402,14 @@ impl Route {
             preserve_host: false,
             scopes: Vec::new(),
             cors: None,
+            extra: Vec::new(),
         }
+    }
+
+    /// Sets a further route field; `value` is raw TOML (`"\"h2\""`).
+    pub fn field(mut self, field: &str, value: &str) -> Self {
+        self.extra.push(format!("{field} = {value}"));
+        self
     }
 
     /// A `[routes.cors]` table; `body` is its raw TOML lines (`allow_origins = ["*"]`).
@@ -342,6 +451,10 @@ impl Route {
         }
         if self.preserve_host {
             out.push_str("preserve_host = true\n");
+        }
+        for line in &self.extra {
+            out.push_str(line);
+            out.push('\n');
         }
         if !self.scopes.is_empty() {
             out.push_str("[routes.scopes]\n");

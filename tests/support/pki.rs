@@ -8,7 +8,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
 };
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// A CA made for one test; its leaves name `localhost`.
 pub struct Pki {
@@ -79,5 +79,19 @@ impl Leaf {
         std::fs::write(&cert, &self.cert_pem).expect("write cert.pem");
         std::fs::write(&key, &self.key_pem).expect("write key.pem");
         (cert, key)
+    }
+
+    /// A server configuration presenting this leaf and offering `alpn`.
+    pub fn server(&self, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_no_client_auth()
+                .with_single_cert(vec![self.cert_der.clone()], key)
+                .expect("server certificate");
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
     }
 }

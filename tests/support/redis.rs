@@ -25,6 +25,12 @@ fn binary() -> String {
     }
 }
 
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
+    probe.local_addr().expect("probe addr").port()
+}
+
 pub struct RedisServer {
     pub addr: SocketAddr,
     child: Option<Child>,
@@ -34,10 +40,11 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts a server on a free port and waits (bounded) until it answers PING.
     pub async fn start() -> Self {
-        let port = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
-            probe.local_addr().expect("probe addr").port()
-        };
+        Self::start_at(free_port()).await
+    }
+
+    /// A server on `port` (from [`free_port`]), for a test that names the address first.
+    pub async fn start_at(port: u16) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for redis");
         let mut server = Self { addr: SocketAddr::from(([127, 0, 0, 1], port)), child: None, dir };
         server.spawn().await;

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# benches/instructions.sh [KEYGATE [OTHER_KEYGATE]] — user-space instructions per proxied
-# request, counted by callgrind: a figure that, unlike requests/s on a shared machine, moves by
-# about 1 % between runs, so it can show what one change bought.
+# benches/instructions.sh [KEYGATE [OTHER_KEYGATE]] — user-space instructions per request on
+# the proxied path (valid key → upstream) and on the rejection path (invalid key → JSON 401),
+# counted by callgrind: a figure that, unlike requests/s on a shared machine, moves by about 1 %
+# between runs, so it can show what one change bought.
 #
 #   benches/instructions.sh                       the release build of this tree
 #   benches/instructions.sh old/keygate new/keygate   two builds, measured twice each, alternating
 #
 # Each measurement: keygate (1 key, workers = 1) under valgrind --tool=callgrind in front of
-# the same nginx upstream as benches/load.sh; wrk -t1 -c16 for a 2 s warm-up, then the counters
-# are zeroed, wrk runs 10 s more, and the instructions counted are divided by the requests wrk
-# completed. Under valgrind the machine is saturated, so the figure is the busy steady state
+# the same nginx upstream as benches/load.sh; per path, wrk -t1 -c16 for a 2 s warm-up, then the
+# counters are zeroed, wrk runs 10 s more, and the instructions counted are divided by the
+# requests wrk completed. Both paths are measured in the same keygate process.
+# INSTRUCTIONS_KEEP=DIR keeps each callgrind profile there (for callgrind_annotate). Under
+# valgrind the machine is saturated, so the figure is the busy steady state
 # (few idle wake-ups per request). Only keygate's own process is counted, not the kernel.
 #
 # Needs valgrind, nginx, wrk, curl, python3 (installed with apt-get if missing, as root), and
@@ -85,9 +88,26 @@ sed -e "s|@PORT@|$PORT|g" -e "s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" -e "s|@KEYS_FI
 url=http://127.0.0.1:$PORT/
 status() { curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H "x-api-key: bench-key-0" "$1" || true; }
 
-# measure BINARY → instructions per request
+# run_path PID KEY → instructions per request of wrk's requests with that key, counted in PID
+run_path() {
+  local pid=$1 key=$2 name=$3 out=$WORK/callgrind.out requests total profile
+  timeout 60 wrk -t1 -c16 -d${WARMUP_S}s -H "x-api-key: $key" "$url" >/dev/null
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  requests=$(timeout 60 wrk -t1 -c16 -d${MEASURE_S}s -H "x-api-key: $key" "$url" |
+    awk '/requests in/ { print $1 }')
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  profile=$(ls -t "$out".* | head -n 1)
+  [[ -z ${INSTRUCTIONS_KEEP:-} ]] || cp "$profile" "$INSTRUCTIONS_KEEP/$name.callgrind"
+  total=$(callgrind_annotate "$profile" 2>/dev/null |
+    awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+  [[ $requests =~ ^[0-9]+$ && $requests -gt 0 && $total =~ ^[0-9]+$ ]] ||
+    die "no figure (requests '$requests', instructions '$total')"
+  echo $((total / requests))
+}
+
+# measure BINARY TAG → "proxied N rejection M" instructions per request
 measure() {
-  local binary=$1 out=$WORK/callgrind.out pid i requests total
+  local binary=$1 tag=$2 out=$WORK/callgrind.out pid i proxied rejection
   rm -f "$out"*
   (RUST_LOG=warn exec valgrind --tool=callgrind --callgrind-out-file="$out" "$binary" serve \
     -c "$WORK/keygate/keygate.toml" 2>"$WORK/valgrind.log") &
@@ -98,18 +118,12 @@ measure() {
     sleep 0.1
   done
   [[ $(status "$url") == 200 ]] || die "keygate under valgrind not ready after 60 s"
-  timeout 60 wrk -t1 -c16 -d${WARMUP_S}s -H "x-api-key: bench-key-0" "$url" >/dev/null
-  callgrind_control -z "$pid" >/dev/null 2>&1
-  requests=$(timeout 60 wrk -t1 -c16 -d${MEASURE_S}s -H "x-api-key: bench-key-0" "$url" |
-    awk '/requests in/ { print $1 }')
-  callgrind_control -d "$pid" >/dev/null 2>&1
+  proxied=$(run_path "$pid" bench-key-0 "$tag-proxied")
+  # A key of the right length that is in no table: the 401 flood of benches/load.sh.
+  rejection=$(run_path "$pid" bench-key-not-in-any-table "$tag-rejection")
   kill -INT "$pid"
   wait "$pid" 2>/dev/null || true
-  total=$(callgrind_annotate "$(ls -t "$out".* | head -n 1)" 2>/dev/null |
-    awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
-  [[ $requests =~ ^[0-9]+$ && $requests -gt 0 && $total =~ ^[0-9]+$ ]] ||
-    die "no figure (requests '$requests', instructions '$total')"
-  echo $((total / requests))
+  printf 'proxied %7s   rejection %7s' "$proxied" "$rejection"
 }
 
 for ((i = 0; i < 100; i++)); do
@@ -122,6 +136,6 @@ rounds=1
 for ((round = 1; round <= rounds; round++)); do
   for binary in "${BINARIES[@]}"; do
     log "measuring $binary (round $round)"
-    printf '%-60s %s instructions per request\n' "$binary" "$(measure "$binary")"
+    printf '%-60s %s instructions per request\n' "$binary" "$(measure "$binary" "$(basename "$binary")-$round")"
   done
 done

@@ -1,5 +1,7 @@
 //! Every rejection keygate answers itself, and the one function that renders it as HTTP.
 
+use std::sync::OnceLock;
+
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
@@ -88,6 +90,38 @@ impl GatewayError {
         }
     }
 
+    /// The JSON body. Every variant but `BadRequest` (whose reason varies) always renders the
+    /// same bytes, so those are rendered once and shared: a flood of invalid keys then costs
+    /// no JSON building per request.
+    fn body(&self) -> Bytes {
+        static RENDERED: [OnceLock<Bytes>; 16] = [const { OnceLock::new() }; 16];
+        let slot = match self {
+            Self::BadRequest(_) => return self.render_body(),
+            Self::NoRoute => 0,
+            Self::MissingApiKey => 1,
+            Self::InvalidApiKey => 2,
+            Self::RevokedApiKey => 3,
+            Self::ExpiredApiKey => 4,
+            Self::IpNotAllowed => 5,
+            Self::InsufficientScope => 6,
+            Self::OriginNotAllowed => 7,
+            Self::RateLimited { .. } => 8,
+            Self::QuotaExceeded { .. } => 9,
+            Self::HeadersTooLarge => 10,
+            Self::UnsupportedTransferEncoding => 11,
+            Self::UpstreamUnavailable => 12,
+            Self::UpstreamTimeout => 13,
+            Self::Internal => 14,
+            Self::UpstreamBusy => 15,
+        };
+        RENDERED[slot].get_or_init(|| self.render_body()).clone()
+    }
+
+    fn render_body(&self) -> Bytes {
+        let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        Bytes::from(body.to_string())
+    }
+
     /// The gRPC status a gRPC client gets for this error (SPEC §2.5), derived from the HTTP
     /// status so that every variant has one.
     pub fn grpc_status(&self) -> u8 {
@@ -130,10 +164,11 @@ impl GatewayError {
 
     /// Renders the error as keygate's JSON error response.
     pub fn to_response(&self) -> Response<Full<Bytes>> {
-        let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
-        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        let mut response = Response::new(Full::new(self.body()));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
+        // Room for these and the headers the pipeline adds (x-request-id, CORS) without growing.
+        headers.reserve(8);
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         // Errors are answers about this request, never something a cache may replay.
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -296,6 +331,15 @@ mod tests {
             assert_eq!(json["error"], code);
             assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
         }
+    }
+
+    #[test]
+    fn shared_bodies_match_a_fresh_rendering() {
+        for error in [GatewayError::InvalidApiKey, GatewayError::QuotaExceeded { retry_after_secs: 1 }] {
+            assert_eq!(error.body(), error.render_body());
+            assert_eq!(error.body(), error.render_body(), "second use of the shared body");
+        }
+        assert_ne!(GatewayError::BadRequest("a").body(), GatewayError::BadRequest("b").body());
     }
 
     #[test]

@@ -94,11 +94,24 @@ pub struct Observation<'a> {
     pub handles: Option<&'a RouteMetrics>,
     pub status: u16,
     pub key_id: Option<&'a str>,
-    /// The code of an auth rejection (`missing_api_key` …), if the request was one.
+    /// The error code keygate answered with, if it answered itself; auth rejections
+    /// (`missing_api_key` …, [`AUTH_REJECTIONS`]) are counted by reason.
     pub rejection: Option<&'static str>,
     pub duration: Duration,
     pub upstream_duration: Option<Duration>,
 }
+
+/// The error codes that count as `keygate_auth_rejections_total{reason}`.
+pub const AUTH_REJECTIONS: [&str; 8] = [
+    "missing_api_key",
+    "invalid_api_key",
+    "revoked_api_key",
+    "expired_api_key",
+    "ip_not_allowed",
+    "insufficient_scope",
+    "rate_limited",
+    "quota_exceeded",
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -107,6 +120,9 @@ pub struct Metrics {
     upstream_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     rejections: Family<ReasonLabels, Counter>,
     upstream_connections: Family<UpstreamLabels, Gauge>,
+    /// Each reason's counter of `rejections`, taken on its first use (so a reason never seen
+    /// is not exposed at zero): a flood of rejections hashes no labels.
+    rejection_handles: [std::sync::OnceLock<Counter>; AUTH_REJECTIONS.len()],
 }
 
 impl Default for Metrics {
@@ -140,7 +156,15 @@ impl Default for Metrics {
             "Open connections to each upstream host:port",
             upstream_connections.clone(),
         );
-        Self { registry, requests, request_duration, upstream_duration, rejections, upstream_connections }
+        Self {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            rejections,
+            upstream_connections,
+            rejection_handles: Default::default(),
+        }
     }
 }
 
@@ -199,9 +223,7 @@ impl Metrics {
         if let Some(upstream) = o.upstream_duration {
             self.upstream_duration.get_or_create(&route).observe(upstream.as_secs_f64());
         }
-        if let Some(reason) = o.rejection {
-            self.rejections.get_or_create(&ReasonLabels { reason }).inc();
-        }
+        self.count_rejection(o.rejection);
     }
 
     fn observe_on(&self, handles: &RouteMetrics, o: &Observation<'_>) {
@@ -222,8 +244,16 @@ impl Metrics {
         if let Some(upstream) = o.upstream_duration {
             handles.upstream.observe(upstream.as_secs_f64());
         }
-        if let Some(reason) = o.rejection {
-            self.rejections.get_or_create(&ReasonLabels { reason }).inc();
+        self.count_rejection(o.rejection);
+    }
+
+    fn count_rejection(&self, code: Option<&'static str>) {
+        let Some(code) = code else { return };
+        if let Some(i) = AUTH_REJECTIONS.iter().position(|reason| *reason == code) {
+            let counter = self.rejection_handles[i].get_or_init(|| {
+                self.rejections.get_or_create(&ReasonLabels { reason: AUTH_REJECTIONS[i] }).clone()
+            });
+            counter.inc();
         }
     }
 

@@ -193,7 +193,6 @@ impl Gateway {
         {
             cors.decorate(response.headers_mut(), allow_origin);
         }
-        response.headers_mut().insert(X_REQUEST_ID, request_id);
         if let Some(quota) = &log.quota {
             crate::error::set_quota_headers(response.headers_mut(), quota);
         }
@@ -204,12 +203,15 @@ impl Gateway {
             handles: matched.and_then(|route: &Route| route.metrics.as_deref()),
             status: response.status().as_u16(),
             key_id: log.key_id.as_ref().and_then(|k| k.to_str().ok()),
-            rejection: log.reason.filter(|r| AUTH_REJECTIONS.contains(r)),
+            rejection: log.reason,
             duration,
             upstream_duration: log.upstream_duration,
         };
         let per_key = snapshot.admin.as_ref().is_some_and(|a| a.per_key_metrics);
         self.metrics.observe(&observation, per_key);
+        // Last, once the log no longer borrows it: the id moves into the response uncopied.
+        drop(log);
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
         response
     }
 
@@ -219,7 +221,7 @@ impl Gateway {
         client: ClientInfo,
         request: Request<RequestBody>,
         request_id: &HeaderValue,
-        log: &mut AccessLog,
+        log: &mut AccessLog<'_>,
         matched: &mut Option<&'s Route>,
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let (mut parts, body) = request.into_parts();
@@ -302,8 +304,12 @@ impl Gateway {
             }
         });
         let client_upgrade = websocket.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
-        let connection_guard = parts.extensions.remove::<forward::ConnectionGuard>();
+        let connection_guard = client_upgrade.as_ref().and_then(|_| client.guard().cloned());
         forward::scrub_request(&mut parts.headers);
+        // Room, in one growth, for what keygate adds below (forwarding, Host, request id,
+        // identity): hyper sized the map for the client's headers only, and growing it step by
+        // step rehashes every header each time.
+        parts.headers.reserve(8 + key.map_or(0, |k| k.meta.len()));
         if let Some(protocol) = &websocket {
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(UPGRADE, protocol.clone());
@@ -322,10 +328,15 @@ impl Gateway {
             forward::set_identity(&mut parts.headers, key);
         }
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
-        let target = match query {
-            Some(q) => format!("{}{path}?{q}", upstream.base_path),
-            None => format!("{}{path}", upstream.base_path),
-        };
+        let mut target = String::with_capacity(
+            upstream.base_path.len() + path.len() + query.as_ref().map_or(0, |q| q.len() + 1),
+        );
+        target.push_str(&upstream.base_path);
+        target.push_str(path);
+        if let Some(q) = &query {
+            target.push('?');
+            target.push_str(q);
+        }
         // Origin-form; the transport turns it into what its connections need.
         parts.uri = Uri::builder()
             .path_and_query(target)
@@ -457,18 +468,6 @@ fn adopt_metrics(metrics: &Metrics, snapshot: &mut Snapshot) {
     }
 }
 
-/// The error codes that count as `keygate_auth_rejections_total{reason}`.
-const AUTH_REJECTIONS: [&str; 8] = [
-    "missing_api_key",
-    "invalid_api_key",
-    "revoked_api_key",
-    "expired_api_key",
-    "ip_not_allowed",
-    "insufficient_scope",
-    "rate_limited",
-    "quota_exceeded",
-];
-
 /// Refuses a request head larger than `max_header_bytes` with a JSON 431. (hyper itself cuts
 /// off heads beyond twice that, see the server.)
 fn check_head_size(parts: &Parts, max: usize) -> Result<(), GatewayError> {
@@ -482,10 +481,10 @@ fn check_head_size(parts: &Parts, max: usize) -> Result<(), GatewayError> {
 /// Only plain `chunked` may frame a request body: with any other coding the body's boundaries
 /// are something keygate and the upstream could disagree on.
 fn check_transfer_encoding(parts: &Parts) -> Result<(), GatewayError> {
-    let codings: Vec<&HeaderValue> = parts.headers.get_all(TRANSFER_ENCODING).iter().collect();
-    match codings.as_slice() {
-        [] => Ok(()),
-        [one] if one.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") => Ok(()),
+    let mut codings = parts.headers.get_all(TRANSFER_ENCODING).iter();
+    match (codings.next(), codings.next()) {
+        (None, _) => Ok(()),
+        (Some(one), None) if one.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") => Ok(()),
         _ => Err(GatewayError::UnsupportedTransferEncoding),
     }
 }
@@ -498,7 +497,7 @@ fn request_host(parts: &Parts) -> Result<Option<RequestHost>, GatewayError> {
     let mut hosts = parts.headers.get_all(HOST).iter();
     let header = match (hosts.next(), hosts.next()) {
         (None, _) => None,
-        (Some(one), None) => Some(host::parse(one.as_bytes()).map_err(|e| GatewayError::BadRequest(e.0))?),
+        (Some(one), None) => Some(host::parse_header(one).map_err(|e| GatewayError::BadRequest(e.0))?),
         (Some(_), Some(_)) => {
             return Err(GatewayError::BadRequest("the request has more than one Host header"));
         }

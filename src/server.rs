@@ -160,13 +160,12 @@ impl Connection {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let gateway = Arc::clone(&self.gateway);
-        let guard = self.guard.clone();
+        let client = client.with_guard(self.guard.clone());
         let requests = activity.clone();
         let peer = client.peer;
-        let service = service_fn(move |mut request: Request<Incoming>| {
+        let service = service_fn(move |request: Request<Incoming>| {
             let gateway = Arc::clone(&gateway);
             let client = client.clone();
-            request.extensions_mut().insert(guard.clone());
             let exchange = requests.exchange();
             let body_read = exchange.clone();
             let frame_read = exchange.clone();

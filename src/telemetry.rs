@@ -21,9 +21,10 @@ pub fn init() {
 /// What one request did, filled in as the pipeline goes and emitted once at the end.
 /// It holds only what is safe to log: the key's id, never the key.
 #[derive(Debug)]
-pub struct AccessLog {
+pub struct AccessLog<'r> {
     pub method: Method,
-    pub request_id: HeaderValue,
+    /// Borrowed: the request keeps its id to the end, and a clone would cost an allocation.
+    pub request_id: &'r HeaderValue,
     pub path: Option<String>,
     pub route: Option<crate::metrics::LabelText>,
     pub key_id: Option<HeaderValue>,
@@ -35,11 +36,11 @@ pub struct AccessLog {
     pub quota: Option<crate::ratelimit::Quota>,
 }
 
-impl AccessLog {
-    pub fn new(method: &Method, request_id: &HeaderValue) -> Self {
+impl<'r> AccessLog<'r> {
+    pub fn new(method: &Method, request_id: &'r HeaderValue) -> Self {
         Self {
             method: method.clone(),
-            request_id: request_id.clone(),
+            request_id,
             path: None,
             route: None,
             key_id: None,

@@ -233,6 +233,12 @@ pub fn websocket_upgrade(parts: &http::request::Parts) -> Option<HeaderValue> {
 #[derive(Clone)]
 pub struct ConnectionGuard(pub Arc<dyn std::any::Any + Send + Sync>);
 
+impl std::fmt::Debug for ConnectionGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectionGuard")
+    }
+}
+
 /// Relays the bytes of an upgraded connection both ways until either side closes, or until no
 /// byte has moved either way for `idle_timeout`: a silent tunnel must not hold its client's
 /// `max_connections` slot forever.
@@ -304,12 +310,25 @@ pub struct ClientInfo {
     pub tls: bool,
     /// The peer's IP address as a header value, for `x-forwarded-for` and `x-real-ip`.
     ip: HeaderValue,
+    /// The connection's place under `max_connections`, which a WebSocket relay takes over.
+    /// Carried here rather than in each request's extensions: inserting it there would build
+    /// an extension map for every request, for the rare one that upgrades.
+    guard: Option<ConnectionGuard>,
 }
 
 impl ClientInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> Self {
         let ip = crate::proxy::client::address_header(crate::proxy::client::canonical(peer.ip()));
-        Self { peer, tls, ip }
+        Self { peer, tls, ip, guard: None }
+    }
+
+    /// The same client, on a connection that holds `guard`.
+    pub fn with_guard(self, guard: ConnectionGuard) -> Self {
+        Self { guard: Some(guard), ..self }
+    }
+
+    pub fn guard(&self) -> Option<&ConnectionGuard> {
+        self.guard.as_ref()
     }
 
     /// The peer's address as a header value.

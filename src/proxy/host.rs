@@ -37,6 +37,61 @@ pub struct HostError(pub &'static str);
 /// percent-encoding), or an IPv6 literal in brackets; then optionally `:` and 1–5 digits up to
 /// 65535. Refused: empty, user info (`@`), a second `:` outside brackets, any other character.
 pub fn parse(raw: &[u8]) -> Result<RequestHost, HostError> {
+    if let Some(name_end) = common_form(raw) {
+        let value =
+            HeaderValue::from_bytes(raw).map_err(|_| HostError("the Host is not a valid header value"))?;
+        return Ok(RequestHost { value, name_end });
+    }
+    parse_any(raw)
+}
+
+/// [`parse`] for a `Host` header: the same rules, and an accepted value is shared, not copied.
+pub fn parse_header(value: &HeaderValue) -> Result<RequestHost, HostError> {
+    match common_form(value.as_bytes()) {
+        Some(name_end) => Ok(RequestHost { value: value.clone(), name_end }),
+        None => parse_any(value.as_bytes()),
+    }
+}
+
+/// The forms nearly every request uses — `name.example[:port]` whose last label starts with a
+/// letter, or a dotted quad `a.b.c.d[:port]` — recognised in one pass over the bytes, with where
+/// the name ends. `None` means "not one of these", not "refused": [`parse_any`] then decides.
+/// Every value this accepts, `parse_any` accepts with the same `name_end` (tested below).
+fn common_form(raw: &[u8]) -> Option<usize> {
+    let name_end = raw.iter().position(|&b| b == b':').unwrap_or(raw.len());
+    let (name, port) = raw.split_at(name_end);
+    if let Some(port) = port.strip_prefix(b":") {
+        if port.is_empty() || port.len() > 5 || !port.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        if port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) > 65535 {
+            return None;
+        }
+    }
+    let mut labels = name.split(|&b| b == b'.');
+    let mut count = 0;
+    let (mut last, mut all_digit_labels) = (&b""[..], true);
+    for label in labels.by_ref() {
+        if label.is_empty() || !label.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-') {
+            return None;
+        }
+        all_digit_labels &= label.iter().all(u8::is_ascii_digit);
+        last = label;
+        count += 1;
+    }
+    let named = last.first().is_some_and(u8::is_ascii_alphabetic);
+    let quad = all_digit_labels
+        && count == 4
+        && name.split(|&b| b == b'.').all(|label| {
+            label.len() <= 3
+                && (label.len() == 1 || label[0] != b'0')
+                && label.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 255
+        });
+    (named || quad).then_some(name_end)
+}
+
+/// The full rules of [`parse`], for every form.
+fn parse_any(raw: &[u8]) -> Result<RequestHost, HostError> {
     let text = std::str::from_utf8(raw).map_err(|_| HostError("the Host is not text"))?;
     if text.is_empty() {
         return Err(HostError("the Host is empty"));
@@ -142,6 +197,56 @@ mod tests {
         assert_eq!(name("0.0.0.0").unwrap(), "0.0.0.0");
         assert_eq!(name("a1.example.123abc").unwrap(), "a1.example.123abc");
         assert_eq!(parse(b"a.example:65535").unwrap().value, "a.example:65535");
+    }
+
+    #[test]
+    fn the_common_forms_agree_with_the_full_rules() {
+        let mut samples: Vec<String> = Vec::new();
+        let names = [
+            "example.com",
+            "Example.COM",
+            "a",
+            "a-b.c",
+            "x1.y2.z3",
+            "127.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "256.0.0.1",
+            "01.2.3.4",
+            "1.2.3",
+            "1.2.3.4.5",
+            "a.123",
+            "a.0x10",
+            "0x7f",
+            "a..b",
+            ".a",
+            "a.",
+            "",
+            "-a.example",
+            "a_b.example",
+            "a~b",
+            "1a.example",
+            "a.1b",
+            "999.1.1.1",
+            "1.2.3.04",
+        ];
+        for name in names {
+            for port in ["", ":", ":0", ":80", ":65535", ":65536", ":123456", ":8a", ":+1", ":80:1"] {
+                samples.push(format!("{name}{port}"));
+            }
+        }
+        for raw in &samples {
+            if let Some(end) = common_form(raw.as_bytes()) {
+                let full =
+                    parse_any(raw.as_bytes()).unwrap_or_else(|e| panic!("{raw:?}: fast yes, full {e:?}"));
+                assert_eq!(full.name_end, end, "{raw:?}");
+                assert_eq!(parse(raw.as_bytes()).unwrap(), full, "{raw:?}");
+            } else {
+                assert_eq!(parse(raw.as_bytes()).ok(), parse_any(raw.as_bytes()).ok(), "{raw:?}");
+            }
+        }
+        let header = HeaderValue::from_static("api.example:8443");
+        assert_eq!(parse_header(&header).unwrap().name(), "api.example");
     }
 
     #[test]

@@ -15,6 +15,11 @@ use crate::keys::{KEY_BODY_LEN, plausible};
 /// decoded (a query or cookie value), or in `Basic` credentials (base64 of `user:password`,
 /// where Stripe-style clients put an API key).
 pub fn holds_key(bytes: &[u8], prefix: &str) -> bool {
+    // Decoding (percent or base64) only ever shortens, so a value shorter than one key holds
+    // none in any spelling. Most header values are: they cost a comparison, not a search.
+    if bytes.len() < prefix.len() + 1 + KEY_BODY_LEN {
+        return false;
+    }
     if holds_plain_key(bytes, prefix) {
         return true;
     }

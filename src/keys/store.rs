@@ -167,6 +167,55 @@ pub trait KeyStore: Send + Sync {
     fn delete(&self, selector: &str, now: OffsetDateTime) -> Result<KeyChange, StoreError>;
 }
 
+/// A store whose keys read and change as one key-file document — the file and Redis both — so
+/// each operation is written once (in `document`) and runs through the store's own read and
+/// edit.
+pub trait DocumentStore: Send + Sync {
+    /// The prefix generated keys get (`[auth] key_prefix`).
+    fn prefix(&self) -> &str;
+
+    /// Every entry, as a key-file document.
+    fn read(&self) -> Result<toml_edit::DocumentMut, StoreError>;
+
+    /// Runs `change` on the current document and stores the result as one change. It may run
+    /// `change` more than once: the cluster store does when another writer got in first.
+    fn edit(
+        &self,
+        change: &mut dyn FnMut(&mut toml_edit::DocumentMut) -> Result<KeyChange, StoreError>,
+    ) -> Result<KeyChange, StoreError>;
+}
+
+impl<S: DocumentStore> KeyStore for S {
+    fn list(&self, now: OffsetDateTime) -> Result<Vec<KeyView>, StoreError> {
+        Ok(lifecycle::views(&self.read()?, now))
+    }
+
+    fn create(&self, grant: &Grant, now: OffsetDateTime) -> Result<KeyChange, StoreError> {
+        self.edit(&mut |doc| document::create(doc, self.prefix(), grant, now))
+    }
+
+    fn import(&self, key: &str, grant: &Grant, now: OffsetDateTime) -> Result<KeyChange, StoreError> {
+        self.edit(&mut |doc| document::import(doc, key, grant, now))
+    }
+
+    fn revoke(&self, selector: &str, now: OffsetDateTime) -> Result<KeyChange, StoreError> {
+        self.edit(&mut |doc| document::revoke(doc, selector, now))
+    }
+
+    fn rotate(
+        &self,
+        selector: &str,
+        rotation: &Rotation,
+        now: OffsetDateTime,
+    ) -> Result<KeyChange, StoreError> {
+        self.edit(&mut |doc| document::rotate(doc, self.prefix(), selector, rotation, now))
+    }
+
+    fn delete(&self, selector: &str, now: OffsetDateTime) -> Result<KeyChange, StoreError> {
+        self.edit(&mut |doc| document::delete(doc, selector, now))
+    }
+}
+
 /// The store a running gateway's snapshot names.
 pub fn of_snapshot(snapshot: &Snapshot) -> Box<dyn KeyStore> {
     of_source(snapshot.key_source.clone(), snapshot.auth.key_prefix.clone())

@@ -7,11 +7,9 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use time::OffsetDateTime;
 use toml_edit::DocumentMut;
 
-use super::{KeyChange, KeyStore, Rotation, StoreError, document};
-use crate::keys::lifecycle::{self, Grant, KeyView};
+use super::{DocumentStore, KeyChange, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -96,13 +94,29 @@ impl FileStore {
     pub fn new(path: PathBuf, prefix: String) -> Self {
         Self { path, prefix }
     }
+}
+
+fn unavailable(error: FileError) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+impl DocumentStore for FileStore {
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Read without the lock: writers replace the file by rename, so a reader always sees a
+    /// whole file, and a read-only mount (a Kubernetes Secret) can still be listed.
+    fn read(&self) -> Result<DocumentMut, StoreError> {
+        read_document(&self.path).map_err(unavailable)
+    }
 
     /// Locks the key file, applies `change`, checks the result as the gateway would load it, and
     /// only then writes it (atomically). A failure anywhere leaves the file as it was.
-    fn edit<T>(
+    fn edit(
         &self,
-        change: impl FnOnce(&mut DocumentMut) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+        change: &mut dyn FnMut(&mut DocumentMut) -> Result<KeyChange, StoreError>,
+    ) -> Result<KeyChange, StoreError> {
         let lock = Locked::lock(&self.path).map_err(unavailable)?;
         let mut doc = lock.read().map_err(unavailable)?;
         let out = change(&mut doc)?;
@@ -114,44 +128,6 @@ impl FileStore {
         })?;
         lock.write(&text).map_err(unavailable)?;
         Ok(out)
-    }
-}
-
-fn unavailable(error: FileError) -> StoreError {
-    StoreError::Unavailable(error.to_string())
-}
-
-impl KeyStore for FileStore {
-    /// Read without the lock: writers replace the file by rename, so a reader always sees a
-    /// whole file, and a read-only mount (a Kubernetes Secret) can still be listed.
-    fn list(&self, now: OffsetDateTime) -> Result<Vec<KeyView>, StoreError> {
-        let doc = read_document(&self.path).map_err(unavailable)?;
-        Ok(lifecycle::views(&doc, now))
-    }
-
-    fn create(&self, grant: &Grant, now: OffsetDateTime) -> Result<KeyChange, StoreError> {
-        self.edit(|doc| document::create(doc, &self.prefix, grant, now))
-    }
-
-    fn import(&self, key: &str, grant: &Grant, now: OffsetDateTime) -> Result<KeyChange, StoreError> {
-        self.edit(|doc| document::import(doc, key, grant, now))
-    }
-
-    fn revoke(&self, selector: &str, now: OffsetDateTime) -> Result<KeyChange, StoreError> {
-        self.edit(|doc| document::revoke(doc, selector, now))
-    }
-
-    fn rotate(
-        &self,
-        selector: &str,
-        rotation: &Rotation,
-        now: OffsetDateTime,
-    ) -> Result<KeyChange, StoreError> {
-        self.edit(|doc| document::rotate(doc, &self.prefix, selector, rotation, now))
-    }
-
-    fn delete(&self, selector: &str, now: OffsetDateTime) -> Result<KeyChange, StoreError> {
-        self.edit(|doc| document::delete(doc, selector, now))
     }
 }
 
@@ -213,6 +189,8 @@ fn create_temp(dir: &Path, name: &str, mode: u32) -> Result<(PathBuf, File), Fil
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::lifecycle::Grant;
+    use time::OffsetDateTime;
 
     #[test]
     fn write_replaces_atomically_and_keeps_comments_through_a_round_trip() {

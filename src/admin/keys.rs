@@ -20,7 +20,7 @@ use crate::error::AdminError;
 use crate::keys::lifecycle::{self, GrantRequest, KeyView};
 use crate::keys::store::{self, KeyChange, KeyStore, Rotation, StoreError};
 use crate::proxy::Gateway;
-use crate::quota::{Period, QuotaLimit};
+use crate::quota::Period;
 
 /// The largest body any `/keys` request needs is a few hundred bytes; this leaves room for
 /// long meta and allowed_ips lists while keeping a flood from costing memory.
@@ -316,13 +316,7 @@ fn decode(segment: &str) -> Result<String, AdminError> {
 /// Each key's last use and requests this period, from the counters store; unknown (null)
 /// when the store cannot say right now — listing keys does not depend on it.
 async fn usage_of(gateway: &Gateway, views: &[KeyView]) -> Vec<Option<Usage>> {
-    let keys: Vec<(String, Period)> = views
-        .iter()
-        .map(|v| {
-            let period = v.quota.as_deref().and_then(QuotaLimit::parse).map_or(Period::Month, |q| q.period);
-            (v.id.clone(), period)
-        })
-        .collect();
+    let keys: Vec<(String, Period)> = views.iter().map(|v| (v.id.clone(), v.usage_period())).collect();
     match gateway.counters().usage(&keys, SystemTime::now()).await {
         Ok(usage) => usage.into_iter().map(Some).collect(),
         Err(error) => {

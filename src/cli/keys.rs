@@ -13,7 +13,7 @@ use crate::keys;
 use crate::keys::cluster::{self, ClusterKeys};
 use crate::keys::lifecycle::{self, Grant, GrantRequest, KeyView};
 use crate::keys::store::{self, KeyChange, Locked, Rotation, Secret};
-use crate::quota::{Period, QuotaLimit};
+use crate::quota::Period;
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -270,13 +270,7 @@ fn add_usage(config_path: &Path, views: &mut [KeyView]) -> Result<bool, String> 
     if !settings.persistent() {
         return Ok(false);
     }
-    let keys: Vec<(String, Period)> = views
-        .iter()
-        .map(|v| {
-            let period = v.quota.as_deref().and_then(QuotaLimit::parse).map_or(Period::Month, |q| q.period);
-            (v.id.clone(), period)
-        })
-        .collect();
+    let keys: Vec<(String, Period)> = views.iter().map(|v| (v.id.clone(), v.usage_period())).collect();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -49,6 +49,16 @@ pub struct KeyView {
     pub allowed_ips: Vec<String>,
 }
 
+impl KeyView {
+    /// The period the key's usage is counted in: its quota's, else the calendar month.
+    pub fn usage_period(&self) -> crate::quota::Period {
+        self.quota
+            .as_deref()
+            .and_then(crate::quota::QuotaLimit::parse)
+            .map_or(crate::quota::Period::Month, |q| q.period)
+    }
+}
+
 /// What a new key holds besides its secret.
 #[derive(Debug, Clone, Default)]
 pub struct Grant {

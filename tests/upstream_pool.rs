@@ -179,15 +179,22 @@ async fn a_safe_request_crossing_an_idle_close_is_sent_again_on_a_new_connection
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
-#[tokio::test]
-async fn a_request_with_a_body_is_never_sent_twice() {
+/// A gateway in front of [`closes_under_the_second_request`] whose one pooled connection has
+/// served a request and then sat idle long enough for keygate to keep a copy of a safe request:
+/// the next request crosses the upstream's close.
+async fn one_idle_pooled_connection() -> (support::TestGateway, Arc<AtomicUsize>) {
     let (addr, accepted) = closes_under_the_second_request().await;
     let gateway =
         GatewayConfig::new().route(Route::new("/", &format!("http://{addr}")).public()).start().await;
     let first = gateway.get("/first").send().await;
     assert_eq!(first.status, 200, "{first}");
-
     tokio::time::sleep(keygate::proxy::pool::REPLAY_AFTER_IDLE + Duration::from_millis(200)).await;
+    (gateway, accepted)
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_is_never_sent_twice() {
+    let (gateway, accepted) = one_idle_pooled_connection().await;
     let post = gateway.request(http::Method::POST, "/charge").body("amount=10").send().await;
     support::assert_error(&post, 502, "upstream_unavailable");
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "the POST was sent again");
@@ -197,13 +204,7 @@ async fn a_request_with_a_body_is_never_sent_twice() {
 async fn a_safe_request_with_a_method_override_is_never_sent_twice() {
     // A GET that asks the upstream framework to run POST (or DELETE) is as unsafe as a POST.
     for (header, query) in [("x-http-method-override", ""), ("x-other", "?_method=delete")] {
-        let (addr, accepted) = closes_under_the_second_request().await;
-        let gateway =
-            GatewayConfig::new().route(Route::new("/", &format!("http://{addr}")).public()).start().await;
-        let first = gateway.get("/first").send().await;
-        assert_eq!(first.status, 200, "{first}");
-
-        tokio::time::sleep(keygate::proxy::pool::REPLAY_AFTER_IDLE + Duration::from_millis(200)).await;
+        let (gateway, accepted) = one_idle_pooled_connection().await;
         let overridden = gateway.get(&format!("/charge{query}")).header(header, "POST").send().await;
         support::assert_error(&overridden, 502, "upstream_unavailable");
         assert_eq!(

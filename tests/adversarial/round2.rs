@@ -158,10 +158,10 @@ async fn method_override_class_refuses_values_that_are_no_method() {
 // 2. Host values that parse two ways
 // =============================================================================================
 
-#[tokio::test]
-async fn host_values_that_parse_two_ways_are_refused_and_the_parsed_one_travels() {
-    let upstream = RecordingUpstream::start().await;
-    let gateway = GatewayConfig::new()
+/// A protected virtual host `admin.example.com` (upstream base `/adm`) before a public
+/// catch-all (`/pub`): a Host read two ways would land on one while meaning the other.
+async fn vhost_gateway(upstream: &RecordingUpstream) -> TestGateway {
+    GatewayConfig::new()
         .route(
             Route::new("/", &format!("{}/adm", upstream.url()))
                 .host("admin.example.com")
@@ -170,7 +170,13 @@ async fn host_values_that_parse_two_ways_are_refused_and_the_parsed_one_travels(
         .route(Route::new("/", &format!("{}/pub", upstream.url())).public())
         .key(Key::new("admin001", "admin", ADMIN, &["admin"]))
         .start()
-        .await;
+        .await
+}
+
+#[tokio::test]
+async fn host_values_that_parse_two_ways_are_refused_and_the_parsed_one_travels() {
+    let upstream = RecordingUpstream::start().await;
+    let gateway = vhost_gateway(&upstream).await;
     let two_way = [
         "admin.example.com:1:2",
         "admin.example.com:80:x",
@@ -235,15 +241,7 @@ async fn h2_request(addr: SocketAddr, fields: &[(&str, &str)]) -> Outcome {
 #[tokio::test]
 async fn host_values_that_parse_two_ways_are_refused_over_http2_too() {
     let upstream = RecordingUpstream::start().await;
-    let gateway = GatewayConfig::new()
-        .route(
-            Route::new("/", &format!("{}/adm", upstream.url()))
-                .host("admin.example.com")
-                .scope("*", &["admin"]),
-        )
-        .route(Route::new("/", &format!("{}/pub", upstream.url())).public())
-        .start()
-        .await;
+    let gateway = vhost_gateway(&upstream).await;
     let cases = [
         "admin.example.com:1:2",
         "a.example:@admin.example.com",
@@ -323,15 +321,20 @@ async fn ping_until_closed(conn: &mut Conn) -> bool {
     false
 }
 
-#[tokio::test]
-async fn chatter_class_an_http2_connection_that_only_pings_gives_its_slot_back() {
-    let upstream = RecordingUpstream::start().await;
-    let gateway = GatewayConfig::new()
+/// One connection slot and a 1 s idle timeout: whoever holds the slot idly locks everyone out.
+async fn one_slot_gateway(upstream: &RecordingUpstream) -> TestGateway {
+    GatewayConfig::new()
         .server("idle_timeout", "\"1s\"")
         .server("max_connections", "1")
         .route(Route::new("/", &upstream.url()).public())
         .start()
-        .await;
+        .await
+}
+
+#[tokio::test]
+async fn chatter_class_an_http2_connection_that_only_pings_gives_its_slot_back() {
+    let upstream = RecordingUpstream::start().await;
+    let gateway = one_slot_gateway(&upstream).await;
     let mut chatter = Conn::connect(gateway.addr).await;
     // A PING every 200 ms keeps bytes moving both ways; no request is ever made. Each write is
     // answered (PING ACK), so this is exactly the chatter of the report.
@@ -348,12 +351,7 @@ async fn chatter_class_an_http2_connection_that_only_pings_gives_its_slot_back()
 #[tokio::test]
 async fn chatter_class_a_stream_that_never_sends_its_body_does_not_hold_the_slot() {
     let upstream = RecordingUpstream::start().await;
-    let gateway = GatewayConfig::new()
-        .server("idle_timeout", "\"1s\"")
-        .server("max_connections", "1")
-        .route(Route::new("/", &upstream.url()).public())
-        .start()
-        .await;
+    let gateway = one_slot_gateway(&upstream).await;
     let mut chatter = Conn::connect(gateway.addr).await;
     // HEADERS (END_HEADERS, no END_STREAM) for POST /upload with literal fields: the body is
     // promised and never comes.

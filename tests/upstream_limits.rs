@@ -45,16 +45,16 @@ async fn http2_burst(gateway: std::net::SocketAddr, key: &Key, path: &str, count
     statuses
 }
 
+/// A gateway with `upstream_max_connections = limit` and one protected route for `key`.
+async fn limited(key: &Key, limit: &str, route: Route) -> support::TestGateway {
+    GatewayConfig::new().server("upstream_max_connections", limit).route(route).key(key.clone()).start().await
+}
+
 #[tokio::test]
 async fn a_burst_against_a_slow_upstream_queues_within_the_limit() {
     let upstream = RecordingUpstream::start().await;
     let key = Key::generated("burst", &["read"]);
-    let gateway = GatewayConfig::new()
-        .server("upstream_max_connections", "2")
-        .route(Route::new("/", &upstream.url()))
-        .key(key.clone())
-        .start()
-        .await;
+    let gateway = limited(&key, "2", Route::new("/", &upstream.url())).await;
     let calls: Vec<_> = (0..12)
         .map(|_| {
             gateway.get("/slow").header("x-api-key", &key.secret).header("x-test-sleep-ms", "100").send()
@@ -74,12 +74,7 @@ async fn a_burst_against_a_slow_upstream_queues_within_the_limit() {
 async fn one_http2_client_with_many_streams_stays_within_the_limit() {
     let upstream = RecordingUpstream::start().await;
     let key = Key::generated("streams", &["read"]);
-    let gateway = GatewayConfig::new()
-        .server("upstream_max_connections", "2")
-        .route(Route::new("/", &upstream.url()))
-        .key(key.clone())
-        .start()
-        .await;
+    let gateway = limited(&key, "2", Route::new("/", &upstream.url())).await;
     let statuses = http2_burst(gateway.addr, &key, "/streams", 100).await;
     assert!(statuses.iter().all(|s| *s == StatusCode::OK), "statuses: {statuses:?}");
     assert_eq!(upstream.count(), 100);
@@ -91,12 +86,7 @@ async fn one_http2_client_with_many_streams_stays_within_the_limit() {
 async fn http2_upstream_streams_share_connections_within_the_limit() {
     let upstream = RecordingUpstream::start().await;
     let key = Key::generated("h2-streams", &["read"]);
-    let gateway = GatewayConfig::new()
-        .server("upstream_max_connections", "2")
-        .route(Route::new("/", &upstream.url()).field("protocol", "\"h2\""))
-        .key(key.clone())
-        .start()
-        .await;
+    let gateway = limited(&key, "2", Route::new("/", &upstream.url()).field("protocol", "\"h2\"")).await;
     let statuses = http2_burst(gateway.addr, &key, "/h2streams", 100).await;
     assert!(statuses.iter().all(|s| *s == StatusCode::OK), "statuses: {statuses:?}");
     let seen = upstream.requests();
@@ -150,12 +140,12 @@ async fn https_upstreams_through_hyper_util_stay_within_the_limit() {
     let ca_file = ca_dir.path().join("ca.pem");
     std::fs::write(&ca_file, &ca.ca_pem).expect("write ca.pem");
     let key = Key::generated("https-burst", &["read"]);
-    let gateway = GatewayConfig::new()
-        .server("upstream_max_connections", "2")
-        .route(Route::new("/", &upstream.https_url()).field("ca_file", &toml_str(&ca_file.to_string_lossy())))
-        .key(key.clone())
-        .start()
-        .await;
+    let gateway = limited(
+        &key,
+        "2",
+        Route::new("/", &upstream.https_url()).field("ca_file", &toml_str(&ca_file.to_string_lossy())),
+    )
+    .await;
     let calls: Vec<_> = (0..12)
         .map(|_| gateway.get("/tls").header("x-api-key", &key.secret).header("x-test-sleep-ms", "100").send())
         .collect();

@@ -127,30 +127,34 @@ fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
 
 /// Percent-decodes a query component; `+` stays `+` so that base64 keys survive unencoded.
 fn percent_decode(text: &str) -> Cow<'_, str> {
-    if !text.contains('%') {
-        return Cow::Borrowed(text);
+    match percent_decode_bytes(text.as_bytes()) {
+        Cow::Borrowed(_) => Cow::Borrowed(text),
+        Cow::Owned(bytes) => Cow::Owned(String::from_utf8_lossy(&bytes).into_owned()),
     }
-    let bytes = text.as_bytes();
+}
+
+/// `%XX` decoded once; anything else, a malformed escape included, kept as it is.
+pub(crate) fn percent_decode_bytes(bytes: &[u8]) -> Cow<'_, [u8]> {
+    if !bytes.contains(&b'%') {
+        return Cow::Borrowed(bytes);
+    }
+    let hex = |b: u8| (b as char).to_digit(16);
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let decoded = (bytes[i] == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match decoded {
-            Some(b) => {
-                out.push(b);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                // Two hex digits make at most 0xff.
+                out.push((hi * 16 + lo) as u8);
                 i += 3;
             }
-            None => {
-                out.push(bytes[i]);
+            (b, _, _) => {
+                out.push(b);
                 i += 1;
             }
         }
     }
-    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+    Cow::Owned(out)
 }
 
 /// Collects the values of one source; more than one is refused, since which of two keys

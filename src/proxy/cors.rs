@@ -165,25 +165,7 @@ pub fn is_preflight(parts: &Parts) -> bool {
         && !parts.headers.contains_key(header::UPGRADE)
         && !parts.headers.contains_key(header::TRANSFER_ENCODING)
         && parts.headers.get_all(header::CONTENT_LENGTH).iter().all(|v| v.as_bytes().trim_ascii() == b"0")
-        && !parts.headers.keys().any(|name| names_method_override(name.as_str()))
-        && !parts.uri.query().is_some_and(has_method_parameter)
-}
-
-/// `X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`, in any `_` spelling.
-fn names_method_override(name: &str) -> bool {
-    ["x-http-method-override", "x-http-method", "x-method-override"].iter().any(|o| {
-        o.len() == name.len() && o.bytes().zip(name.bytes()).all(|(a, b)| a == b || (a == b'-' && b == b'_'))
-    })
-}
-
-/// A `_method` query parameter (as Rails and Laravel read it), also percent-encoded or in
-/// another case: erring towards "needs a key" costs a real preflight nothing.
-fn has_method_parameter(query: &str) -> bool {
-    query.split('&').any(|pair| {
-        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
-        let name = name.replace("%5F", "_").replace("%5f", "_");
-        name.eq_ignore_ascii_case("_method")
-    })
+        && !crate::proxy::auth::has_method_override(&parts.headers, parts.uri.query())
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use http::header::COOKIE;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::keys::{KEY_BODY_LEN, plausible};
+use crate::proxy::auth::percent_decode_bytes;
 
 /// Whether `bytes` holds, anywhere, a key `<prefix>_…` with a valid checksum: as it is, percent-
 /// decoded (a query or cookie value), or in `Basic` credentials (base64 of `user:password`,
@@ -23,7 +24,7 @@ pub fn holds_key(bytes: &[u8], prefix: &str) -> bool {
     if holds_plain_key(bytes, prefix) {
         return true;
     }
-    if bytes.contains(&b'%') && holds_plain_key(&percent_decode(bytes), prefix) {
+    if bytes.contains(&b'%') && holds_plain_key(&percent_decode_bytes(bytes), prefix) {
         return true;
     }
     basic_credentials(bytes).is_some_and(|decoded| holds_key(&decoded, prefix))
@@ -40,26 +41,6 @@ fn holds_plain_key(bytes: &[u8], prefix: &str) -> bool {
                 // it is exactly the shape-and-checksum check.
                 .is_some_and(|candidate| plausible(candidate, prefix))
     })
-}
-
-/// `%XX` decoded once; anything else kept.
-fn percent_decode(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 /// The decoded part of a `Basic <base64>` value.

@@ -34,7 +34,7 @@ impl QuotaLimit {
 }
 
 /// One calendar period, as whole seconds since the Unix epoch: `[start, end)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Window {
     pub start: u64,
     pub end: u64,

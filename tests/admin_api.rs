@@ -11,7 +11,9 @@ use std::os::unix::fs::PermissionsExt;
 use http::Method;
 use serde_json::{Value, json};
 use support::admin::{AdminGateway, SEED_ID, SEED_SECRET};
-use support::{AdminListener, Call, Exchange, GatewayConfig, Key, Route, assert_error, keygate_command};
+use support::{
+    AdminListener, Call, Exchange, GatewayConfig, Key, Route, assert_error, join_all, keygate_command,
+};
 
 /// The fields of one key in every answer (SPEC §10, plus allowed_ips).
 const KEY_FIELDS: [&str; 15] = [
@@ -388,7 +390,7 @@ async fn cli_and_api_changes_made_at_once_all_land() {
         let (key, _) = gate_ref.create(json!({"name": name, "scopes": ["read"]})).await;
         (name, key)
     });
-    let (from_cli, from_api) = tokio::join!(futures_join(cli.collect()), futures_join(api.collect()));
+    let (from_cli, from_api) = tokio::join!(join_all(cli.collect()), join_all(api.collect()));
 
     let listed = gate.api(Method::GET, "/keys").send().await;
     let names: HashSet<String> = listed.json().expect("JSON")["keys"]
@@ -414,26 +416,6 @@ async fn cli_and_api_changes_made_at_once_all_land() {
         gate.audit_lines().iter().map(|l| l["token"].as_str().unwrap_or("").to_string()).collect();
     assert_eq!(tokens.iter().filter(|t| *t == "cli").count(), EACH, "{tokens:?}");
     assert_eq!(tokens.iter().filter(|t| *t == "ops").count(), EACH, "{tokens:?}");
-}
-
-/// Runs the futures concurrently on this task and collects their outputs in order.
-async fn futures_join<T>(futures: Vec<impl std::future::Future<Output = T>>) -> Vec<T> {
-    let mut set = Vec::new();
-    let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
-    let mut done: Vec<Option<T>> = pinned.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        for (i, future) in pinned.iter_mut().enumerate() {
-            if done[i].is_none()
-                && let std::task::Poll::Ready(value) = future.as_mut().poll(cx)
-            {
-                done[i] = Some(value);
-            }
-        }
-        if done.iter().all(Option::is_some) { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
-    })
-    .await;
-    set.extend(done.into_iter().flatten());
-    set
 }
 
 #[tokio::test]

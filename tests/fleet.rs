@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use support::poll::{Attempts, DEADLINE};
 use support::process::Served;
 use support::redis::RedisServer;
-use support::{GatewayConfig, Key, RecordingUpstream, Route, assert_error, keygate_command};
+use support::{GatewayConfig, Key, RecordingUpstream, Route, assert_error, join_all, keygate_command};
 
 /// A key entry with extra fields (`rate_limit = "5/h"`, …) after the helper's own.
 fn key_with(key: &Key, extra: &[(&str, &str)]) -> String {
@@ -96,6 +96,49 @@ async fn two_replicas_share_one_rate_limit() {
 #[tokio::test]
 async fn three_replicas_share_one_rate_limit() {
     replicas_share_one_limit(3).await;
+}
+
+/// Sends `n` requests at once, round-robin over the replicas; returns how many were forwarded
+/// and how many refused with each code.
+async fn burst(replicas: &[Served], key: &str, n: usize) -> (usize, usize, usize) {
+    let calls = (0..n).map(|i| replicas[i % replicas.len()].get("/x", key).send());
+    let (mut forwarded, mut rate_limited, mut over_quota) = (0, 0, 0);
+    for (i, exchange) in join_all(calls.collect()).await.into_iter().enumerate() {
+        match (exchange.status.as_u16(), exchange.error_code().as_deref()) {
+            (200, _) => forwarded += 1,
+            (429, Some("rate_limited")) => rate_limited += 1,
+            (429, Some("quota_exceeded")) => over_quota += 1,
+            _ => panic!("request {i}: unexpected answer\n{exchange}"),
+        }
+    }
+    (forwarded, rate_limited, over_quota)
+}
+
+/// Requests that reach Redis together are decided together (one script call per batch), and
+/// each is judged as if they came one after the other: the limit holds exactly, a request the
+/// quota refuses spends no token, and one that finds no token is `rate_limited`.
+#[tokio::test]
+async fn concurrent_requests_on_three_replicas_are_judged_one_after_another() {
+    let redis = RedisServer::start().await;
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let by_rate = Key::generated("by-rate", &[]);
+    let by_quota = Key::generated("by-quota", &[]);
+    let keys = [
+        key_with(&by_rate, &[("rate_limit", "12/h"), ("quota", "100/day")]),
+        key_with(&by_quota, &[("rate_limit", "20/h"), ("quota", "15/day")]),
+    ];
+    let config = write_config(dir.path(), &upstream, &cluster_section(&redis, "2s"), &keys);
+    let replicas = fleet(&config, 3).await;
+    assert_eq!(burst(&replicas, &by_rate.secret, 60).await, (12, 48, 0), "12 tokens, then none");
+    assert_eq!(upstream.count(), 12);
+    // 15 pass; every later request still finds one of the 5 tokens the refusals never spent.
+    assert_eq!(burst(&replicas, &by_quota.secret, 60).await, (15, 0, 45));
+    assert_eq!(burst(&replicas, &by_quota.secret, 30).await, (0, 0, 30), "the tokens are still there");
+    assert_eq!(upstream.count(), 27, "the upstream saw exactly the admitted requests");
+    for replica in &replicas {
+        assert_eq!(cluster_errors(replica).await, 0, "every request was decided by Redis");
+    }
 }
 
 /// Whole seconds from now to the next UTC midnight.

@@ -60,7 +60,7 @@ async fn a_burst_against_a_slow_upstream_queues_within_the_limit() {
             gateway.get("/slow").header("x-api-key", &key.secret).header("x-test-sleep-ms", "100").send()
         })
         .collect();
-    let exchanges = futures_join(calls).await;
+    let exchanges = join_all(calls).await;
     for exchange in &exchanges {
         assert_eq!(exchange.status, StatusCode::OK, "{exchange}");
         upstream.expect_received(exchange);
@@ -149,7 +149,7 @@ async fn https_upstreams_through_hyper_util_stay_within_the_limit() {
     let calls: Vec<_> = (0..12)
         .map(|_| gateway.get("/tls").header("x-api-key", &key.secret).header("x-test-sleep-ms", "100").send())
         .collect();
-    for exchange in futures_join(calls).await {
+    for exchange in join_all(calls).await {
         assert_eq!(exchange.status, StatusCode::OK, "{exchange}");
         upstream.expect_received(&exchange);
     }
@@ -172,7 +172,7 @@ async fn the_gauge_shows_open_upstream_connections() {
     let calls: Vec<_> = (0..6)
         .map(|_| gateway.get("/g").header("x-api-key", &key.secret).header("x-test-sleep-ms", "100").send())
         .collect();
-    for exchange in futures_join(calls).await {
+    for exchange in join_all(calls).await {
         assert_eq!(exchange.status, StatusCode::OK, "{exchange}");
     }
     let open = upstream.connections().open();
@@ -188,18 +188,6 @@ async fn the_gauge_shows_open_upstream_connections() {
     let text = gateway.gateway.metrics().render(&current).expect("render");
     let line = format!("keygate_upstream_connections{{upstream=\"{}\"}} {open}", upstream.addr());
     assert!(text.contains(&line), "expected `{line}` in\n{text}");
-}
-
-/// Runs the calls at once and returns their exchanges in order.
-async fn futures_join<F: std::future::Future<Output = Exchange> + Send + 'static>(
-    calls: Vec<F>,
-) -> Vec<Exchange> {
-    let handles: Vec<_> = calls.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::new();
-    for handle in handles {
-        out.push(handle.await.expect("call task"));
-    }
-    out
 }
 
 /// Retries `call` until it answers 200 (a freed slot is noticed when the connection closes).

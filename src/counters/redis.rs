@@ -26,17 +26,23 @@ use crate::keys::RateLimit;
 use crate::quota::{Period, Window};
 use crate::ratelimit::Bucket;
 
-/// Takes a token and counts a request, both or neither, on Redis's own clock (so replicas
-/// with skewed clocks share one bucket). The bucket is one string `"<tokens> <ms>"`, the
-/// fewest commands per request (the script's cost is what a limited request pays). KEYS: bucket, quota count. ARGV: capacity (0: no
-/// rate limit), refill period in ms, quota limit (0: no quota), when the quota count expires.
-/// Returns {0 rate limited | 1 quota exceeded | 2 admitted, tokens left, quota used}.
+/// Decides a batch of N requests of one subject as if they came one after the other: each
+/// takes a token and counts against the quota, both or neither, on Redis's own clock (so
+/// replicas with skewed clocks share one bucket). The bucket is one string `"<tokens> <ms>"`,
+/// the fewest commands per call (the script's cost is what limited requests pay). KEYS:
+/// bucket, quota count. ARGV: capacity (0: no rate limit), refill period in ms, quota limit
+/// (0: no quota), when the quota count expires, N. Returns {admitted, why the rest are
+/// refused (1: quota, 0: rate limit), tokens left, quota used}: the first `admitted` of the N
+/// pass. The rate limit is judged first, so a request that finds no token is rate limited
+/// even when the quota is used up too; one that finds a token the quota refuses spends none.
 const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local capacity = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
+local n = tonumber(ARGV[5])
 local tokens = 0
+local whole = n
 if capacity > 0 then
   tokens = capacity
   local b = redis.call('GET', KEYS[1])
@@ -49,26 +55,26 @@ if capacity > 0 then
       if now > at then tokens = math.min(capacity, tokens + (now - at) * capacity / period) end
     end
   end
-  if tokens < 1 then
-    redis.call('SET', KEYS[1], tostring(tokens) .. ' ' .. now, 'PX', period * 2)
-    return {0, tostring(tokens), 0}
-  end
+  whole = math.max(0, math.floor(tokens))
 end
+local admitted = math.min(n, whole)
 local used = 0
 local limit = tonumber(ARGV[3])
 if limit > 0 then
   used = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if used >= limit then
-    return {1, tostring(tokens), used}
+  admitted = math.max(0, math.min(admitted, limit - used))
+  if admitted > 0 then
+    used = redis.call('INCRBY', KEYS[2], admitted)
+    if used == admitted then redis.call('EXPIREAT', KEYS[2], ARGV[4]) end
   end
-  used = redis.call('INCR', KEYS[2])
-  if used == 1 then redis.call('EXPIREAT', KEYS[2], ARGV[4]) end
 end
+local rest_over_quota = 0
+if whole > admitted then rest_over_quota = 1 end
 if capacity > 0 then
-  tokens = tokens - 1
+  tokens = tokens - admitted
   redis.call('SET', KEYS[1], tostring(tokens) .. ' ' .. now, 'PX', period * 2)
 end
-return {2, tostring(tokens), used}
+return {admitted, rest_over_quota, tostring(tokens), used}
 ";
 
 /// Adds a batch of usage: for each key KEYS[i], ARGV holds (last used, period field, requests).
@@ -109,6 +115,55 @@ const WRITE_EVERY_TICKS: u32 = 2;
 /// Keys per usage batch: one script call each.
 const USAGE_BATCH: usize = 500;
 
+/// The script call for one subject and its limits in the current quota period: requests
+/// asking the same call queue in one [`Lane`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Call {
+    bucket_key: Vec<u8>,
+    quota_key: Vec<u8>,
+    capacity: u32,
+    period_ms: u64,
+    limit: u64,
+    expire_at: u64,
+    subject: Box<[u8]>,
+    window: Option<Window>,
+}
+
+/// Requests waiting for one call, and whether a driver is sending them.
+#[derive(Default)]
+struct Lane {
+    queue: Mutex<LaneQueue>,
+}
+
+#[derive(Default)]
+struct LaneQueue {
+    running: bool,
+    waiting: Vec<tokio::sync::oneshot::Sender<Answer>>,
+}
+
+/// What one script call decided for a batch.
+#[derive(Debug, Clone, Copy)]
+struct Batch {
+    admitted: u64,
+    /// Whether the requests after the admitted ones found a token but no quota left.
+    rest_over_quota: bool,
+    tokens: f64,
+}
+
+/// One request's share of a batch's decision.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    Admitted {
+        tokens_left: f64,
+    },
+    QuotaExceeded,
+    RateLimited {
+        tokens: f64,
+    },
+    /// Redis failed: the request is decided in this process.
+    Undecided,
+}
+
 /// Which counts decide a request now.
 enum Mode {
     /// Redis answers: every limited request asks it.
@@ -126,6 +181,10 @@ pub struct Shared {
     local: Memory,
     /// Each subject's quota count as Redis last reported it.
     last_seen: DashMap<Box<[u8]>, (Window, u64)>,
+    /// Requests waiting for Redis, by the call that decides them.
+    lanes: DashMap<Call, Arc<Lane>>,
+    /// This store, for the lane drivers it spawns.
+    me: Weak<Self>,
     replicas: AtomicU64,
     errors: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -149,12 +208,14 @@ impl Shared {
             Ok(()) => id.iter().map(|b| format!("{b:02x}")).collect(),
             Err(_) => format!("pid{}", std::process::id()),
         };
-        let shared = Arc::new(Self {
+        let shared = Arc::new_cyclic(|me| Self {
             settings,
             mode: ArcSwap::from_pointee(Mode::Fallback),
             connection: Mutex::new(None),
             local: Memory::default(),
             last_seen: DashMap::new(),
+            lanes: DashMap::new(),
+            me: me.clone(),
             replicas: AtomicU64::new(1),
             errors: AtomicU64::new(0),
             last_error: Mutex::new(Some("not connected yet".to_string())),
@@ -217,43 +278,137 @@ impl Shared {
         self.local.decide(&Ask { rate, ..*ask }, used_elsewhere)
     }
 
-    async fn ask_redis(&self, mut connection: ConnectionManager, ask: &Ask<'_>) -> Result<Verdict, String> {
+    /// The script call that decides `ask`, as the lane it queues in.
+    fn call_for(&self, ask: &Ask<'_>) -> Call {
         let name = ask.subject.name();
-        let bucket_key = self.key(&[b":{", &name, b"}:bucket"]);
         let window = ask.quota.map(|q| q.period.window(ask.now));
         let start = window.map_or(0, |w| w.start).to_string();
-        let quota_key = self.key(&[b":{", &name, b"}:quota:", start.as_bytes()]);
-        let (capacity, period_ms) = ask.rate.map_or((0, 1), |r| (r.tokens, r.period.as_millis().max(1)));
+        let (capacity, period_ms) = ask
+            .rate
+            .map_or((0, 1), |r| (r.tokens, u64::try_from(r.period.as_millis()).unwrap_or(u64::MAX).max(1)));
         // A count outlives its period by a day, so a replica with a slow clock still finds it.
         let (limit, expire_at) = match (ask.quota, window) {
             (Some(q), Some(w)) => (q.limit, w.end.saturating_add(86_400)),
             _ => (0, 0),
         };
-        let (status, tokens, used): (i64, String, u64) = self
+        Call {
+            bucket_key: self.key(&[b":{", &name, b"}:bucket"]),
+            quota_key: self.key(&[b":{", &name, b"}:quota:", start.as_bytes()]),
+            capacity,
+            period_ms,
+            limit,
+            expire_at,
+            subject: name,
+            window,
+        }
+    }
+
+    /// One script call for `n` requests waiting in one lane.
+    async fn decide_batch(
+        &self,
+        mut connection: ConnectionManager,
+        call: &Call,
+        n: usize,
+    ) -> Result<Batch, String> {
+        let (admitted, rest_over_quota, tokens, used): (u64, u8, String, u64) = self
             .admit
-            .key(bucket_key)
-            .key(quota_key)
-            .arg(capacity)
-            .arg(period_ms as u64)
-            .arg(limit)
-            .arg(expire_at)
+            .key(&call.bucket_key)
+            .key(&call.quota_key)
+            .arg(call.capacity)
+            .arg(call.period_ms)
+            .arg(call.limit)
+            .arg(call.expire_at)
+            .arg(n)
             .invoke_async(&mut connection)
             .await
             .map_err(|e| e.to_string())?;
-        let tokens: f64 = tokens.parse().unwrap_or(0.0);
-        if let Some(window) = window
-            && status != 0
-        {
-            self.last_seen.insert(name, (window, used));
+        if let Some(window) = call.window {
+            self.last_seen.insert(call.subject.clone(), (window, used));
         }
-        let bucket = Bucket::holding(tokens, ask.instant);
-        Ok(match (status, ask.rate) {
-            (0, Some(rate)) => Err(Refusal::RateLimited(bucket.exceeded(rate))),
-            (1, _) => {
+        Ok(Batch { admitted, rest_over_quota: rest_over_quota == 1, tokens: tokens.parse().unwrap_or(0.0) })
+    }
+
+    /// Sends a lane's waiting requests to Redis, one script call per batch, until none wait.
+    /// A batch is the requests that arrived while the previous call was out: one round trip
+    /// decides them all, so Redis and this process do one call's work per batch instead of
+    /// per request, and the decisions are those of the requests taken one by one.
+    async fn drive(self: Arc<Self>, call: Call, lane: Arc<Lane>) {
+        loop {
+            let waiting = {
+                let mut queue = lock(&lane.queue);
+                if queue.waiting.is_empty() {
+                    queue.running = false;
+                    return;
+                }
+                std::mem::take(&mut queue.waiting)
+            };
+            let mode = self.mode.load_full();
+            let batch = match &*mode {
+                Mode::Fallback => None,
+                Mode::Shared(connection) => {
+                    let asked = self.decide_batch(connection.clone(), &call, waiting.len());
+                    match tokio::time::timeout(self.settings.timeout, asked).await {
+                        Ok(Ok(batch)) => Some(batch),
+                        Ok(Err(error)) => {
+                            self.fall_back(&mode, error);
+                            None
+                        }
+                        Err(_) => {
+                            self.fall_back(&mode, format!("no answer within {:?}", self.settings.timeout));
+                            None
+                        }
+                    }
+                }
+            };
+            for (i, waiter) in (0u64..).zip(waiting) {
+                let answer = match batch {
+                    None => Answer::Undecided,
+                    Some(b) if i < b.admitted => {
+                        Answer::Admitted { tokens_left: b.tokens + (b.admitted - 1 - i) as f64 }
+                    }
+                    Some(b) if b.rest_over_quota => Answer::QuotaExceeded,
+                    Some(b) => Answer::RateLimited { tokens: b.tokens },
+                };
+                // A request whose client left meanwhile has nobody listening: nothing to do.
+                let _ = waiter.send(answer);
+            }
+        }
+    }
+
+    /// Asks Redis through the subject's lane: joins the batch being gathered, and starts the
+    /// lane's driver when none runs.
+    async fn ask_redis(&self, ask: &Ask<'_>) -> Verdict {
+        let call = self.call_for(ask);
+        let lane = self.lanes.entry(call.clone()).or_default().clone();
+        let (sender, answer) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut queue = lock(&lane.queue);
+            queue.waiting.push(sender);
+            !std::mem::replace(&mut queue.running, true)
+        };
+        if start {
+            match self.me.upgrade() {
+                Some(me) => {
+                    tokio::spawn(me.drive(call.clone(), lane));
+                }
+                // The store is being dropped with the gateway: nobody will ask Redis.
+                None => return self.decide_locally(ask),
+            }
+        }
+        let window = call.window;
+        match (answer.await, ask.rate) {
+            (Ok(Answer::Admitted { tokens_left }), rate) => {
+                Ok(rate.map(|rate| Bucket::holding(tokens_left, ask.instant).quota(rate)))
+            }
+            (Ok(Answer::RateLimited { tokens }), Some(rate)) => {
+                Err(Refusal::RateLimited(Bucket::holding(tokens, ask.instant).exceeded(rate)))
+            }
+            (Ok(Answer::QuotaExceeded | Answer::RateLimited { .. }), _) => {
                 Err(Refusal::QuotaExceeded { retry_after_secs: window.map_or(1, |w| w.secs_left(ask.now)) })
             }
-            (_, rate) => Ok(rate.map(|rate| bucket.quota(rate))),
-        })
+            // Redis failed or the driver is gone (runtime shutting down): decided here.
+            (Ok(Answer::Undecided) | Err(_), _) => self.decide_locally(ask),
+        }
     }
 
     /// Whether Redis answers now; on the first answer after an outage, resumes shared counting.
@@ -403,29 +558,21 @@ async fn supervise(shared: Weak<Shared>) {
         } else if n.is_multiple_of(WRITE_EVERY_TICKS) {
             shared.write_out().await;
         }
+        // Lanes of subjects nobody asks for now, and of quota periods gone by, are let go; a
+        // request that still holds one finishes through it.
+        shared.lanes.retain(|_, lane| {
+            let queue = lock(&lane.queue);
+            queue.running || !queue.waiting.is_empty()
+        });
     }
 }
 
 impl Counters for Shared {
     fn admit<'a>(&'a self, ask: Ask<'a>) -> Admission<'a> {
-        let mode = self.mode.load_full();
-        let connection = match &*mode {
-            Mode::Fallback => return Admission::Decided(Some(self.decide_locally(&ask))),
-            Mode::Shared(connection) => connection.clone(),
-        };
-        Admission::Asking(Box::pin(async move {
-            match tokio::time::timeout(self.settings.timeout, self.ask_redis(connection, &ask)).await {
-                Ok(Ok(verdict)) => verdict,
-                Ok(Err(error)) => {
-                    self.fall_back(&mode, error);
-                    self.decide_locally(&ask)
-                }
-                Err(_) => {
-                    self.fall_back(&mode, format!("no answer within {:?}", self.settings.timeout));
-                    self.decide_locally(&ask)
-                }
-            }
-        }))
+        match &**self.mode.load() {
+            Mode::Fallback => Admission::Decided(Some(self.decide_locally(&ask))),
+            Mode::Shared(_) => Admission::Asking(Box::pin(async move { self.ask_redis(&ask).await })),
+        }
     }
 
     fn record(&self, key_id: &[u8], period: Period, now: SystemTime) {

@@ -1290,3 +1290,23 @@ impl Outcome {
         }
     }
 }
+
+/// Runs the futures concurrently on this task and collects their outputs in order.
+pub async fn join_all<T>(futures: Vec<impl std::future::Future<Output = T>>) -> Vec<T> {
+    let mut set = Vec::new();
+    let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut done: Vec<Option<T>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        for (i, future) in pinned.iter_mut().enumerate() {
+            if done[i].is_none()
+                && let std::task::Poll::Ready(value) = future.as_mut().poll(cx)
+            {
+                done[i] = Some(value);
+            }
+        }
+        if done.iter().all(Option::is_some) { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await;
+    set.extend(done.into_iter().flatten());
+    set
+}

@@ -136,8 +136,11 @@ run_target() {
   local d="$TMP/t$1"
   rm -f "$d/keygate.state"
   # Only the server's own lines at info: "listening on ADDR", no access events.
-  RUST_LOG=warn,keygate::server=info "$KEYGATE" serve -c "$d/keygate.toml" 2>"$d/log" &
+  # Not on this function's stdout (the caller reads it to its end), and stopped however the
+  # function ends.
+  RUST_LOG=warn,keygate::server=info "$KEYGATE" serve -c "$d/keygate.toml" >/dev/null 2>"$d/log" &
   local pid=$!
+  trap "kill $pid 2>/dev/null || true" EXIT
   local addr=""
   for _ in $(seq 200); do
     addr=$(grep -o 'listening on 127.0.0.1:[0-9]*' "$d/log" 2>/dev/null | grep -v admin | head -1 | awk '{print $3}' || true)
@@ -146,11 +149,12 @@ run_target() {
   done
   [[ -n $addr ]] || die "keygate ($d) did not start: $(cat "$d/log")"
   local check
-  check=$(curl -s -o /dev/null -w '%{http_code}' -H "x-api-key: $KEY" "http://$addr/warm")
+  check=$(curl -s -o /dev/null -w '%{http_code}' -H "x-api-key: $KEY" "http://$addr/warm" || true)
   [[ $check == 200 ]] || die "target t$1 answered $check"
   local out k0 r0 k1 r1
   k0=$(cpu_ticks "$pid"); r0=$(cpu_ticks "$REDIS_PID")
-  out=$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "x-api-key: $KEY" "http://$addr/x")
+  out=$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "x-api-key: $KEY" "http://$addr/x") ||
+    die "target t$1: wrk failed: $out"
   k1=$(cpu_ticks "$pid"); r1=$(cpu_ticks "$REDIS_PID")
   kill "$pid"; wait "$pid" 2>/dev/null || true
   local rps p99 total
@@ -168,7 +172,7 @@ declare -A RPS P99 KCPU RCPU
 for round in $(seq "$ROUNDS"); do
   for i in "${!TARGETS[@]}"; do
     log "round $round: ${TARGETS[$i]}"
-    read -r rps p99 kcpu rcpu < <(run_target "$i")
+    read -r rps p99 kcpu rcpu < <(run_target "$i") || die "target ${TARGETS[$i]} gave no figures"
     RPS[$i]+="$rps "
     P99[$i]+="$p99 "
     KCPU[$i]+="$kcpu "

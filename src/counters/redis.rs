@@ -379,7 +379,9 @@ impl Shared {
     /// lane's driver when none runs.
     async fn ask_redis(&self, ask: &Ask<'_>) -> Verdict {
         let call = self.call_for(ask);
-        let lane = self.lanes.entry(call.clone()).or_default().clone();
+        let window = call.window;
+        let existing = self.lanes.get(&call).map(|lane| Arc::clone(&lane));
+        let lane = existing.unwrap_or_else(|| Arc::clone(&self.lanes.entry(call.clone()).or_default()));
         let (sender, answer) = tokio::sync::oneshot::channel();
         let start = {
             let mut queue = lock(&lane.queue);
@@ -389,13 +391,12 @@ impl Shared {
         if start {
             match self.me.upgrade() {
                 Some(me) => {
-                    tokio::spawn(me.drive(call.clone(), lane));
+                    tokio::spawn(me.drive(call, lane));
                 }
                 // The store is being dropped with the gateway: nobody will ask Redis.
                 None => return self.decide_locally(ask),
             }
         }
-        let window = call.window;
         match (answer.await, ask.rate) {
             (Ok(Answer::Admitted { tokens_left }), rate) => {
                 Ok(rate.map(|rate| Bucket::holding(tokens_left, ask.instant).quota(rate)))

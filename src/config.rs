@@ -4,6 +4,7 @@
 mod error;
 mod file;
 mod keyfile;
+mod keystream;
 mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
@@ -23,7 +24,9 @@ pub use snapshot::{AdminSettings, AdminToken, KeySource, ServerSettings, Snapsho
 use crate::counters::{ClusterSettings, StoreSettings};
 use crate::quota::QuotaLimit;
 
-use crate::keys::{Consumer, Duplicate, KeyEntry, KeyHash, KeyTable, RateLimit, ScopeSet};
+use crate::keys::{
+    Consumer, Duplicate, Entries, KeyEntry, KeyExtras, KeyHash, KeyTable, RateLimit, ScopeSet,
+};
 use crate::proxy::auth::{AuthSettings, Source};
 use crate::proxy::path::normalize;
 use crate::proxy::route::{Route, RouteTable, ScopeRule, Upstream};
@@ -52,7 +55,11 @@ pub fn load(config_path: &Path) -> Result<Snapshot, ConfigErrors> {
 
     // The key file is checked even when keygate.toml has problems, so one run shows all.
     let keys = match &keys_path {
-        Some(keys_path) => match read(keys_path).and_then(|text| check_keys(keys_path, &text)) {
+        // Straight from the file in blocks when it is valid, the usual case, so its text is
+        // never held whole; anything else is read whole again to report it with line numbers.
+        Some(keys_path) => match keystream::load(keys_path)
+            .map_or_else(|| read(keys_path).and_then(|text| check_keys(keys_path, &text)), Ok)
+        {
             Ok(table) => Some(table),
             Err(ConfigErrors(e)) => {
                 errors.extend(e);
@@ -833,23 +840,22 @@ fn build_meta(
 /// Files above this size are read by several threads, each taking a run of whole entries.
 const PARALLEL_ABOVE: usize = 4 << 20;
 
+/// How many threads read a large key file.
+fn reader_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
 /// Reads the key file: the fast reader for the plain form, else the full TOML parser.
 fn load_keys(source: &mut SourceFile) -> Option<KeyTable> {
     let text = source.text;
     let path = source.path;
-    let threads = if text.len() > PARALLEL_ABOVE {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
-    } else {
-        1
-    };
-    let parts = split_at_entries(text, threads.min(crate::keys::MAX_RUNS));
+    let threads = if text.len() > PARALLEL_ABOVE { reader_threads() } else { 1 };
+    let parts = split_at_entries(text, threads);
     let read_part = |range: Range<usize>| {
         let mut local = SourceFile::new(path, text);
         let mut validator = KeyValidator::default();
-        // Sized up front: growing by doubling would, at a million keys, briefly hold half as
-        // much again as the entries themselves.
         let expected = text[range.clone()].matches("[[keys]]").count();
-        let mut keys = Keys { entries: Vec::with_capacity(expected), spans: Vec::with_capacity(expected) };
+        let mut keys = Keys { entries: Entries::default(), spans: Vec::with_capacity(expected) };
         let result = keyfile::read(text, range, |key| keys.push(validator.validate(&mut local, key)));
         (keys, local.errors, result)
     };
@@ -862,21 +868,21 @@ fn load_keys(source: &mut SourceFile) -> Option<KeyTable> {
             handles.into_iter().filter_map(|h| h.join().ok()).collect()
         })
     };
-    let mut runs = Vec::with_capacity(results.len());
+    let mut entries = Entries::default();
     let mut spans = Vec::new();
     let mut not_plain = None;
     for (part, errors, result) in results {
         if let Err(e) = result {
             not_plain = not_plain.or(Some(e));
         }
-        runs.push(part.entries);
+        entries.append(part.entries);
         spans.extend(part.spans);
         source.errors.extend(errors);
     }
     match not_plain {
-        None => finish_keys(source, runs, &spans),
+        None => finish_keys(source, entries, &spans),
         Some(not_plain) => {
-            drop(runs);
+            drop(entries);
             source.errors.clear();
             load_keys_with_toml(source, not_plain)
         }
@@ -925,11 +931,11 @@ fn load_keys_with_toml(source: &mut SourceFile, not_plain: keyfile::NotPlain) ->
     match toml::from_str::<KeysFile>(text) {
         Ok(file) => {
             let mut validator = KeyValidator::default();
-            let mut keys = Keys { entries: Vec::with_capacity(file.keys.len()), spans: Vec::new() };
+            let mut keys = Keys { entries: Entries::default(), spans: Vec::new() };
             for key in file.keys {
                 keys.push(validator.validate(source, key.into_inner()));
             }
-            finish_keys(source, vec![keys.entries], &keys.spans)
+            finish_keys(source, keys.entries, &keys.spans)
         }
         Err(error) => {
             let located = source.toml_error(&error);
@@ -942,10 +948,14 @@ fn load_keys_with_toml(source: &mut SourceFile, not_plain: keyfile::NotPlain) ->
 /// Indexes validated entries, reporting duplicate ids and hashes where they are written.
 fn finish_keys(
     source: &mut SourceFile,
-    runs: Vec<Vec<KeyEntry>>,
+    entries: Entries,
     spans: &[(Range<usize>, Range<usize>)],
 ) -> Option<KeyTable> {
-    let (table, duplicates) = KeyTable::build(runs);
+    if entries.too_many() {
+        source.errors.push(SourceFile::whole_file(source.path, "more keys than one table can hold"));
+        return None;
+    }
+    let (table, duplicates) = KeyTable::build(entries);
     for duplicate in duplicates {
         let (later, earlier, what) = match duplicate {
             Duplicate::Id(later, earlier) => (&spans[later].0, &spans[earlier].0, "key id"),
@@ -963,7 +973,7 @@ fn finish_keys(
 /// Validated entries in file order, and where each one's id and hash are written (for
 /// duplicate errors), kept apart so the entries can become a key table as they are.
 struct Keys {
-    entries: Vec<KeyEntry>,
+    entries: Entries,
     spans: Vec<(Range<usize>, Range<usize>)>,
 }
 
@@ -1080,12 +1090,7 @@ impl KeyValidator {
                 set
             }),
         };
-        let entry = KeyEntry {
-            hash: hash?,
-            id: id?,
-            name: name?,
-            scopes: scopes?,
-            expires_at: expires_at?,
+        let extras = KeyExtras {
             revoked_at: revoked_at?,
             rate_limit: rate_limit?,
             meta: meta?,
@@ -1093,6 +1098,7 @@ impl KeyValidator {
             quota: quota?,
             consumer: consumer?,
         };
+        let entry = KeyEntry::new(hash?, id?, name?, scopes?, expires_at?, extras);
         created?;
         Some(ParsedKey { entry, id_span: key.id.span(), hash_span: key.hash.span() })
     }
@@ -1282,7 +1288,7 @@ GET = "read"
         assert_eq!(snapshot.server.trusted_proxies.len(), 2);
         let entry = snapshot.keys.get(&KeyHash::of("k1")).unwrap();
         let meta: Vec<(String, String)> =
-            entry.meta.iter().map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string())).collect();
+            entry.meta().iter().map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string())).collect();
         assert_eq!(
             meta,
             [
@@ -1369,9 +1375,9 @@ GET = "read"
             assert_eq!(snapshot.keys.len(), n);
             for i in [0, n / 2, n - 1] {
                 let found = snapshot.keys.get(&KeyHash::of(&format!("k{i}"))).unwrap();
-                assert_eq!(found.meta.len(), 2);
-                assert_eq!(found.meta[1].0.as_str(), "x-keygate-meta-tenant");
-                assert_eq!(found.meta[1].1, format!("t{i}").as_str());
+                assert_eq!(found.meta().len(), 2);
+                assert_eq!(found.meta()[1].0.as_str(), "x-keygate-meta-tenant");
+                assert_eq!(found.meta()[1].1, format!("t{i}").as_str());
                 assert!(found.admits(format!("10.{}.3.4", i % 256).parse().unwrap()));
                 assert!(!found.admits(format!("10.{}.3.4", (i + 1) % 256).parse().unwrap()));
             }

@@ -25,7 +25,7 @@ use crate::counters::{ClusterSettings, StoreSettings};
 use crate::quota::QuotaLimit;
 
 use crate::keys::{
-    Consumer, Duplicate, Entries, KeyEntry, KeyExtras, KeyHash, KeyTable, RateLimit, ScopeSet,
+    Consumer, Duplicate, Entries, HeaderArena, KeyEntry, KeyExtras, KeyHash, KeyTable, RateLimit, ScopeSet,
 };
 use crate::proxy::auth::{AuthSettings, Source};
 use crate::proxy::path::normalize;
@@ -782,12 +782,19 @@ fn optional_datetime(
 
 /// Text that can travel as a header value: no control characters (CR and LF least of all).
 fn header_text(what: &str) -> impl Fn(&String) -> Result<HeaderValue, String> + '_ {
-    move |text| {
-        if text.is_empty() || text.chars().any(char::is_control) {
-            return Err(format!("{what} must be non-empty and free of control characters"));
-        }
-        HeaderValue::from_bytes(text.as_bytes()).map_err(|_| format!("{what} cannot travel in a header"))
+    move |text| header_text_with(what, text, |t| HeaderValue::from_bytes(t.as_bytes()))
+}
+
+/// [`header_text`], the value made by `make` (say, in a [`HeaderArena`]).
+fn header_text_with(
+    what: &str,
+    text: &str,
+    make: impl FnOnce(&str) -> Result<HeaderValue, http::header::InvalidHeaderValue>,
+) -> Result<HeaderValue, String> {
+    if text.is_empty() || text.chars().any(char::is_control) {
+        return Err(format!("{what} must be non-empty and free of control characters"));
     }
+    make(text).map_err(|_| format!("{what} cannot travel in a header"))
 }
 
 /// The longest `meta` value, so identity headers stay well inside any upstream's header limits.
@@ -1000,18 +1007,20 @@ struct KeyValidator {
     scope_sets: HashMap<Vec<String>, Arc<ScopeSet>>,
     networks: HashMap<Vec<ipnet::IpNet>, Arc<[ipnet::IpNet]>>,
     consumers: HashMap<String, Arc<Consumer>>,
+    /// Where the ids and names go.
+    arena: HeaderArena,
 }
 
 impl KeyValidator {
     fn validate(&mut self, source: &mut SourceFile, key: KeyFile) -> Option<ParsedKey> {
         let id = check(source, &key.id, |id| {
             if id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)) {
-                header_text("id")(id)
+                header_text_with("id", id, |t| self.arena.value(t))
             } else {
                 Err("id must be 1 to 64 letters, digits, '.', '_', ':' or '-'".to_string())
             }
         });
-        let name = check(source, &key.name, header_text("name"));
+        let name = check(source, &key.name, |n| header_text_with("name", n, |t| self.arena.value(t)));
         let hash = check(source, &key.hash, |h| {
             KeyHash::parse(h)
                 .ok_or_else(|| "hash must be sha256: followed by 64 lower-case hex digits".to_string())

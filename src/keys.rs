@@ -361,6 +361,30 @@ impl KeyEntry {
     }
 }
 
+/// Header values of many keys (ids, names) packed into shared buffers of [`ARENA_BYTES`]:
+/// one allocation per few hundred keys instead of one per value, each at least 8 bytes and
+/// rounded up to the allocator's size class. Clones, as the request path makes for the
+/// identity headers, count on the buffer they share; a value of its own buffer would make
+/// one more allocation (a shared count) the first time it is cloned.
+#[derive(Debug, Default)]
+pub struct HeaderArena {
+    free: bytes::BytesMut,
+}
+
+/// Small enough that few keys share a buffer's count (and its cache line, when two workers
+/// clone values of neighbouring keys), large enough that its own overhead is nothing.
+const ARENA_BYTES: usize = 4096;
+
+impl HeaderArena {
+    pub fn value(&mut self, text: &str) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+        if self.free.capacity() < text.len() {
+            self.free = bytes::BytesMut::with_capacity(ARENA_BYTES.max(text.len()));
+        }
+        self.free.extend_from_slice(text.as_bytes());
+        HeaderValue::from_maybe_shared(self.free.split().freeze())
+    }
+}
+
 /// Entries in file order, kept in runs of at most [`RUN_LEN`]: a run never grows past that,
 /// so a million entries are never copied into a larger buffer (which would hold them twice at
 /// the peak of a load), and runs read in parallel join without moving an entry.
@@ -679,6 +703,20 @@ mod tests {
         let mut doubled: Entries = (0..3).map(entry).collect();
         doubled.push(entry(1));
         assert_eq!(KeyTable::build(doubled).1, vec![Duplicate::Id(3, 1)]);
+    }
+
+    #[test]
+    fn arena_values_share_buffers() {
+        let mut arena = HeaderArena::default();
+        let a = arena.value("k0000001").unwrap();
+        let b = arena.value("customer-k0000001").unwrap();
+        assert_eq!((a.to_str().unwrap(), b.to_str().unwrap()), ("k0000001", "customer-k0000001"));
+        assert_eq!(b.as_bytes().as_ptr(), a.as_bytes()[8..].as_ptr(), "packed into one buffer");
+        let long = "x".repeat(ARENA_BYTES + 1);
+        assert_eq!(arena.value(&long).unwrap(), long.as_str(), "a value larger than a buffer gets its own");
+        assert!(arena.value("bad\r\nvalue").is_err());
+        drop(arena);
+        assert_eq!(a.clone(), "k0000001", "values outlive the arena");
     }
 
     #[test]

@@ -136,8 +136,14 @@ mod tests {
     use super::*;
 
     fn entry(i: usize) -> String {
+        // Every tenth key with the extras, the rest as `genkeys.py` writes them.
+        let extras = if i % 10 == 0 {
+            "created_at = 2026-11-22T10:00:00Z\nmeta = { tenant = \"t\" }\nquota = \"5/day\"\n"
+        } else {
+            ""
+        };
         format!(
-            "[[keys]]\nid = \"k{i}\"\nname = \"n\"\nhash = \"{}\"\nscopes = [\"read\"]\n\n",
+            "[[keys]]\nid = \"k{i}\"\nname = \"n\"\nhash = \"{}\"\nscopes = [\"read\"]\n{extras}\n",
             crate::keys::hash_key(&format!("key-{i}"))
         )
     }
@@ -169,7 +175,10 @@ mod tests {
         std::fs::write(&path, &text).unwrap();
         let table = load_with(&path, |_| 3).unwrap();
         assert_eq!(table.len(), 3 * BLOCK / 120);
-        assert!(table.get(&crate::keys::KeyHash::of("key-0")).is_some());
+        let first = table.get(&crate::keys::KeyHash::of("key-0")).unwrap();
+        assert_eq!((first.id.to_str().unwrap(), first.meta().len()), ("k0", 1));
+        assert!(first.quota().is_some());
+        assert!(table.get(&crate::keys::KeyHash::of("key-1")).unwrap().meta().is_empty());
         assert!(table.get(&crate::keys::KeyHash::of(&format!("key-{}", 3 * BLOCK / 120 - 1))).is_some());
 
         for broken in [

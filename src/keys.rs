@@ -247,9 +247,45 @@ pub struct KeyEntry {
     pub id: HeaderValue,
     pub name: HeaderValue,
     pub scopes: Arc<ScopeSet>,
-    pub expires_at: Option<SystemTime>,
+    expires_at: Deadline,
     /// `None` for a key with none of the extras, which is most keys.
     extras: Option<Box<KeyExtras>>,
+}
+
+/// An optional instant in 8 bytes where `Option<SystemTime>` takes 16: nanoseconds since the
+/// Unix epoch, [`Deadline::NONE`] for none. That range ends in 2262: a later instant counts as
+/// none, which no process running before then can tell apart; one before 1678 as 1678.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Deadline(i64);
+
+impl Deadline {
+    const NONE: Self = Self(i64::MAX);
+
+    fn new(at: Option<SystemTime>) -> Self {
+        at.map_or(Self::NONE, |at| Self(unix_nanos(at)))
+    }
+
+    fn get(self) -> Option<SystemTime> {
+        let magnitude = Duration::from_nanos(self.0.unsigned_abs());
+        match self {
+            Self::NONE => None,
+            Self(n) if n < 0 => SystemTime::UNIX_EPOCH.checked_sub(magnitude),
+            Self(_) => SystemTime::UNIX_EPOCH.checked_add(magnitude),
+        }
+    }
+
+    /// Whether `now` is at or after the instant.
+    fn passed_by(self, now: SystemTime) -> bool {
+        self != Self::NONE && self.0 <= unix_nanos(now)
+    }
+}
+
+/// Nanoseconds since the Unix epoch, saturating at the ends of `i64`.
+fn unix_nanos(at: SystemTime) -> i64 {
+    match at.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_nanos()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_nanos()).map_or(i64::MIN, |n| -n),
+    }
 }
 
 /// The fields few keys have: revocation, limits, identity extras and address lists.
@@ -301,7 +337,11 @@ impl KeyEntry {
         extras: KeyExtras,
     ) -> Self {
         let extras = (!extras.is_empty()).then(|| Box::new(extras));
-        Self { hash, id, name, scopes, expires_at, extras }
+        Self { hash, id, name, scopes, expires_at: Deadline::new(expires_at), extras }
+    }
+
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.expires_at.get()
     }
 
     pub fn revoked_at(&self) -> Option<SystemTime> {
@@ -347,7 +387,7 @@ impl KeyEntry {
     pub fn state_at(&self, now: SystemTime) -> KeyState {
         if self.revoked_at().is_some_and(|t| t <= now) {
             KeyState::Revoked
-        } else if self.expires_at.is_some_and(|t| t <= now) {
+        } else if self.expires_at.passed_by(now) {
             KeyState::Expired
         } else {
             KeyState::Active
@@ -644,7 +684,7 @@ mod tests {
     #[test]
     fn an_entry_without_extras_stays_small() {
         // A million keys are held at once: each byte here is a megabyte of resident memory.
-        assert!(std::mem::size_of::<KeyEntry>() <= 144, "{}", std::mem::size_of::<KeyEntry>());
+        assert!(std::mem::size_of::<KeyEntry>() <= 136, "{}", std::mem::size_of::<KeyEntry>());
         let scopes = Arc::new(ScopeSet::new(vec!["read".into()]).unwrap());
         let id = HeaderValue::from_static("a");
         let plain = KeyEntry::new(
@@ -703,6 +743,22 @@ mod tests {
         let mut doubled: Entries = (0..3).map(entry).collect();
         doubled.push(entry(1));
         assert_eq!(KeyTable::build(doubled).1, vec![Duplicate::Id(3, 1)]);
+    }
+
+    #[test]
+    fn deadlines_keep_the_instant_to_the_nanosecond() {
+        let at = SystemTime::UNIX_EPOCH + Duration::new(1_795_000_000, 123_456_789);
+        let deadline = Deadline::new(Some(at));
+        assert_eq!(deadline.get(), Some(at));
+        assert!(deadline.passed_by(at), "rejected from this instant on");
+        assert!(!deadline.passed_by(at - Duration::from_nanos(1)));
+        let before_1970 = SystemTime::UNIX_EPOCH - Duration::from_secs(86_400);
+        assert_eq!(Deadline::new(Some(before_1970)).get(), Some(before_1970));
+        assert!(Deadline::new(Some(before_1970)).passed_by(SystemTime::UNIX_EPOCH));
+        assert_eq!(Deadline::new(None).get(), None);
+        assert!(!Deadline::new(None).passed_by(at));
+        let year_2300 = SystemTime::UNIX_EPOCH + Duration::from_secs(10_413_792_000);
+        assert!(!Deadline::new(Some(year_2300)).passed_by(at), "past 2262: as good as never");
     }
 
     #[test]

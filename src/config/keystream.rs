@@ -137,7 +137,7 @@ mod tests {
 
     fn entry(i: usize) -> String {
         // Every tenth key with the extras, the rest as `genkeys.py` writes them.
-        let extras = if i % 10 == 0 {
+        let extras = if i.is_multiple_of(10) {
             "created_at = 2026-11-22T10:00:00Z\nmeta = { tenant = \"t\" }\nquota = \"5/day\"\n"
         } else {
             ""

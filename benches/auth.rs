@@ -9,37 +9,32 @@ use std::time::{Duration, SystemTime};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method};
-use keygate::keys::{KeyEntry, KeyHash, KeyTable, ScopeSet};
+use keygate::keys::{Entries, KeyEntry, KeyExtras, KeyHash, KeyTable, ScopeSet};
 use keygate::proxy::auth::{AuthSettings, Source, authenticate};
 use keygate::proxy::route::ScopeRule;
 
 fn table(n: usize) -> (KeyTable, Vec<String>) {
     let scopes = Arc::new(ScopeSet::new(vec!["read".into(), "write".into()]).unwrap());
     let expires_at = Some(SystemTime::now() + Duration::from_secs(86_400));
-    let mut entries = Vec::with_capacity(n);
+    let mut entries = Entries::default();
     let mut probes = Vec::new();
     for i in 0..n {
         // Cheap stand-ins with the generated keys' length; checksums are checked separately.
         let key = format!("legacy_{i:038}");
-        let entry = KeyEntry {
-            hash: KeyHash::of(&key),
-            id: HeaderValue::from_str(&format!("{i:08x}")).unwrap(),
-            name: HeaderValue::from_static("bench"),
-            scopes: Arc::clone(&scopes),
+        let entry = KeyEntry::new(
+            KeyHash::of(&key),
+            HeaderValue::from_str(&format!("{i:08x}")).unwrap(),
+            HeaderValue::from_static("bench"),
+            Arc::clone(&scopes),
             expires_at,
-            revoked_at: None,
-            rate_limit: None,
-            meta: Box::default(),
-            allowed_ips: None,
-            quota: None,
-            consumer: None,
-        };
+            KeyExtras::default(),
+        );
         entries.push(entry);
         if i % (n / 10).max(1) == 0 {
             probes.push(key);
         }
     }
-    let (table, duplicates) = KeyTable::build(vec![entries]);
+    let (table, duplicates) = KeyTable::build(entries);
     assert!(duplicates.is_empty());
     (table, probes)
 }

@@ -188,17 +188,15 @@ async fn usage(gateway: &Gateway) -> Result<Response<Full<Bytes>>, AdminError> {
                 .zip(&keys)
                 .zip(usage)
                 .map(|((entry, (id, _)), usage)| {
-                    let quota = entry.quota.map(|q| {
+                    let quota = entry.quota().map(|q| {
                         let unit = match q.period {
                             crate::quota::Period::Day => "day",
                             crate::quota::Period::Month => "month",
                         };
                         format!("{}/{unit}", q.limit)
                     });
-                    let consumer = entry
-                        .consumer
-                        .as_ref()
-                        .map(|c| String::from_utf8_lossy(c.name.as_bytes()).into_owned());
+                    let consumer =
+                        entry.consumer().map(|c| String::from_utf8_lossy(c.name.as_bytes()).into_owned());
                     serde_json::json!({
                         "id": id,
                         "consumer": consumer,

@@ -4,6 +4,7 @@
 mod error;
 mod file;
 mod keyfile;
+mod keystream;
 mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
@@ -23,7 +24,9 @@ pub use snapshot::{AdminSettings, AdminToken, KeySource, ServerSettings, Snapsho
 use crate::counters::{ClusterSettings, StoreSettings};
 use crate::quota::QuotaLimit;
 
-use crate::keys::{Consumer, Duplicate, KeyEntry, KeyHash, KeyTable, RateLimit, ScopeSet};
+use crate::keys::{
+    Consumer, Duplicate, Entries, HeaderArena, KeyEntry, KeyExtras, KeyHash, KeyTable, RateLimit, ScopeSet,
+};
 use crate::proxy::auth::{AuthSettings, Source};
 use crate::proxy::path::normalize;
 use crate::proxy::route::{Route, RouteTable, ScopeRule, Upstream};
@@ -52,7 +55,11 @@ pub fn load(config_path: &Path) -> Result<Snapshot, ConfigErrors> {
 
     // The key file is checked even when keygate.toml has problems, so one run shows all.
     let keys = match &keys_path {
-        Some(keys_path) => match read(keys_path).and_then(|text| check_keys(keys_path, &text)) {
+        // Straight from the file in blocks when it is valid, the usual case, so its text is
+        // never held whole; anything else is read whole again to report it with line numbers.
+        Some(keys_path) => match keystream::load(keys_path)
+            .map_or_else(|| read(keys_path).and_then(|text| check_keys(keys_path, &text)), Ok)
+        {
             Ok(table) => Some(table),
             Err(ConfigErrors(e)) => {
                 errors.extend(e);
@@ -775,12 +782,19 @@ fn optional_datetime(
 
 /// Text that can travel as a header value: no control characters (CR and LF least of all).
 fn header_text(what: &str) -> impl Fn(&String) -> Result<HeaderValue, String> + '_ {
-    move |text| {
-        if text.is_empty() || text.chars().any(char::is_control) {
-            return Err(format!("{what} must be non-empty and free of control characters"));
-        }
-        HeaderValue::from_bytes(text.as_bytes()).map_err(|_| format!("{what} cannot travel in a header"))
+    move |text| header_text_with(what, text, |t| HeaderValue::from_bytes(t.as_bytes()))
+}
+
+/// [`header_text`], the value made by `make` (say, in a [`HeaderArena`]).
+fn header_text_with(
+    what: &str,
+    text: &str,
+    make: impl FnOnce(&str) -> Result<HeaderValue, http::header::InvalidHeaderValue>,
+) -> Result<HeaderValue, String> {
+    if text.is_empty() || text.chars().any(char::is_control) {
+        return Err(format!("{what} must be non-empty and free of control characters"));
     }
+    make(text).map_err(|_| format!("{what} cannot travel in a header"))
 }
 
 /// The longest `meta` value, so identity headers stay well inside any upstream's header limits.
@@ -833,23 +847,22 @@ fn build_meta(
 /// Files above this size are read by several threads, each taking a run of whole entries.
 const PARALLEL_ABOVE: usize = 4 << 20;
 
+/// How many threads read a large key file.
+fn reader_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
 /// Reads the key file: the fast reader for the plain form, else the full TOML parser.
 fn load_keys(source: &mut SourceFile) -> Option<KeyTable> {
     let text = source.text;
     let path = source.path;
-    let threads = if text.len() > PARALLEL_ABOVE {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
-    } else {
-        1
-    };
-    let parts = split_at_entries(text, threads.min(crate::keys::MAX_RUNS));
+    let threads = if text.len() > PARALLEL_ABOVE { reader_threads() } else { 1 };
+    let parts = split_at_entries(text, threads);
     let read_part = |range: Range<usize>| {
         let mut local = SourceFile::new(path, text);
         let mut validator = KeyValidator::default();
-        // Sized up front: growing by doubling would, at a million keys, briefly hold half as
-        // much again as the entries themselves.
         let expected = text[range.clone()].matches("[[keys]]").count();
-        let mut keys = Keys { entries: Vec::with_capacity(expected), spans: Vec::with_capacity(expected) };
+        let mut keys = Keys { entries: Entries::default(), spans: Vec::with_capacity(expected) };
         let result = keyfile::read(text, range, |key| keys.push(validator.validate(&mut local, key)));
         (keys, local.errors, result)
     };
@@ -862,21 +875,21 @@ fn load_keys(source: &mut SourceFile) -> Option<KeyTable> {
             handles.into_iter().filter_map(|h| h.join().ok()).collect()
         })
     };
-    let mut runs = Vec::with_capacity(results.len());
+    let mut entries = Entries::default();
     let mut spans = Vec::new();
     let mut not_plain = None;
     for (part, errors, result) in results {
         if let Err(e) = result {
             not_plain = not_plain.or(Some(e));
         }
-        runs.push(part.entries);
+        entries.append(part.entries);
         spans.extend(part.spans);
         source.errors.extend(errors);
     }
     match not_plain {
-        None => finish_keys(source, runs, &spans),
+        None => finish_keys(source, entries, &spans),
         Some(not_plain) => {
-            drop(runs);
+            drop(entries);
             source.errors.clear();
             load_keys_with_toml(source, not_plain)
         }
@@ -925,11 +938,11 @@ fn load_keys_with_toml(source: &mut SourceFile, not_plain: keyfile::NotPlain) ->
     match toml::from_str::<KeysFile>(text) {
         Ok(file) => {
             let mut validator = KeyValidator::default();
-            let mut keys = Keys { entries: Vec::with_capacity(file.keys.len()), spans: Vec::new() };
+            let mut keys = Keys { entries: Entries::default(), spans: Vec::new() };
             for key in file.keys {
                 keys.push(validator.validate(source, key.into_inner()));
             }
-            finish_keys(source, vec![keys.entries], &keys.spans)
+            finish_keys(source, keys.entries, &keys.spans)
         }
         Err(error) => {
             let located = source.toml_error(&error);
@@ -942,10 +955,14 @@ fn load_keys_with_toml(source: &mut SourceFile, not_plain: keyfile::NotPlain) ->
 /// Indexes validated entries, reporting duplicate ids and hashes where they are written.
 fn finish_keys(
     source: &mut SourceFile,
-    runs: Vec<Vec<KeyEntry>>,
+    entries: Entries,
     spans: &[(Range<usize>, Range<usize>)],
 ) -> Option<KeyTable> {
-    let (table, duplicates) = KeyTable::build(runs);
+    if entries.too_many() {
+        source.errors.push(SourceFile::whole_file(source.path, "more keys than one table can hold"));
+        return None;
+    }
+    let (table, duplicates) = KeyTable::build(entries);
     for duplicate in duplicates {
         let (later, earlier, what) = match duplicate {
             Duplicate::Id(later, earlier) => (&spans[later].0, &spans[earlier].0, "key id"),
@@ -963,7 +980,7 @@ fn finish_keys(
 /// Validated entries in file order, and where each one's id and hash are written (for
 /// duplicate errors), kept apart so the entries can become a key table as they are.
 struct Keys {
-    entries: Vec<KeyEntry>,
+    entries: Entries,
     spans: Vec<(Range<usize>, Range<usize>)>,
 }
 
@@ -990,18 +1007,20 @@ struct KeyValidator {
     scope_sets: HashMap<Vec<String>, Arc<ScopeSet>>,
     networks: HashMap<Vec<ipnet::IpNet>, Arc<[ipnet::IpNet]>>,
     consumers: HashMap<String, Arc<Consumer>>,
+    /// Where the ids and names go.
+    arena: HeaderArena,
 }
 
 impl KeyValidator {
     fn validate(&mut self, source: &mut SourceFile, key: KeyFile) -> Option<ParsedKey> {
         let id = check(source, &key.id, |id| {
             if id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)) {
-                header_text("id")(id)
+                header_text_with("id", id, |t| self.arena.value(t))
             } else {
                 Err("id must be 1 to 64 letters, digits, '.', '_', ':' or '-'".to_string())
             }
         });
-        let name = check(source, &key.name, header_text("name"));
+        let name = check(source, &key.name, |n| header_text_with("name", n, |t| self.arena.value(t)));
         let hash = check(source, &key.hash, |h| {
             KeyHash::parse(h)
                 .ok_or_else(|| "hash must be sha256: followed by 64 lower-case hex digits".to_string())
@@ -1080,12 +1099,7 @@ impl KeyValidator {
                 set
             }),
         };
-        let entry = KeyEntry {
-            hash: hash?,
-            id: id?,
-            name: name?,
-            scopes: scopes?,
-            expires_at: expires_at?,
+        let extras = KeyExtras {
             revoked_at: revoked_at?,
             rate_limit: rate_limit?,
             meta: meta?,
@@ -1093,6 +1107,7 @@ impl KeyValidator {
             quota: quota?,
             consumer: consumer?,
         };
+        let entry = KeyEntry::new(hash?, id?, name?, scopes?, expires_at?, extras);
         created?;
         Some(ParsedKey { entry, id_span: key.id.span(), hash_span: key.hash.span() })
     }
@@ -1282,7 +1297,7 @@ GET = "read"
         assert_eq!(snapshot.server.trusted_proxies.len(), 2);
         let entry = snapshot.keys.get(&KeyHash::of("k1")).unwrap();
         let meta: Vec<(String, String)> =
-            entry.meta.iter().map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string())).collect();
+            entry.meta().iter().map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string())).collect();
         assert_eq!(
             meta,
             [
@@ -1369,9 +1384,9 @@ GET = "read"
             assert_eq!(snapshot.keys.len(), n);
             for i in [0, n / 2, n - 1] {
                 let found = snapshot.keys.get(&KeyHash::of(&format!("k{i}"))).unwrap();
-                assert_eq!(found.meta.len(), 2);
-                assert_eq!(found.meta[1].0.as_str(), "x-keygate-meta-tenant");
-                assert_eq!(found.meta[1].1, format!("t{i}").as_str());
+                assert_eq!(found.meta().len(), 2);
+                assert_eq!(found.meta()[1].0.as_str(), "x-keygate-meta-tenant");
+                assert_eq!(found.meta()[1].1, format!("t{i}").as_str());
                 assert!(found.admits(format!("10.{}.3.4", i % 256).parse().unwrap()));
                 assert!(!found.admits(format!("10.{}.3.4", (i + 1) % 256).parse().unwrap()));
             }

@@ -238,13 +238,59 @@ impl RateLimit {
 
 /// One key of the table: everything the request path needs, already in its final form.
 /// Cloning shares the scope set, networks and consumer.
+///
+/// A million of these are held at once, and every byte here costs a megabyte there: what most
+/// keys have sits inline, what few keys have sits behind one pointer (see [`KeyExtras`]).
 #[derive(Debug, Clone)]
 pub struct KeyEntry {
     pub hash: KeyHash,
     pub id: HeaderValue,
     pub name: HeaderValue,
     pub scopes: Arc<ScopeSet>,
-    pub expires_at: Option<SystemTime>,
+    expires_at: Deadline,
+    /// `None` for a key with none of the extras, which is most keys.
+    extras: Option<Box<KeyExtras>>,
+}
+
+/// An optional instant in 8 bytes where `Option<SystemTime>` takes 16: nanoseconds since the
+/// Unix epoch, [`Deadline::NONE`] for none. That range ends in 2262: a later instant counts as
+/// none, which no process running before then can tell apart; one before 1678 as 1678.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Deadline(i64);
+
+impl Deadline {
+    const NONE: Self = Self(i64::MAX);
+
+    fn new(at: Option<SystemTime>) -> Self {
+        at.map_or(Self::NONE, |at| Self(unix_nanos(at)))
+    }
+
+    fn get(self) -> Option<SystemTime> {
+        let magnitude = Duration::from_nanos(self.0.unsigned_abs());
+        match self {
+            Self::NONE => None,
+            Self(n) if n < 0 => SystemTime::UNIX_EPOCH.checked_sub(magnitude),
+            Self(_) => SystemTime::UNIX_EPOCH.checked_add(magnitude),
+        }
+    }
+
+    /// Whether `now` is at or after the instant.
+    fn passed_by(self, now: SystemTime) -> bool {
+        self != Self::NONE && self.0 <= unix_nanos(now)
+    }
+}
+
+/// Nanoseconds since the Unix epoch, saturating at the ends of `i64`.
+fn unix_nanos(at: SystemTime) -> i64 {
+    match at.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_nanos()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_nanos()).map_or(i64::MIN, |n| -n),
+    }
+}
+
+/// The fields few keys have: revocation, limits, identity extras and address lists.
+#[derive(Debug, Clone, Default)]
+pub struct KeyExtras {
     pub revoked_at: Option<SystemTime>,
     pub rate_limit: Option<RateLimit>,
     /// `x-keygate-meta-<name>` headers, names and values ready to send.
@@ -254,6 +300,17 @@ pub struct KeyEntry {
     pub quota: Option<QuotaLimit>,
     /// Shared by every key naming the same consumer: one bucket, one quota.
     pub consumer: Option<Arc<Consumer>>,
+}
+
+impl KeyExtras {
+    fn is_empty(&self) -> bool {
+        self.revoked_at.is_none()
+            && self.rate_limit.is_none()
+            && self.meta.is_empty()
+            && self.allowed_ips.is_none()
+            && self.quota.is_none()
+            && self.consumer.is_none()
+    }
 }
 
 /// A consumer: the account several keys (a rotated pair, say) belong to.
@@ -271,9 +328,51 @@ pub enum KeyState {
 }
 
 impl KeyEntry {
+    pub fn new(
+        hash: KeyHash,
+        id: HeaderValue,
+        name: HeaderValue,
+        scopes: Arc<ScopeSet>,
+        expires_at: Option<SystemTime>,
+        extras: KeyExtras,
+    ) -> Self {
+        let extras = (!extras.is_empty()).then(|| Box::new(extras));
+        Self { hash, id, name, scopes, expires_at: Deadline::new(expires_at), extras }
+    }
+
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.expires_at.get()
+    }
+
+    pub fn revoked_at(&self) -> Option<SystemTime> {
+        self.extras.as_ref().and_then(|e| e.revoked_at)
+    }
+
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        self.extras.as_ref().and_then(|e| e.rate_limit)
+    }
+
+    /// `x-keygate-meta-<name>` headers, names and values ready to send.
+    pub fn meta(&self) -> &[(http::HeaderName, HeaderValue)] {
+        self.extras.as_ref().map_or(&[], |e| &e.meta)
+    }
+
+    /// `None`: any client address; else only addresses inside one of these networks.
+    pub fn allowed_ips(&self) -> Option<&[ipnet::IpNet]> {
+        self.extras.as_ref().and_then(|e| e.allowed_ips.as_deref())
+    }
+
+    pub fn quota(&self) -> Option<QuotaLimit> {
+        self.extras.as_ref().and_then(|e| e.quota)
+    }
+
+    pub fn consumer(&self) -> Option<&Consumer> {
+        self.extras.as_ref().and_then(|e| e.consumer.as_deref())
+    }
+
     /// Whose bucket and quota this key spends.
     pub fn subject(&self) -> Subject<'_> {
-        match &self.consumer {
+        match self.consumer() {
             Some(consumer) => Subject::Consumer(consumer.name.as_bytes()),
             None => Subject::Key(self.id.as_bytes()),
         }
@@ -281,14 +380,14 @@ impl KeyEntry {
 
     /// The period its usage is counted in: its quota's, else the calendar month.
     pub fn usage_period(&self) -> Period {
-        self.quota.map_or(Period::Month, |q| q.period)
+        self.quota().map_or(Period::Month, |q| q.period)
     }
 
     /// Judged against `now` on every request, so a key expires on time without a reload.
     pub fn state_at(&self, now: SystemTime) -> KeyState {
-        if self.revoked_at.is_some_and(|t| t <= now) {
+        if self.revoked_at().is_some_and(|t| t <= now) {
             KeyState::Revoked
-        } else if self.expires_at.is_some_and(|t| t <= now) {
+        } else if self.expires_at.passed_by(now) {
             KeyState::Expired
         } else {
             KeyState::Active
@@ -298,29 +397,100 @@ impl KeyEntry {
     /// Whether the key may be used by a client at `ip` (already unmapped from `::ffff:a.b.c.d`,
     /// see `proxy::client`).
     pub fn admits(&self, ip: std::net::IpAddr) -> bool {
-        self.allowed_ips.as_ref().is_none_or(|nets| nets.iter().any(|net| net.contains(&ip)))
+        self.allowed_ips().is_none_or(|nets| nets.iter().any(|net| net.contains(&ip)))
+    }
+}
+
+/// Header values of many keys (ids, names) packed into shared buffers of [`ARENA_BYTES`]:
+/// one allocation per few hundred keys instead of one per value, each at least 8 bytes and
+/// rounded up to the allocator's size class. Clones, as the request path makes for the
+/// identity headers, count on the buffer they share; a value of its own buffer would make
+/// one more allocation (a shared count) the first time it is cloned.
+#[derive(Debug, Default)]
+pub struct HeaderArena {
+    free: bytes::BytesMut,
+}
+
+/// Small enough that few keys share a buffer's count (and its cache line, when two workers
+/// clone values of neighbouring keys), large enough that its own overhead is nothing.
+const ARENA_BYTES: usize = 4096;
+
+impl HeaderArena {
+    pub fn value(&mut self, text: &str) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+        if self.free.capacity() < text.len() {
+            self.free = bytes::BytesMut::with_capacity(ARENA_BYTES.max(text.len()));
+        }
+        self.free.extend_from_slice(text.as_bytes());
+        HeaderValue::from_maybe_shared(self.free.split().freeze())
+    }
+}
+
+/// Entries in file order, kept in runs of at most [`RUN_LEN`]: a run never grows past that,
+/// so a million entries are never copied into a larger buffer (which would hold them twice at
+/// the peak of a load), and runs read in parallel join without moving an entry.
+#[derive(Debug, Default)]
+pub struct Entries {
+    runs: Vec<Vec<KeyEntry>>,
+}
+
+/// Entries per run; slots in the index are 16 bits of run and 16 bits of position.
+const POSITION_BITS: u32 = 16;
+const RUN_LEN: usize = 1 << POSITION_BITS;
+/// The most runs a table indexes (`u32` slots). Entries past them (some four billion keys,
+/// hundreds of gigabytes in memory) are not indexed; the loader refuses such a file.
+const MAX_RUNS: usize = 1 << (32 - POSITION_BITS);
+
+impl Entries {
+    pub fn push(&mut self, entry: KeyEntry) {
+        match self.runs.last_mut() {
+            // Doubling stops at RUN_LEN, a power of two: a full run has no spare capacity.
+            Some(run) if run.len() < RUN_LEN => run.push(entry),
+            _ => self.runs.push(vec![entry]),
+        }
+    }
+
+    /// Puts `other`'s entries after these, without moving them.
+    pub fn append(&mut self, other: Entries) {
+        self.runs.extend(other.runs.into_iter().filter(|run| !run.is_empty()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.runs.iter().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.runs.iter().all(Vec::is_empty)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &KeyEntry> {
+        self.runs.iter().flatten()
+    }
+
+    /// More entries than a table can index.
+    pub fn too_many(&self) -> bool {
+        self.runs.len() > MAX_RUNS
+    }
+}
+
+impl FromIterator<KeyEntry> for Entries {
+    fn from_iter<I: IntoIterator<Item = KeyEntry>>(iter: I) -> Self {
+        let mut entries = Self::default();
+        iter.into_iter().for_each(|e| entries.push(e));
+        entries
     }
 }
 
 /// The in-memory key table, keyed by SHA-256.
 ///
-/// Entries live in a few vectors (each entry holding its own hash), in file order: the runs of
-/// the key file that were read in parallel, kept as they were read, because joining them
-/// would hold two copies of every entry at the peak of a load. The hash table holds only a
-/// `u32` per slot (3 bits of run, 29 bits of position): at a million keys its spare slots
-/// cost 4 bytes each instead of a whole entry.
+/// Entries live in runs (each entry holding its own hash), in file order. The hash table
+/// holds only a `u32` per slot (run and position): at a million keys its spare slots cost
+/// 4 bytes each instead of a whole entry, and no hash is stored twice.
 #[derive(Debug, Default)]
 pub struct KeyTable {
-    runs: Vec<Vec<KeyEntry>>,
+    entries: Entries,
     index: HashTable<u32>,
     len: usize,
 }
-
-const RUN_BITS: u32 = 3;
-const POSITION_BITS: u32 = 32 - RUN_BITS;
-/// The most runs a table may have, and the most entries one run may hold.
-pub const MAX_RUNS: usize = 1 << RUN_BITS;
-const MAX_RUN_LEN: usize = 1 << POSITION_BITS;
 
 /// Eight bytes of a SHA-256 output are already uniformly distributed: a perfect table hash.
 /// Lookups of attacker-chosen hashes cannot lengthen probe sequences, which depend only on
@@ -341,14 +511,12 @@ pub enum Duplicate {
 }
 
 impl KeyTable {
-    /// Builds a table from runs of entries in file order (at most [`MAX_RUNS`]; more are
-    /// joined). Duplicated hashes or ids are reported with their file-order positions; such a
-    /// table is for reporting only, since a key file with duplicates is refused.
-    pub fn build(mut runs: Vec<Vec<KeyEntry>>) -> (Self, Vec<Duplicate>) {
-        if runs.len() > MAX_RUNS || runs.iter().any(|run| run.len() > MAX_RUN_LEN) {
-            runs = vec![runs.into_iter().flatten().collect()];
-        }
-        let len: usize = runs.iter().map(Vec::len).sum();
+    /// Builds a table from entries in file order. Duplicated hashes or ids are reported with
+    /// their file-order positions; such a table is for reporting only, since a key file with
+    /// duplicates is refused. See [`Entries::too_many`].
+    pub fn build(entries: Entries) -> (Self, Vec<Duplicate>) {
+        let runs = &entries.runs;
+        let len = entries.len();
         let mut duplicates = Vec::new();
         // Ids must be unique too; checked with a throw-away index over the same entries.
         let mut ids: HashTable<u32> = HashTable::with_capacity(len);
@@ -358,17 +526,16 @@ impl KeyTable {
             hasher.finish()
         };
         let mut index: HashTable<u32> = HashTable::with_capacity(len);
-        let at = |slot: u32| &runs[(slot >> POSITION_BITS) as usize][(slot as usize) & (MAX_RUN_LEN - 1)];
+        let at = |slot: u32| &runs[(slot >> POSITION_BITS) as usize][(slot as usize) & (RUN_LEN - 1)];
         // Each run's first position in file order, for reporting duplicates.
         let first_position: Vec<usize> =
             runs.iter().scan(0, |next, run| Some(std::mem::replace(next, *next + run.len()))).collect();
-        let file_position = |slot: u32| {
-            first_position[(slot >> POSITION_BITS) as usize] + (slot as usize & (MAX_RUN_LEN - 1))
-        };
+        let file_position =
+            |slot: u32| first_position[(slot >> POSITION_BITS) as usize] + (slot as usize & (RUN_LEN - 1));
         let mut position = 0;
-        for (r, run) in runs.iter().enumerate() {
+        for (r, run) in runs.iter().enumerate().take(MAX_RUNS) {
             for (offset, entry) in run.iter().enumerate() {
-                // In range by the checks above: r < MAX_RUNS, offset < MAX_RUN_LEN.
+                // In range: r < MAX_RUNS (the `take` above), offset < RUN_LEN (`push`).
                 let slot = ((r as u32) << POSITION_BITS) | offset as u32;
                 let id_slot = id_hash(entry.id.as_bytes());
                 if let Some(&earlier) = ids.find(id_slot, |&i| at(i).id == entry.id) {
@@ -384,7 +551,8 @@ impl KeyTable {
                 position += 1;
             }
         }
-        (Self { runs, index, len }, duplicates)
+        drop(ids);
+        (Self { entries, index, len }, duplicates)
     }
 
     pub fn get(&self, hash: &KeyHash) -> Option<&KeyEntry> {
@@ -393,7 +561,7 @@ impl KeyTable {
     }
 
     fn at(&self, slot: u32) -> Option<&KeyEntry> {
-        self.runs.get((slot >> POSITION_BITS) as usize)?.get(slot as usize & (MAX_RUN_LEN - 1))
+        self.entries.runs.get((slot >> POSITION_BITS) as usize)?.get(slot as usize & (RUN_LEN - 1))
     }
 
     pub fn len(&self) -> usize {
@@ -405,7 +573,7 @@ impl KeyTable {
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &KeyEntry> {
-        self.runs.iter().flatten()
+        self.entries.iter()
     }
 
     /// The next table: this one with the entries of `removed` ids gone and `put` in place of
@@ -417,18 +585,22 @@ impl KeyTable {
             put.iter().enumerate().map(|(i, e)| (e.id.as_bytes().to_vec(), i)).collect();
         let removed: std::collections::HashSet<&[u8]> = removed.iter().map(|r| r.as_bytes()).collect();
         let mut put: Vec<Option<KeyEntry>> = put.into_iter().map(Some).collect();
-        let mut next = Vec::with_capacity(self.len + put.len());
+        let mut next = Entries::default();
         for entry in self.entries() {
             if removed.contains(entry.id.as_bytes()) {
                 continue;
             }
             match at.get(entry.id.as_bytes()) {
-                Some(&i) => next.extend(put[i].take()),
+                Some(&i) => {
+                    if let Some(entry) = put[i].take() {
+                        next.push(entry);
+                    }
+                }
                 None => next.push(entry.clone()),
             }
         }
-        next.extend(put.into_iter().flatten());
-        Self::build(vec![next])
+        put.into_iter().flatten().for_each(|e| next.push(e));
+        Self::build(next)
     }
 }
 
@@ -507,6 +679,100 @@ mod tests {
         for bad in ["0/s", "x/s", "10/d", "10", "-1/s"] {
             assert_eq!(RateLimit::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn an_entry_without_extras_stays_small() {
+        // A million keys are held at once: each byte here is a megabyte of resident memory.
+        assert!(std::mem::size_of::<KeyEntry>() <= 136, "{}", std::mem::size_of::<KeyEntry>());
+        let scopes = Arc::new(ScopeSet::new(vec!["read".into()]).unwrap());
+        let id = HeaderValue::from_static("a");
+        let plain = KeyEntry::new(
+            KeyHash::of("k"),
+            id.clone(),
+            id.clone(),
+            Arc::clone(&scopes),
+            None,
+            KeyExtras::default(),
+        );
+        assert!(plain.extras.is_none(), "no extras, no box");
+        assert!(plain.meta().is_empty() && plain.consumer().is_none() && plain.allowed_ips().is_none());
+        let extras = KeyExtras { quota: QuotaLimit::parse("5/day"), ..KeyExtras::default() };
+        let limited = KeyEntry::new(KeyHash::of("k"), id.clone(), id, scopes, None, extras);
+        assert_eq!(limited.usage_period(), Period::Day);
+        assert_eq!(limited.rate_limit(), None);
+    }
+
+    #[test]
+    fn entries_keep_file_order_across_runs() {
+        let scopes = Arc::new(ScopeSet::new(vec![]).unwrap());
+        let entry = |i: usize| {
+            let id = HeaderValue::from_str(&i.to_string()).unwrap();
+            KeyEntry::new(
+                KeyHash::of(&i.to_string()),
+                id.clone(),
+                id,
+                Arc::clone(&scopes),
+                None,
+                KeyExtras::default(),
+            )
+        };
+        let ids = |table: &KeyTable| -> Vec<usize> {
+            table.entries().map(|e| e.id.to_str().unwrap().parse().unwrap()).collect()
+        };
+        // Two readers' worth, the first ending in a part-filled run, then more after both.
+        let last = 2 * RUN_LEN + 10;
+        let mut entries: Entries = (0..RUN_LEN + 3).map(entry).collect();
+        entries.append((RUN_LEN + 3..last).map(entry).collect());
+        entries.push(entry(last));
+        let (table, duplicates) = KeyTable::build(entries);
+        assert!(duplicates.is_empty());
+        assert_eq!(table.len(), last + 1);
+        assert_eq!(ids(&table), (0..=last).collect::<Vec<_>>());
+        for i in [0, RUN_LEN - 1, RUN_LEN, RUN_LEN + 3, last] {
+            assert_eq!(table.get(&KeyHash::of(&i.to_string())).unwrap().id, i.to_string().as_str());
+        }
+
+        let (changed, duplicates) = table.changed(vec![entry(5), entry(last + 1)], &["7".to_string()]);
+        assert!(duplicates.is_empty());
+        assert_eq!(changed.len(), last + 1);
+        assert!(changed.get(&KeyHash::of("7")).is_none() && changed.get(&KeyHash::of("5")).is_some());
+        let expected: Vec<usize> = (0..=last + 1).filter(|&i| i != 7).collect();
+        assert_eq!(ids(&changed), expected);
+
+        let mut doubled: Entries = (0..3).map(entry).collect();
+        doubled.push(entry(1));
+        assert_eq!(KeyTable::build(doubled).1, vec![Duplicate::Id(3, 1)]);
+    }
+
+    #[test]
+    fn deadlines_keep_the_instant_to_the_nanosecond() {
+        let at = SystemTime::UNIX_EPOCH + Duration::new(1_795_000_000, 123_456_789);
+        let deadline = Deadline::new(Some(at));
+        assert_eq!(deadline.get(), Some(at));
+        assert!(deadline.passed_by(at), "rejected from this instant on");
+        assert!(!deadline.passed_by(at - Duration::from_nanos(1)));
+        let before_1970 = SystemTime::UNIX_EPOCH - Duration::from_secs(86_400);
+        assert_eq!(Deadline::new(Some(before_1970)).get(), Some(before_1970));
+        assert!(Deadline::new(Some(before_1970)).passed_by(SystemTime::UNIX_EPOCH));
+        assert_eq!(Deadline::new(None).get(), None);
+        assert!(!Deadline::new(None).passed_by(at));
+        let year_2300 = SystemTime::UNIX_EPOCH + Duration::from_secs(10_413_792_000);
+        assert!(!Deadline::new(Some(year_2300)).passed_by(at), "past 2262: as good as never");
+    }
+
+    #[test]
+    fn arena_values_share_buffers() {
+        let mut arena = HeaderArena::default();
+        let a = arena.value("k0000001").unwrap();
+        let b = arena.value("customer-k0000001").unwrap();
+        assert_eq!((a.to_str().unwrap(), b.to_str().unwrap()), ("k0000001", "customer-k0000001"));
+        assert_eq!(b.as_bytes().as_ptr(), a.as_bytes()[8..].as_ptr(), "packed into one buffer");
+        let long = "x".repeat(ARENA_BYTES + 1);
+        assert_eq!(arena.value(&long).unwrap(), long.as_str(), "a value larger than a buffer gets its own");
+        assert!(arena.value("bad\r\nvalue").is_err());
+        drop(arena);
+        assert_eq!(a.clone(), "k0000001", "values outlive the arena");
     }
 
     #[test]

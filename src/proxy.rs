@@ -269,11 +269,11 @@ impl Gateway {
             auth::authorize(route.scopes.as_ref(), key, &parts.method, &parts.headers, parts.uri.query())?;
             // Last, rate limit then quota: a request refused for any other reason spends
             // neither. Keys with neither never reach the counters store here.
-            if key.rate_limit.is_some() || key.quota.is_some() {
+            if key.rate_limit().is_some() || key.quota().is_some() {
                 let ask = Ask {
                     subject: key.subject(),
-                    rate: key.rate_limit,
-                    quota: key.quota,
+                    rate: key.rate_limit(),
+                    quota: key.quota(),
                     now,
                     instant: Instant::now(),
                 };
@@ -309,7 +309,7 @@ impl Gateway {
         // Room, in one growth, for what keygate adds below (forwarding, Host, request id,
         // identity): hyper sized the map for the client's headers only, and growing it step by
         // step rehashes every header each time.
-        parts.headers.reserve(8 + key.map_or(0, |k| k.meta.len()));
+        parts.headers.reserve(8 + key.map_or(0, |k| k.meta().len()));
         if let Some(protocol) = &websocket {
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(UPGRADE, protocol.clone());

@@ -639,7 +639,7 @@ async fn keys_rotate_keeps_meta_and_allowed_ips() {
         snapshot.keys.get(&keygate::keys::KeyHash::of(&new_key)).expect("the new key is in the table");
     assert_ne!(entry.id, "office01");
     let meta: Vec<String> =
-        entry.meta.iter().map(|(n, v)| format!("{n}={}", v.to_str().unwrap_or("?"))).collect();
+        entry.meta().iter().map(|(n, v)| format!("{n}={}", v.to_str().unwrap_or("?"))).collect();
     assert_eq!(
         meta,
         ["x-keygate-meta-tenant=acme"],

@@ -766,6 +766,66 @@ async fn changed_listen_keeps_serving_on_the_old_port_of_the_real_binary() {
     .await;
 }
 
+/// A key file of several megabytes is read by several threads in blocks, never whole
+/// (`config::keystream`): every key must be there as the whole-file reader would make it, and a
+/// file with a duplicate near its end must still be refused with the duplicate's line, keeping
+/// the running keys.
+#[tokio::test]
+async fn a_large_key_file_loads_in_blocks_and_its_errors_still_name_the_line() {
+    const KEYS: usize = 30_000;
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bulk: Vec<Key> = (0..KEYS)
+        .map(|i| {
+            let key = Key::new(
+                &format!("bulk{i:05}"),
+                "bulk",
+                &format!("secret-of-bulk-{i}-0123456789abcdef"),
+                &["read"],
+            );
+            // A few keys with extras, spread across the file.
+            if i % 1000 == 999 { key.meta(&[("tenant", &format!("t{i}"))]) } else { key }
+        })
+        .collect();
+    let text = keys_toml(&bulk);
+    assert!(text.len() > 4 << 20, "{} bytes: too small to be read by several threads", text.len());
+    let config = write_plain(dir.path(), &private_config(&upstream).gateway_toml(), &text);
+    let mut serve = Process::serve(&config);
+    let addr = serve.listening_addr().await;
+    let call = |secret: &str| Call::new(addr, http::Method::GET, "/api/items").header("x-api-key", secret);
+    for i in [0, KEYS / 2, KEYS - 2, KEYS - 1] {
+        let exchange = check(call(&bulk[i].secret), OK, &format!("bulk key {i}")).await;
+        let saw = upstream.expect_received(&exchange);
+        assert_eq!(saw.header("x-keygate-key-id"), Some(bulk[i].id.as_str()), "{exchange}");
+        assert_eq!(saw.header("x-keygate-key-name"), Some("bulk"), "{exchange}");
+        let tenant = (i % 1000 == 999).then(|| format!("t{i}"));
+        assert_eq!(saw.header("x-keygate-meta-tenant"), tenant.as_deref(), "{exchange}");
+    }
+    check(call("secret-of-nobody-0123456789abcdef"), INVALID, "an unknown key").await;
+
+    // The first key's id again, at the very end, after a new key.
+    let newcomer = key("newcomer");
+    let twin = Key::new(&bulk[0].id, "twin", "secret-of-the-twin-0123456789abcdef", &["read"]);
+    let bad = format!("{text}\n{}\n{}", newcomer.to_toml(), twin.to_toml());
+    let twin_id_at = bad.rfind(&format!("id = \"{}\"", twin.id)).expect("the twin's id line");
+    let twin_line = bad[..twin_id_at].matches('\n').count() + 1;
+    let keys_path = dir.path().join("keys.toml");
+    rename_over(&keys_path, &bad);
+    let refused = serve.wait_until(DEADLINE, |s| s.count("reload failed") >= 1).await;
+    let reported =
+        serve.all_lines().any(|l| l.contains(&format!("keys.toml:{twin_line}:")) && l.contains("duplicate"));
+    assert!(refused && reported, "no failed reload naming keys.toml:{twin_line}\n{}", serve.transcript());
+    check(call(&bulk[0].secret), OK, "the first key after the refused file").await;
+    check(call(&twin.secret), INVALID, "the twin of the refused file").await;
+    check(call(&newcomer.secret), INVALID, "the new key of the refused file").await;
+
+    rename_over(&keys_path, &format!("{text}\n{}", newcomer.to_toml()));
+    let reloaded = serve.wait_until(DEADLINE, |s| s.count("configuration reloaded") >= 1).await;
+    assert!(reloaded, "the valid file was not loaded\n{}", serve.transcript());
+    check(call(&newcomer.secret), OK, "the new key").await;
+    check(call(&bulk[KEYS - 1].secret), OK, "the last bulk key after the reload").await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. Reloads under continuous traffic
 // ---------------------------------------------------------------------------------------------

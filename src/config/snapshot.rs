@@ -106,7 +106,7 @@ impl Snapshot {
         if self.store.persistent() {
             return None;
         }
-        let with_quota = self.keys.entries().filter(|k| k.quota.is_some()).count();
+        let with_quota = self.keys.entries().filter(|k| k.quota().is_some()).count();
         (with_quota > 0).then(|| {
             format!(
                 "{with_quota} key(s) have a quota but neither [state] nor [cluster] is configured: \

@@ -382,10 +382,10 @@ pub fn set_identity(headers: &mut HeaderMap, key: &KeyEntry) {
     headers.insert(X_KEYGATE_KEY_ID, key.id.clone());
     headers.insert(X_KEYGATE_KEY_NAME, key.name.clone());
     headers.insert(X_KEYGATE_SCOPES, key.scopes.header().clone());
-    for (name, value) in &key.meta {
+    for (name, value) in key.meta() {
         headers.insert(name.clone(), value.clone());
     }
-    if let Some(consumer) = &key.consumer {
+    if let Some(consumer) = key.consumer() {
         headers.insert(X_KEYGATE_CONSUMER, consumer.name.clone());
     }
 }

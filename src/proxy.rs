@@ -357,7 +357,7 @@ impl Gateway {
                 Overdue::Timeout => GatewayError::UpstreamTimeout,
             })?
             .map_err(|error| {
-                if body_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                if body_failed.happened() {
                     return GatewayError::BadRequest("the request body is malformed or was cut short");
                 }
                 tracing::debug!(route = %route.label, %error, "upstream request failed");
@@ -539,9 +539,11 @@ impl RequestIds {
         let n = self.counter.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let words = [Self::mix(self.seeds[0].wrapping_add(n)), Self::mix(self.seeds[1] ^ n)];
         let mut text = [0u8; 32];
-        for (i, digit) in text.iter_mut().enumerate() {
-            let nibble = (words[i / 16] >> (60 - 4 * (i % 16))) & 0xf;
-            *digit = b"0123456789abcdef"[nibble as usize];
+        // A byte at a time, two digits each: half the steps of a nibble at a time.
+        let bytes = words.iter().flat_map(|word| word.to_be_bytes());
+        for (pair, byte) in text.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = b"0123456789abcdef"[usize::from(byte >> 4)];
+            pair[1] = b"0123456789abcdef"[usize::from(byte & 0xf)];
         }
         // Hex digits are always a valid header value.
         HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("0"))

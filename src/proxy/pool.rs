@@ -164,6 +164,9 @@ impl Conn {
         // Requests and responses are written whole; waiting for more to coalesce only adds latency.
         stream.set_nodelay(true).map_err(SendError::Connect)?;
         let (sender, driver) = hyper::client::conn::http1::Builder::new()
+            // One buffer per message rather than a queue gathered by writev: a request head
+            // (and a small body) is copied once, which costs less than the queue.
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Http)?;

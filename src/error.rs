@@ -3,8 +3,11 @@
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
+
+/// How many [`GatewayError`] variants there are (see `GatewayError::slot`).
+const VARIANTS: usize = 17;
 
 /// Why keygate answered a request itself instead of forwarding it.
 ///
@@ -94,9 +97,17 @@ impl GatewayError {
     /// same bytes, so those are rendered once and shared: a flood of invalid keys then costs
     /// no JSON building per request.
     fn body(&self) -> Bytes {
-        static RENDERED: [OnceLock<Bytes>; 16] = [const { OnceLock::new() }; 16];
-        let slot = match self {
-            Self::BadRequest(_) => return self.render_body(),
+        static RENDERED: [OnceLock<Bytes>; VARIANTS] = [const { OnceLock::new() }; VARIANTS];
+        if let Self::BadRequest(_) = self {
+            return self.render_body();
+        }
+        RENDERED[self.slot()].get_or_init(|| self.render_body()).clone()
+    }
+
+    /// Each variant's own index, for what is rendered once per variant.
+    fn slot(&self) -> usize {
+        match self {
+            Self::BadRequest(_) => 16,
             Self::NoRoute => 0,
             Self::MissingApiKey => 1,
             Self::InvalidApiKey => 2,
@@ -113,8 +124,7 @@ impl GatewayError {
             Self::UpstreamTimeout => 13,
             Self::Internal => 14,
             Self::UpstreamBusy => 15,
-        };
-        RENDERED[slot].get_or_init(|| self.render_body()).clone()
+        }
     }
 
     fn render_body(&self) -> Bytes {
@@ -164,19 +174,14 @@ impl GatewayError {
 
     /// Renders the error as keygate's JSON error response.
     pub fn to_response(&self) -> Response<Full<Bytes>> {
+        static HEADERS: [OnceLock<HeaderMap>; VARIANTS] = [const { OnceLock::new() }; VARIANTS];
         let mut response = Response::new(Full::new(self.body()));
         *response.status_mut() = self.status();
+        // The fixed headers of each variant are built once and copied: copying a small map
+        // costs less than hashing each name into a new one.
+        *response.headers_mut() = HEADERS[self.slot()].get_or_init(|| self.fixed_headers()).clone();
         let headers = response.headers_mut();
-        // Room for these and the headers the pipeline adds (x-request-id, CORS) without growing.
-        headers.reserve(8);
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        // Errors are answers about this request, never something a cache may replay.
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match self {
-            Self::MissingApiKey | Self::InvalidApiKey | Self::RevokedApiKey | Self::ExpiredApiKey => {
-                headers
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("ApiKey realm=\"keygate\""));
-            }
             Self::RateLimited { retry_after_secs, quota } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
                 set_quota_headers(headers, quota);
@@ -187,6 +192,18 @@ impl GatewayError {
             _ => {}
         }
         response
+    }
+
+    /// The headers of this variant's JSON answer that never change.
+    fn fixed_headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        // Errors are answers about this request, never something a cache may replay.
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Self::MissingApiKey | Self::InvalidApiKey | Self::RevokedApiKey | Self::ExpiredApiKey = self {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("ApiKey realm=\"keygate\""));
+        }
+        headers
     }
 }
 

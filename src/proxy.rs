@@ -169,7 +169,7 @@ impl Gateway {
         self.snapshot.store(Arc::new(snapshot));
     }
 
-    pub async fn handle(&self, client: ClientInfo, request: Request<RequestBody>) -> Response<ProxyBody> {
+    pub async fn handle(&self, client: &ClientInfo, request: Request<RequestBody>) -> Response<ProxyBody> {
         let started = Instant::now();
         let snapshot = self.snapshot();
         let request_id = self.request_id(request.headers());
@@ -218,7 +218,7 @@ impl Gateway {
     async fn forward<'s>(
         &self,
         snapshot: &'s Snapshot,
-        client: ClientInfo,
+        client: &ClientInfo,
         request: Request<RequestBody>,
         request_id: &HeaderValue,
         log: &mut AccessLog<'_>,
@@ -239,7 +239,7 @@ impl Gateway {
             snapshot.routes.find(host.as_ref().map(RequestHost::name), path).ok_or(GatewayError::NoRoute)?;
         log.route = Some(route.label.clone());
         *matched = Some(route);
-        let address = client::resolve(&client, &parts.headers, &snapshot.server.trusted_proxies);
+        let address = client::resolve(client, &parts.headers, &snapshot.server.trusted_proxies);
         log.client = Some(address.ip);
 
         // A preflight carries no key (browsers send none): keygate answers it for a route with
@@ -318,7 +318,7 @@ impl Gateway {
             parts.headers.insert(TE, HeaderValue::from_static("trailers"));
         }
         let host = host.map(|h| h.value);
-        forward::set_forwarding(&mut parts.headers, &client, &address, host.as_ref());
+        forward::set_forwarding(&mut parts.headers, client, &address, host.as_ref());
         let upstream_host = match (&host, route.preserve_host) {
             (Some(host), true) => host.clone(),
             _ => upstream.host_header.clone(),
@@ -349,7 +349,10 @@ impl Gateway {
         let body_failed = body.failure();
         let request = Request::from_parts(parts, body);
         let sent = upstream.transport.send(request, websocket.is_some());
-        let result = limit::bounded(snapshot.server.request_timeout, sent).await;
+        // Boxed, the send (with its request and its timer) is built in place and never moved
+        // again; inline, it would be copied with the whole request future at every move, and
+        // make that future larger for requests that are refused and never send anything.
+        let result = Box::pin(limit::bounded(snapshot.server.request_timeout, sent)).await;
         log.upstream_duration = Some(upstream_started.elapsed());
         let mut response = result
             .map_err(|overdue| match overdue {

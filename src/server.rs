@@ -164,16 +164,17 @@ impl Connection {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let gateway = Arc::clone(&self.gateway);
         let client = client.with_guard(self.guard.clone());
-        let requests = activity.clone();
         let peer = client.peer;
+        // What every request of the connection shares, behind one reference count.
+        let shared = Arc::new((Arc::clone(&self.gateway), client));
+        let requests = activity.clone();
         let service = service_fn(move |request: Request<Incoming>| {
-            let gateway = Arc::clone(&gateway);
-            let client = client.clone();
+            let shared = Arc::clone(&shared);
             let exchange = requests.exchange();
             let request = request.map(|body| RequestBody::new(body, exchange.clone()));
             async move {
+                let (gateway, client) = &*shared;
                 let response = gateway.handle(client, request).await;
                 exchange.finish();
                 Ok::<_, Infallible>(response.map(|body| ProgressBody::new(body, exchange)))

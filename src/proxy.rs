@@ -354,18 +354,19 @@ impl Gateway {
         // make that future larger for requests that are refused and never send anything.
         let result = Box::pin(limit::bounded(snapshot.server.request_timeout, sent)).await;
         log.upstream_duration = Some(upstream_started.elapsed());
-        let mut response = result
-            .map_err(|overdue| match overdue {
-                Overdue::Busy => GatewayError::UpstreamBusy,
-                Overdue::Timeout => GatewayError::UpstreamTimeout,
-            })?
-            .map_err(|error| {
+        // One match, not a chain of `map_err`s: each step of a chain moves the whole response.
+        let mut response = match result {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
                 if body_failed.happened() {
-                    return GatewayError::BadRequest("the request body is malformed or was cut short");
+                    return Err(GatewayError::BadRequest("the request body is malformed or was cut short"));
                 }
                 tracing::debug!(route = %route.label, %error, "upstream request failed");
-                GatewayError::UpstreamUnavailable
-            })?;
+                return Err(GatewayError::UpstreamUnavailable);
+            }
+            Err(Overdue::Busy) => return Err(GatewayError::UpstreamBusy),
+            Err(Overdue::Timeout) => return Err(GatewayError::UpstreamTimeout),
+        };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let (Some(client_side), Some(protocol), Some(key)) = (client_upgrade, websocket, websocket_key)
             else {
@@ -383,15 +384,14 @@ impl Gateway {
             let upstream_side = hyper::upgrade::on(&mut response);
             let idle = snapshot.server.idle_timeout;
             tokio::spawn(forward::relay_upgraded(client_side, upstream_side, idle, connection_guard));
-            let (mut parts, body) = response.into_parts();
-            forward::remove_hop_by_hop(&mut parts.headers);
-            parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(UPGRADE, protocol);
-            return Ok(Response::from_parts(parts, Either::Left(body)));
+            let headers = response.headers_mut();
+            forward::remove_hop_by_hop(headers);
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(UPGRADE, protocol);
+            return Ok(response.map(Either::Left));
         }
-        let (mut parts, body) = response.into_parts();
-        forward::remove_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, Either::Left(body)))
+        forward::remove_hop_by_hop(response.headers_mut());
+        Ok(response.map(Either::Left))
     }
 
     /// The client's `x-request-id` if it sent one sane value, else a fresh one.

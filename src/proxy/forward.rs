@@ -218,7 +218,8 @@ pub fn accepts_trailers(headers: &HeaderMap) -> bool {
 /// The `Upgrade` value of an HTTP/1.1 WebSocket handshake (`Connection: upgrade` and
 /// `Upgrade: websocket`), the only upgrade keygate relays.
 pub fn websocket_upgrade(parts: &http::request::Parts) -> Option<HeaderValue> {
-    if parts.version != http::Version::HTTP_11 {
+    // `Upgrade` first: nearly every request has none, and then `Connection` is not looked up.
+    if parts.version != http::Version::HTTP_11 || !parts.headers.contains_key(header::UPGRADE) {
         return None;
     }
     let connection_upgrade = parts

@@ -178,12 +178,35 @@ impl Gateway {
         let origin = request.headers().get(http::header::ORIGIN).cloned();
         let grpc = is_grpc(request.headers());
         let forwarded = self.forward(&snapshot, client, request, &request_id, &mut log, &mut matched).await;
-        let mut response = match forwarded {
-            Ok(response) => response,
+        let status = match &forwarded {
+            Ok(response) => response.status(),
             Err(error) => {
                 log.reason = Some(error.code());
-                error.render(grpc).map(Either::Right)
+                error.rendered_status(grpc)
             }
+        };
+        let duration = started.elapsed();
+        log.emit(status, duration);
+        let observation = Observation {
+            route: log.route.as_ref().unwrap_or(&self.no_route),
+            handles: matched.and_then(|route: &Route| route.metrics.as_deref()),
+            status: status.as_u16(),
+            key_id: log.key_id.as_ref().and_then(|k| k.to_str().ok()),
+            rejection: log.reason,
+            duration,
+            upstream_duration: log.upstream_duration,
+        };
+        let per_key = snapshot.admin.as_ref().is_some_and(|a| a.per_key_metrics);
+        self.metrics.observe(&observation, per_key);
+        let quota = log.quota.take();
+        // Last, once the log no longer borrows it: the id moves into the response uncopied.
+        drop(log);
+        let mut response = match forwarded {
+            Ok(mut response) => {
+                response.headers_mut().insert(X_REQUEST_ID, request_id);
+                response
+            }
+            Err(error) => error.render(grpc, request_id).map(Either::Right),
         };
         // On a route with `[routes.cors]`, every answer to an allowed origin says so, keygate's
         // own 401/403/429 included: otherwise a browser app could not read why it was refused.
@@ -193,25 +216,9 @@ impl Gateway {
         {
             cors.decorate(response.headers_mut(), allow_origin);
         }
-        if let Some(quota) = &log.quota {
+        if let Some(quota) = &quota {
             crate::error::set_quota_headers(response.headers_mut(), quota);
         }
-        let duration = started.elapsed();
-        log.emit(response.status(), duration);
-        let observation = Observation {
-            route: log.route.as_ref().unwrap_or(&self.no_route),
-            handles: matched.and_then(|route: &Route| route.metrics.as_deref()),
-            status: response.status().as_u16(),
-            key_id: log.key_id.as_ref().and_then(|k| k.to_str().ok()),
-            rejection: log.reason,
-            duration,
-            upstream_duration: log.upstream_duration,
-        };
-        let per_key = snapshot.admin.as_ref().is_some_and(|a| a.per_key_metrics);
-        self.metrics.observe(&observation, per_key);
-        // Last, once the log no longer borrows it: the id moves into the response uncopied.
-        drop(log);
-        response.headers_mut().insert(X_REQUEST_ID, request_id);
         response
     }
 

@@ -182,11 +182,16 @@ pub fn scrub_request(headers: &mut HeaderMap) {
 /// over the names present finds them: most messages carry none, and removing an absent name
 /// still costs a hash and a probe each.
 fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
-    if !headers.keys().any(|name| is_hop_by_hop(name) || also(name)) {
+    // Empty until something is doomed: a message with nothing to remove costs no allocation.
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if is_hop_by_hop(name) || also(name) {
+            doomed.push(name.clone());
+        }
+    }
+    if doomed.is_empty() {
         return;
     }
-    let mut doomed: Vec<HeaderName> =
-        headers.keys().filter(|name| is_hop_by_hop(name) || also(name)).cloned().collect();
     if doomed.contains(&header::CONNECTION) {
         let named = headers
             .get_all(header::CONNECTION)

@@ -307,6 +307,10 @@ impl Shared {
     /// Starts the sweep the first time a connection is pooled, from inside the runtime. It
     /// holds only a weak reference, so it ends once the gateway is gone.
     fn start_sweeping(self: &Arc<Self>) {
+        // Called for every connection handed back: once it runs, that is all it costs.
+        if self.sweeping.get().is_some() {
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let weak = Arc::downgrade(self);
         self.sweeping.get_or_init(|| {

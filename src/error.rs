@@ -3,8 +3,13 @@
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
+
+use crate::proxy::forward::X_REQUEST_ID;
+
+/// How many [`GatewayError`] variants there are (see `GatewayError::slot`).
+const VARIANTS: usize = 17;
 
 /// Why keygate answered a request itself instead of forwarding it.
 ///
@@ -94,9 +99,17 @@ impl GatewayError {
     /// same bytes, so those are rendered once and shared: a flood of invalid keys then costs
     /// no JSON building per request.
     fn body(&self) -> Bytes {
-        static RENDERED: [OnceLock<Bytes>; 16] = [const { OnceLock::new() }; 16];
-        let slot = match self {
-            Self::BadRequest(_) => return self.render_body(),
+        static RENDERED: [OnceLock<Bytes>; VARIANTS] = [const { OnceLock::new() }; VARIANTS];
+        if let Self::BadRequest(_) = self {
+            return self.render_body();
+        }
+        RENDERED[self.slot()].get_or_init(|| self.render_body()).clone()
+    }
+
+    /// Each variant's own index, for what is rendered once per variant.
+    fn slot(&self) -> usize {
+        match self {
+            Self::BadRequest(_) => 16,
             Self::NoRoute => 0,
             Self::MissingApiKey => 1,
             Self::InvalidApiKey => 2,
@@ -113,8 +126,7 @@ impl GatewayError {
             Self::UpstreamTimeout => 13,
             Self::Internal => 14,
             Self::UpstreamBusy => 15,
-        };
-        RENDERED[slot].get_or_init(|| self.render_body()).clone()
+        }
     }
 
     fn render_body(&self) -> Bytes {
@@ -138,11 +150,20 @@ impl GatewayError {
         }
     }
 
-    /// Renders the error for the client that sent the request: a gRPC client
-    /// (`content-type: application/grpc…`) gets a trailers-only gRPC answer, any other the JSON
-    /// one. The only place errors become responses.
-    pub fn render(&self, grpc: bool) -> Response<Full<Bytes>> {
-        if grpc { self.to_grpc_response() } else { self.to_response() }
+    /// Renders the error for the client that sent the request, with its `x-request-id`: a
+    /// gRPC client (`content-type: application/grpc…`) gets a trailers-only gRPC answer, any
+    /// other the JSON one. The only place errors become responses.
+    pub fn render(&self, grpc: bool, request_id: HeaderValue) -> Response<Full<Bytes>> {
+        let mut response = if grpc { self.to_grpc_response() } else { self.to_response() };
+        // The JSON answer's copied headers hold a place for the id (see `fixed_headers`):
+        // this replaces it where it stands.
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
+        response
+    }
+
+    /// The status the client sees for this error: gRPC answers are HTTP 200.
+    pub fn rendered_status(&self, grpc: bool) -> StatusCode {
+        if grpc { StatusCode::OK } else { self.status() }
     }
 
     /// HTTP 200 with `grpc-status` and `grpc-message` (the error code) in the headers and no
@@ -162,21 +183,17 @@ impl GatewayError {
         response
     }
 
-    /// Renders the error as keygate's JSON error response.
-    pub fn to_response(&self) -> Response<Full<Bytes>> {
+    /// Renders the error as keygate's JSON error response, its `x-request-id` still to be set
+    /// ([`Self::render`] does).
+    fn to_response(&self) -> Response<Full<Bytes>> {
+        static HEADERS: [OnceLock<HeaderMap>; VARIANTS] = [const { OnceLock::new() }; VARIANTS];
         let mut response = Response::new(Full::new(self.body()));
         *response.status_mut() = self.status();
+        // The fixed headers of each variant are built once and copied: copying a small map
+        // costs less than hashing each name into a new one.
+        *response.headers_mut() = HEADERS[self.slot()].get_or_init(|| self.fixed_headers()).clone();
         let headers = response.headers_mut();
-        // Room for these and the headers the pipeline adds (x-request-id, CORS) without growing.
-        headers.reserve(8);
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        // Errors are answers about this request, never something a cache may replay.
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match self {
-            Self::MissingApiKey | Self::InvalidApiKey | Self::RevokedApiKey | Self::ExpiredApiKey => {
-                headers
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("ApiKey realm=\"keygate\""));
-            }
             Self::RateLimited { retry_after_secs, quota } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
                 set_quota_headers(headers, quota);
@@ -187,6 +204,21 @@ impl GatewayError {
             _ => {}
         }
         response
+    }
+
+    /// The headers of this variant's JSON answer that never change, and a place for the
+    /// request id: a copied map has no room to spare, and growing it for the id would cost
+    /// more than the copy saved.
+    fn fixed_headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("-"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        // Errors are answers about this request, never something a cache may replay.
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Self::MissingApiKey | Self::InvalidApiKey | Self::RevokedApiKey | Self::ExpiredApiKey = self {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("ApiKey realm=\"keygate\""));
+        }
+        headers
     }
 }
 
@@ -322,9 +354,11 @@ mod tests {
         for (error, status, code) in table {
             assert_eq!(error.status().as_u16(), status, "{error:?}");
             assert_eq!(error.code(), code, "{error:?}");
-            let response = error.to_response();
+            let response = error.render(false, HeaderValue::from_static("id-1"));
             assert_eq!(response.status().as_u16(), status);
+            assert_eq!(error.rendered_status(false).as_u16(), status);
             assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            assert_eq!(response.headers().get_all(X_REQUEST_ID).iter().collect::<Vec<_>>(), ["id-1"]);
             assert_eq!(response.headers().contains_key(header::WWW_AUTHENTICATE), status == 401, "{error:?}");
             let body = futures_body(response);
             let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -381,8 +415,10 @@ mod tests {
             (GatewayError::UpstreamTimeout, 4),
         ];
         for (error, grpc_status) in table {
-            let response = error.render(true);
+            let response = error.render(true, HeaderValue::from_static("id-2"));
             assert_eq!(response.status(), StatusCode::OK, "{error:?}");
+            assert_eq!(error.rendered_status(true), StatusCode::OK);
+            assert_eq!(response.headers()[X_REQUEST_ID], "id-2");
             assert_eq!(response.headers()[header::CONTENT_TYPE], "application/grpc");
             assert_eq!(response.headers()["grpc-status"], grpc_status.to_string().as_str(), "{error:?}");
             assert_eq!(response.headers()["grpc-message"], error.code());
@@ -392,7 +428,8 @@ mod tests {
 
     #[test]
     fn rate_limited_carries_retry_after() {
-        let response = GatewayError::RateLimited { retry_after_secs: 7, quota: QUOTA }.to_response();
+        let response = GatewayError::RateLimited { retry_after_secs: 7, quota: QUOTA }
+            .render(false, HeaderValue::from_static("-"));
         assert_eq!(response.headers()[header::RETRY_AFTER], "7");
         assert_eq!(response.headers()["ratelimit-limit"], "10");
         assert_eq!(response.headers()["ratelimit-remaining"], "0");

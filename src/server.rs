@@ -54,8 +54,13 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
+        // The watchdog keeps this clock (see `Watchdog`): hyper's arms and disarms a tokio
+        // timer for every request head.
+        .header_read_timeout(None)
         .max_buf_size(hard_head_limit(settings.max_header_bytes))
+        // One write of head and body, where writev gathers them from a queue of buffers: keygate's
+        // answers and most proxied heads are small, and the queue costs more than the copy.
+        .writev(false)
         .keep_alive(true);
     builder
         .http2()
@@ -159,20 +164,17 @@ impl Connection {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let gateway = Arc::clone(&self.gateway);
         let client = client.with_guard(self.guard.clone());
-        let requests = activity.clone();
         let peer = client.peer;
+        // What every request of the connection shares, behind one reference count.
+        let shared = Arc::new((Arc::clone(&self.gateway), client));
+        let requests = activity.clone();
         let service = service_fn(move |request: Request<Incoming>| {
-            let gateway = Arc::clone(&gateway);
-            let client = client.clone();
+            let shared = Arc::clone(&shared);
             let exchange = requests.exchange();
-            let body_read = exchange.clone();
-            let frame_read = exchange.clone();
-            let request = request.map(|body| {
-                RequestBody::new(body, move || body_read.body_done()).on_frame(move || frame_read.progress())
-            });
+            let request = request.map(|body| RequestBody::new(body, exchange.clone()));
             async move {
+                let (gateway, client) = &*shared;
                 let response = gateway.handle(client, request).await;
                 exchange.finish();
                 Ok::<_, Infallible>(response.map(|body| ProgressBody::new(body, exchange)))
@@ -203,7 +205,7 @@ impl Connection {
                     return;
                 }
                 Ok(Verdict::Silent) => {
-                    tracing::debug!(%peer, "closing a connection that sent no request");
+                    tracing::debug!(%peer, "closing a connection whose request head did not arrive in time");
                     return;
                 }
                 // The watchdog is gone (the runtime is shutting down): serve to the end.
@@ -220,7 +222,9 @@ impl Connection {
 enum Verdict {
     /// No bytes moved either way for `idle_timeout` while no request waited on an upstream.
     Idle,
-    /// Nothing that could start a request arrived within `header_read_timeout`.
+    /// Nothing that could start a request arrived within `header_read_timeout`, or (HTTP/1) a
+    /// request head did not arrive whole within `header_read_timeout` of the connection
+    /// beginning to wait for it.
     Silent,
     /// Shutdown: finish the requests in flight, then close.
     Drain,
@@ -245,6 +249,14 @@ impl Watchdog {
         let mut first_words_pending = true;
         let idle = tokio::time::sleep_until(activity.idle_deadline(self.idle_timeout));
         tokio::pin!(idle);
+        // HTTP/1 only (hyper bounds HTTP/2's frames itself): re-armed while an exchange is
+        // under way, since the head clock only starts when it ends.
+        let head_deadline = |now: tokio::time::Instant| {
+            activity.head_deadline(self.header_read_timeout).unwrap_or(now + self.header_read_timeout)
+        };
+        let head = tokio::time::sleep_until(head_deadline(activity.started()));
+        tokio::pin!(head);
+        let mut head_pending = true;
         let mut verdict = verdict;
         let said = loop {
             tokio::select! {
@@ -255,6 +267,18 @@ impl Watchdog {
                     if activity.never_spoke() {
                         break Verdict::Silent;
                     }
+                }
+                () = &mut head, if head_pending => {
+                    if activity.is_http2() {
+                        head_pending = false;
+                        continue;
+                    }
+                    let now = tokio::time::Instant::now();
+                    let deadline = head_deadline(now);
+                    if deadline <= now {
+                        break Verdict::Silent;
+                    }
+                    head.as_mut().reset(deadline);
                 }
                 () = &mut idle => {
                     let now = tokio::time::Instant::now();

@@ -108,6 +108,75 @@ async fn http1_header_read_timeout_drops_a_trickling_client() {
     assert_eq!(setup.upstream.count(), 1, "only the control request may reach the upstream");
 }
 
+/// Reads one HTTP/1.1 response with a `Content-Length` body from `stream`; its head, or what
+/// arrived before the stream ended or `IO_TIMEOUT` passed.
+async fn read_one_response(stream: &mut TcpStream) -> String {
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&received).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|line| {
+                    line.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if received.len() >= end + 4 + length {
+                return text[..end].to_string();
+            }
+        }
+        match tokio::time::timeout(IO_TIMEOUT, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => received.extend_from_slice(&buf[..n]),
+            _ => return text,
+        }
+    }
+}
+
+/// On a keep-alive connection the head clock starts again when each exchange ends: requests
+/// that each come within `header_read_timeout` of the previous answer are served however long
+/// the connection has lived, and a client that then sends nothing is dropped once
+/// `header_read_timeout` has passed since its last answer (long before `idle_timeout`).
+#[tokio::test]
+async fn http1_head_clock_starts_again_after_each_exchange() {
+    let setup = setup(&[("header_read_timeout", "\"1s\""), ("idle_timeout", "\"30s\"")]).await;
+    let mut stream = TcpStream::connect(setup.gateway.addr).await.expect("connect");
+    let request =
+        format!("GET /again HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {}\r\n\r\n", setup.key.secret);
+    let started = Instant::now();
+    // Three requests 600 ms apart: 1.2 s in all, more than header_read_timeout, each wait less.
+    for round in 0..3 {
+        if round > 0 {
+            // The pause is what is tested: a client idle between requests.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        stream.write_all(request.as_bytes()).await.expect("write request");
+        let head = read_one_response(&mut stream).await;
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "request {round} ({:?} after connecting) got {head:?}",
+            started.elapsed()
+        );
+    }
+    let answered = Instant::now();
+    let mut buf = [0u8; 64];
+    let closed_after = match tokio::time::timeout(Duration::from_secs(8), stream.read(&mut buf)).await {
+        Ok(Ok(0) | Err(_)) => answered.elapsed(),
+        Ok(Ok(n)) => {
+            panic!("unexpected bytes on an idle connection: {:?}", String::from_utf8_lossy(&buf[..n]))
+        }
+        Err(_) => panic!(
+            "an idle keep-alive connection was still open 8 s after its last answer (header_read_timeout = 1s)"
+        ),
+    };
+    assert!(
+        closed_after >= Duration::from_millis(900),
+        "dropped {closed_after:?} after the last answer, before header_read_timeout (1s)"
+    );
+    assert_eq!(setup.upstream.count(), 3);
+}
+
 /// A request head over `max_header_bytes` gets 431: keygate's JSON answer up to twice the
 /// limit, hyper's own beyond that. Neither reaches the upstream.
 #[tokio::test]

@@ -15,56 +15,57 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::limit::{ConnectionLimit, LimitedConnector};
 use crate::keys::KeyEntry;
+use crate::server::idle::Exchange;
 
 pub type UpstreamClient = Client<LimitedConnector<HttpsConnector<HttpConnector>>, RequestBody>;
 
-/// A client's request body on its way upstream, telling its owner once it has been read to
+/// A client's request body on its way upstream, telling its exchange once it has been read to
 /// the end: from then on the request waits on the upstream, not on the client.
 pub struct RequestBody {
     /// `None`: an empty body keygate made itself (a replayed request).
     inner: Option<Incoming>,
-    on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
-    /// Told of every frame read: on HTTP/2 that, not bytes, is what keeps a connection alive.
-    on_frame: Option<Box<dyn Fn() + Send + Sync>>,
-    /// Set when the client's body turned out malformed (bad chunking, cut short), so that
-    /// failure is the client's 400, not the upstream's 502.
-    failed: Arc<std::sync::atomic::AtomicBool>,
+    /// Told of every frame read (on HTTP/2 that, not bytes, is what keeps a connection alive),
+    /// of the end, and of a malformed body, so that failure is the client's 400, not the
+    /// upstream's 502. `None` for a body keygate made itself.
+    exchange: Option<Exchange>,
+    /// The end has been reported.
+    ended: bool,
+}
+
+/// Whether reading a client's body failed; readable after the body has been sent away.
+pub struct BodyFailure(Option<Exchange>);
+
+impl BodyFailure {
+    pub fn happened(&self) -> bool {
+        self.0.as_ref().is_some_and(Exchange::has_body_failed)
+    }
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, on_end: impl FnOnce() + Send + Sync + 'static) -> Self {
-        let mut body = Self {
-            inner: Some(inner),
-            on_end: Some(Box::new(on_end)),
-            on_frame: None,
-            failed: Arc::default(),
-        };
+    pub fn new(inner: Incoming, exchange: Exchange) -> Self {
+        let mut body = Self { inner: Some(inner), exchange: Some(exchange), ended: false };
         // A body that is empty from the start (most GETs) is never polled at all.
         if hyper::body::Body::is_end_stream(&body) {
-            body.ended();
+            body.end();
         }
         body
     }
 
     /// An empty body, for a request keygate sends again itself.
     pub fn empty() -> Self {
-        Self { inner: None, on_end: None, on_frame: None, failed: Arc::default() }
+        Self { inner: None, exchange: None, ended: true }
     }
 
-    /// Calls `on_frame` for every frame read from the client.
-    pub fn on_frame(mut self, on_frame: impl Fn() + Send + Sync + 'static) -> Self {
-        self.on_frame = Some(Box::new(on_frame));
-        self
+    pub fn failure(&self) -> BodyFailure {
+        BodyFailure(self.exchange.clone())
     }
 
-    /// Whether reading the client's body failed; readable after the body has been sent away.
-    pub fn failure(&self) -> Arc<std::sync::atomic::AtomicBool> {
-        Arc::clone(&self.failed)
-    }
-
-    fn ended(&mut self) {
-        if let Some(on_end) = self.on_end.take() {
-            on_end();
+    fn end(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            if let Some(exchange) = &self.exchange {
+                exchange.body_done();
+            }
         }
     }
 }
@@ -83,19 +84,21 @@ impl hyper::body::Body for RequestBody {
         let at_end = match &polled {
             std::task::Poll::Ready(None) => true,
             std::task::Poll::Ready(Some(Ok(_))) => {
-                if let Some(on_frame) = &this.on_frame {
-                    on_frame();
+                if let Some(exchange) = &this.exchange {
+                    exchange.progress();
                 }
                 hyper::body::Body::is_end_stream(&*inner)
             }
             std::task::Poll::Ready(Some(Err(_))) => {
-                this.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                if let Some(exchange) = &this.exchange {
+                    exchange.body_failed();
+                }
                 false
             }
             std::task::Poll::Pending => false,
         };
         if at_end {
-            this.ended();
+            this.end();
         }
         polled
     }
@@ -142,22 +145,26 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// RFC 9110 §7.6.1 hop-by-hop headers, the proxy credentials that are meant for us, and
 /// `HTTP2-Settings`, which only means something with the `Upgrade: h2c` that goes with it.
-/// Ready-made names: removing by `&str` would parse each name again on every request.
-const HOP_BY_HOP: [HeaderName; 11] = [
-    HeaderName::from_static("http2-settings"),
-    header::CONNECTION,
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::TRAILER,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-    // hyper has already answered `Expect: 100-continue` towards the client when the body is
-    // read; passing it on would make the upstream wait for a continue that never comes.
-    header::EXPECT,
-];
+/// `Expect` too: hyper has already answered `Expect: 100-continue` towards the client when the
+/// body is read; passing it on would make the upstream wait for a continue that never comes.
+/// A match on the name's text: every header of every message passes through here, and this
+/// costs a length switch and at most one comparison, where a list of names costs eleven.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "http2-settings"
+            | "connection"
+            | "proxy-connection"
+            | "keep-alive"
+            | "te"
+            | "transfer-encoding"
+            | "upgrade"
+            | "trailer"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "expect"
+    )
+}
 
 /// Removes hop-by-hop headers and every header that `Connection` names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -175,11 +182,15 @@ pub fn scrub_request(headers: &mut HeaderMap) {
 /// over the names present finds them: most messages carry none, and removing an absent name
 /// still costs a hash and a probe each.
 fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
+    // Empty until something is doomed: a message with nothing to remove costs no allocation.
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
-        if HOP_BY_HOP.contains(name) || also(name) {
+        if is_hop_by_hop(name) || also(name) {
             doomed.push(name.clone());
         }
+    }
+    if doomed.is_empty() {
+        return;
     }
     if doomed.contains(&header::CONNECTION) {
         let named = headers
@@ -187,7 +198,10 @@ fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok());
+            .map(str::trim)
+            // The option nearly every upstream sends; a `Keep-Alive` header is doomed already.
+            .filter(|name| !name.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok());
         doomed.extend(named);
     }
     for name in doomed {
@@ -209,7 +223,8 @@ pub fn accepts_trailers(headers: &HeaderMap) -> bool {
 /// The `Upgrade` value of an HTTP/1.1 WebSocket handshake (`Connection: upgrade` and
 /// `Upgrade: websocket`), the only upgrade keygate relays.
 pub fn websocket_upgrade(parts: &http::request::Parts) -> Option<HeaderValue> {
-    if parts.version != http::Version::HTTP_11 {
+    // `Upgrade` first: nearly every request has none, and then `Connection` is not looked up.
+    if parts.version != http::Version::HTTP_11 || !parts.headers.contains_key(header::UPGRADE) {
         return None;
     }
     let connection_upgrade = parts

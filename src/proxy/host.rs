@@ -58,9 +58,43 @@ pub fn parse_header(value: &HeaderValue) -> Result<RequestHost, HostError> {
 /// the name ends. `None` means "not one of these", not "refused": [`parse_any`] then decides.
 /// Every value this accepts, `parse_any` accepts with the same `name_end` (tested below).
 fn common_form(raw: &[u8]) -> Option<usize> {
-    let name_end = raw.iter().position(|&b| b == b':').unwrap_or(raw.len());
-    let (name, port) = raw.split_at(name_end);
-    if let Some(port) = port.strip_prefix(b":") {
+    // One pass over the name, label by label: every request pays for this, so it is a scan
+    // with a few counters rather than splits and folds.
+    let (mut labels, mut len, mut first, mut value) = (0u32, 0usize, 0u8, 0u32);
+    let (mut digits, mut quad) = (true, true);
+    let mut name_end = raw.len();
+    for (i, &b) in raw.iter().enumerate() {
+        match b {
+            b'0'..=b'9' => value = value.saturating_mul(10).saturating_add(u32::from(b - b'0')),
+            b'a'..=b'z' | b'A'..=b'Z' | b'-' => digits = false,
+            b'.' | b':' => {
+                if len == 0 {
+                    return None;
+                }
+                labels += 1;
+                quad &= digits && len <= 3 && (len == 1 || first != b'0') && value <= 255;
+                if b == b':' {
+                    name_end = i;
+                    break;
+                }
+                (len, digits, value) = (0, true, 0);
+                continue;
+            }
+            _ => return None,
+        }
+        if len == 0 {
+            first = b;
+        }
+        len += 1;
+    }
+    if name_end == raw.len() {
+        if len == 0 {
+            return None;
+        }
+        labels += 1;
+        quad &= digits && len <= 3 && (len == 1 || first != b'0') && value <= 255;
+    }
+    if let Some(port) = raw[name_end..].strip_prefix(b":") {
         if port.is_empty() || port.len() > 5 || !port.iter().all(u8::is_ascii_digit) {
             return None;
         }
@@ -68,26 +102,9 @@ fn common_form(raw: &[u8]) -> Option<usize> {
             return None;
         }
     }
-    let mut labels = name.split(|&b| b == b'.');
-    let mut count = 0;
-    let (mut last, mut all_digit_labels) = (&b""[..], true);
-    for label in labels.by_ref() {
-        if label.is_empty() || !label.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-') {
-            return None;
-        }
-        all_digit_labels &= label.iter().all(u8::is_ascii_digit);
-        last = label;
-        count += 1;
-    }
-    let named = last.first().is_some_and(u8::is_ascii_alphabetic);
-    let quad = all_digit_labels
-        && count == 4
-        && name.split(|&b| b == b'.').all(|label| {
-            label.len() <= 3
-                && (label.len() == 1 || label[0] != b'0')
-                && label.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 255
-        });
-    (named || quad).then_some(name_end)
+    // `first` and `len` now describe the last label.
+    let named = first.is_ascii_alphabetic();
+    (named || (quad && labels == 4)).then_some(name_end)
 }
 
 /// The full rules of [`parse`], for every form.

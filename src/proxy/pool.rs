@@ -164,6 +164,9 @@ impl Conn {
         // Requests and responses are written whole; waiting for more to coalesce only adds latency.
         stream.set_nodelay(true).map_err(SendError::Connect)?;
         let (sender, driver) = hyper::client::conn::http1::Builder::new()
+            // One buffer per message rather than a queue gathered by writev: a request head
+            // (and a small body) is copied once, which costs less than the queue.
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Http)?;
@@ -304,6 +307,10 @@ impl Shared {
     /// Starts the sweep the first time a connection is pooled, from inside the runtime. It
     /// holds only a weak reference, so it ends once the gateway is gone.
     fn start_sweeping(self: &Arc<Self>) {
+        // Called for every connection handed back: once it runs, that is all it costs.
+        if self.sweeping.get().is_some() {
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let weak = Arc::downgrade(self);
         self.sweeping.get_or_init(|| {

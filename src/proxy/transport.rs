@@ -115,8 +115,8 @@ impl Transport {
         match &self.kind {
             Kind::Http1 { pool, .. } if !upgrade => {
                 *request.version_mut() = Version::HTTP_11;
-                // Boxed: it keeps every request's future small.
-                let response = Box::pin(pool.send(request)).await?;
+                // Inline: the pipeline boxes the whole send once (see `Gateway::forward`).
+                let response = pool.send(request).await?;
                 Ok(response.map(ResponseBody::Http1))
             }
             Kind::Http1 { upgrades: client, .. } | Kind::Http1Tls(client) => {

@@ -2,6 +2,11 @@
 //! clock of request progress, so the server can close a connection, or a stalled request body,
 //! after `idle_timeout` of silence.
 //!
+//! It also keeps the HTTP/1 head clock (`header_read_timeout`): when the connection began
+//! waiting for its next request head, so the watchdog can drop a client that does not finish
+//! one in time. hyper has such a timer too, but it arms and disarms a tokio timer for every
+//! request; here it costs one clock read when an exchange ends.
+//!
 //! On HTTP/2, bytes moving prove nothing: a peer that only sends PINGs (or SETTINGS, or
 //! WINDOW_UPDATEs for a stream it never reads) keeps the socket busy while doing no work, and
 //! would hold a `max_connections` slot forever. There the clock is request progress instead:
@@ -10,7 +15,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,8 +37,13 @@ struct Counters {
     read: AtomicU64,
     written: AtomicU64,
     in_flight: AtomicU64,
+    /// Exchanges begun and not yet over (their response sent, or abandoned).
+    active: AtomicU64,
+    /// When the connection last began waiting for a request head: its start, or the end of
+    /// its last exchange (milliseconds since it began).
+    head_wait_ms: AtomicU64,
     /// Set once the client has sent the HTTP/2 connection preface.
-    http2: std::sync::atomic::AtomicBool,
+    http2: AtomicBool,
 }
 
 /// The start of the HTTP/2 connection preface (RFC 9113 §3.4).
@@ -52,13 +62,24 @@ impl Activity {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Bytes moved. Only HTTP/1's idle clock is bytes (see the module's note), so HTTP/2 skips
+    /// the clock read.
     fn touch(&self) {
-        self.shared.last_ms.store(self.now_ms(), Ordering::Relaxed);
+        if !self.is_http2() {
+            self.shared.last_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
     }
 
-    /// A request began or ended, or a body frame passed: the connection is doing work.
+    /// A request began or ended, or a body frame passed: the connection is doing work. Only
+    /// HTTP/2's idle clock is progress, so HTTP/1 skips the clock read.
     pub fn progress(&self) {
-        self.shared.progress_ms.store(self.now_ms(), Ordering::Relaxed);
+        if self.is_http2() {
+            self.shared.progress_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_http2(&self) -> bool {
+        self.shared.http2.load(Ordering::Relaxed)
     }
 
     fn count(&self, counter: &AtomicU64, n: usize) {
@@ -71,11 +92,25 @@ impl Activity {
     /// is (that wait is bounded by `request_timeout` instead). A stalled body stays idle.
     pub fn exchange(&self) -> Exchange {
         self.progress();
-        Exchange { activity: self.clone(), state: Arc::new(AtomicU8::new(READING)) }
+        self.shared.active.fetch_add(1, Ordering::AcqRel);
+        Exchange(Arc::new(ExchangeState {
+            activity: self.clone(),
+            stage: AtomicU8::new(READING),
+            body_failed: AtomicBool::new(false),
+        }))
     }
 
     pub fn has_requests_in_flight(&self) -> bool {
         self.shared.in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    /// The instant by which the request head the connection waits for must have arrived, on
+    /// HTTP/1; `None` while an exchange is under way (no head is awaited then).
+    pub fn head_deadline(&self, timeout: Duration) -> Option<Instant> {
+        if self.shared.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(self.start + Duration::from_millis(self.shared.head_wait_ms.load(Ordering::Relaxed)) + timeout)
     }
 
     /// A client that, by `header_read_timeout`, has neither sent enough to choose a protocol
@@ -105,31 +140,66 @@ const READING: u8 = 0;
 const WAITING: u8 = 1;
 const FINISHED: u8 = 2;
 
-/// One request's place in [`Activity`]'s count of requests waiting on an upstream.
+/// One request on a connection: its place in [`Activity`]'s count of requests waiting on an
+/// upstream, and whether reading its body failed. Shared by the request body, the response
+/// body and the service (one allocation per request for all of it); the exchange is over when
+/// the last of them is dropped.
 #[derive(Clone)]
-pub struct Exchange {
+pub struct Exchange(Arc<ExchangeState>);
+
+struct ExchangeState {
     activity: Activity,
-    state: Arc<AtomicU8>,
+    stage: AtomicU8,
+    body_failed: AtomicBool,
 }
 
 impl Exchange {
     /// A body frame passed, or the exchange ended.
     pub fn progress(&self) {
-        self.activity.progress();
+        self.0.activity.progress();
     }
 
     /// The body has been read to the end. Ignored once the response has begun.
     pub fn body_done(&self) {
-        if self.state.compare_exchange(READING, WAITING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            self.activity.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        let state = &self.0;
+        if state.stage.compare_exchange(READING, WAITING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            state.activity.shared.in_flight.fetch_add(1, Ordering::AcqRel);
         }
     }
 
     /// The response has begun (or the request failed); idempotent.
     pub fn finish(&self) {
-        if self.state.swap(FINISHED, Ordering::AcqRel) == WAITING {
+        self.0.finish();
+    }
+
+    /// Reading the client's body failed (bad chunking, cut short).
+    pub fn body_failed(&self) {
+        self.0.body_failed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether reading the client's body failed.
+    pub fn has_body_failed(&self) -> bool {
+        self.0.body_failed.load(Ordering::Relaxed)
+    }
+}
+
+impl ExchangeState {
+    fn finish(&self) {
+        if self.stage.swap(FINISHED, Ordering::AcqRel) == WAITING {
             self.activity.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+}
+
+impl Drop for ExchangeState {
+    fn drop(&mut self) {
+        self.finish();
+        let activity = &self.activity;
+        // The wait for the next head starts now (only HTTP/1 has that clock).
+        if !activity.is_http2() {
+            activity.shared.head_wait_ms.store(activity.now_ms(), Ordering::Relaxed);
+        }
+        activity.shared.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -42,7 +42,8 @@
 # Environment overrides: LOAD_ROUNDS, LOAD_DURATION (s), LOAD_WARMUP (s), LOAD_CONNECTIONS,
 # LOAD_THREADS (wrk), LOAD_H2_CONNS (10), LOAD_H2_STREAMS (20), LOAD_OUT, LOAD_PIN=0 (same as
 # --unpinned), LOAD_KEEP_TMP=1 (keep the temporary folder, for the logs), LOAD_PROFILE (cargo
-# profile to build), LOAD_NO_BUILD=1 (use the binary already in target/, e.g. one copied in).
+# profile to build), LOAD_NO_BUILD=1 (use the binary already in target/, e.g. one copied in),
+# LOAD_ONLY=kg-1,ng-1,… (only these targets; names in the Targets section of the script).
 #
 # Before/after: LOAD_BASELINE=/path/to/another/keygate adds a target "keygate (baseline)",
 # that binary with 1 key, measured in the same rounds right after keygate's own 1-key run
@@ -550,6 +551,15 @@ if [[ -n $BASELINE ]]; then
   BASELINE_INST=(kgb1)
   PINNED_TARGETS=(direct kg-1 kg-1-baseline "${PINNED_TARGETS[@]:2}")
   T_INST[kg-1-baseline]=kgb1
+fi
+# LOAD_ONLY=kg-1,kg-1-w2 keeps only the targets named (to look at a few rows quickly).
+if [[ -n ${LOAD_ONLY:-} ]]; then
+  only() {
+    local t
+    for t in "$@"; do [[ ",$LOAD_ONLY," != *",$t,"* ]] || echo "$t"; done
+  }
+  mapfile -t PINNED_TARGETS < <(only "${PINNED_TARGETS[@]}")
+  mapfile -t UNPINNED_TARGETS < <(only "${UNPINNED_TARGETS[@]}")
 fi
 declare -A T_LIST=(
   [direct]=valid-1.txt [kg-1]=valid-1.txt [kg-1-baseline]=valid-1.txt [kg-10k]=valid-10000.txt [kg-1m]=valid-1000000.txt

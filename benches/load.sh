@@ -815,7 +815,7 @@ main() {
   h2load_version=$(h2load --version 2>&1 | head -n 1)
   cp "$WORK/results.tsv" "$OUT/results.tsv"
   {
-    echo "benches/load.sh $* — $(date -u '+%Y-%m-%d %H:%M UTC'), git $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')"
+    echo "benches/load.sh${*:+ $*} — $(date -u '+%Y-%m-%d %H:%M UTC'), git $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')"
     LOAD_NPROC=$(nproc) \
       LOAD_CPU=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo) \
       LOAD_KERNEL=$(uname -sr) \
@@ -825,6 +825,7 @@ main() {
       LOAD_PINNING="pinned: proxy on CPU $PROXY_CPU, upstream and load generator on CPU $CLIENT_CPU; unpinned: nothing pinned" \
       LOAD_TLS_SEEN="$(sort -u "$WORK/tls-seen.txt" 2>/dev/null | tr '\n' ';')" \
       LOAD_CLK_TCK=$CLK_TCK \
+      LOAD_WHEN="$(date -u '+%Y-%m-%d %H:%M UTC'), git $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')" \
       LOAD_SVG="$OUT/load.svg" \
       python3 "$ASSETS/report.py" "$WORK/results.tsv"
 

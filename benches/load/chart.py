@@ -75,14 +75,16 @@ def _pairs_section(out, y, title, rows, at, ticks, max_rps):
     return y + 26
 
 
-def render(by_placement, verdicts, worker_rows, shape) -> str:
+def render(by_placement, verdicts, worker_rows, shape, note) -> str:
     """by_placement: placement → target → median figures; verdicts: placement → report.py's
-    goal rows; worker_rows: report.py's workers rows; shape: the load line for the subtitle."""
+    goal rows; worker_rows: report.py's workers rows; shape and note: the subtitle lines."""
     out = []
     y = 30
     out.append(_text(20, y, "keygate beside nginx (benches/load.sh)", 18, weight="bold"))
     y += 18
     out.append(_text(20, y, shape, 11, fill="#555"))
+    y += 14
+    out.append(_text(20, y, note, 11, fill="#555"))
     y += 14
     out.append(
         f'<rect x="20" y="{y}" width="12" height="10" fill="{KEYGATE}"/>'

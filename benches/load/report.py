@@ -283,8 +283,12 @@ def main() -> None:
 
     svg = env("LOAD_SVG")
     if svg:
+        note = f"{env('LOAD_WHEN', '?')}; {env('LOAD_NPROC', '?')} cores, {env('LOAD_CPU', '?')}"
+        if background:
+            busy = statistics.median(b for b, _ in background)
+            note += f"; other work's CPU before each run: median {busy:.0f}%" + (" (NOISY)" if busy >= 10 else "")
         with open(svg, "w", encoding="utf-8") as f:
-            f.write(chart.render(by_placement, verdicts, worker_rows, env("LOAD_SHAPE", "")))
+            f.write(chart.render(by_placement, verdicts, worker_rows, env("LOAD_SHAPE", ""), note))
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         },
         Command::Demo { listen } => {
-            block_on(None, async move { crate::demo::run(listen).await.map_err(|e| e.to_string()) })
+            block_on(async move { crate::demo::run(listen).await.map_err(|e| e.to_string()) })
         }
     }
 }
@@ -111,10 +111,14 @@ fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let workers = snapshot.server.workers;
+    // Default: one worker per core the process may run on.
+    let workers = snapshot
+        .server
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get));
     let listen = snapshot.server.listen;
     let admin = snapshot.admin.as_ref().map(|a| a.listen);
-    block_on(workers, async move {
+    block_on(async move {
         let summary = snapshot.summary(SystemTime::now());
         tracing::info!(config = %snapshot.config_path.display(), "loaded {summary}");
         if let Some(warning) = snapshot.store_warning() {
@@ -146,7 +150,9 @@ fn serve(path: &std::path::Path) -> ExitCode {
             }
             None => None,
         };
-        let served = server::serve(listener, Arc::clone(&gateway), shutdown).await.map_err(|e| e.to_string());
+        let served = server::serve_workers(workers, listener, Arc::clone(&gateway), shutdown)
+            .await
+            .map_err(|e| e.to_string());
         // What is still batched (usage, quota counts) is written before the process ends.
         gateway.counters().flush().await;
         // The admin listener outlives the drain so `/readyz` can say 503 meanwhile.
@@ -157,19 +163,10 @@ fn serve(path: &std::path::Path) -> ExitCode {
     })
 }
 
-/// Runs `task` on a multi-threaded runtime with `workers` threads (default: one per core).
-fn block_on(workers: Option<usize>, task: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    // One worker needs no work stealing: a current-thread runtime runs the same tasks without
-    // cross-thread queues and wake-ups (spawn_blocking still gets its own threads).
-    let mut builder = match workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
-    builder.enable_all();
-    if let Some(workers) = workers.filter(|&w| w > 1) {
-        builder.worker_threads(workers);
-    }
-    let runtime = match builder.build() {
+/// Runs `task` on a current-thread runtime: the first worker. `serve` starts the others itself,
+/// each with a runtime of its own (`server::serve_workers`); spawn_blocking gets its own threads.
+fn block_on(task: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("keygate: cannot start the runtime: {error}");

@@ -1,5 +1,5 @@
-//! The listener: accepts connections, serves HTTP/1.1 and cleartext HTTP/2 on one port, and
-//! drains in-flight requests on shutdown.
+//! The listener: accepts connections on one or more worker threads, serves HTTP/1.1 and
+//! HTTP/2 on one port, and drains in-flight requests on shutdown.
 
 pub(crate) mod idle;
 
@@ -34,6 +34,80 @@ fn hard_head_limit(max_header_bytes: usize) -> usize {
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let slots = Arc::new(Semaphore::new(gateway.snapshot().server.max_connections));
+    accept_loop(listener, gateway, slots, shutdown).await
+}
+
+/// [`serve`] on `workers` threads: the calling one and `workers - 1` more, each a
+/// current-thread runtime of its own accepting from the same listening socket (as nginx's
+/// workers do), all sharing one `max_connections` cap. A connection, and every task it spawns,
+/// stays on the thread that accepted it, so a request never waits in another thread's queue
+/// and never has to wake another thread. One multi-thread runtime with 2 workers on 2 cores
+/// served fewer requests than 1 worker (issue 17): its idle workers are woken to steal
+/// on most task wake-ups, and HTTP/2 streams, spawned as tasks, ran on the other thread
+/// from their connection. Whichever thread is free first takes the next connection, so a
+/// busy worker is not handed more.
+pub async fn serve_workers(
+    workers: usize,
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if workers <= 1 {
+        return serve(listener, gateway, shutdown).await;
+    }
+    let slots = Arc::new(Semaphore::new(gateway.snapshot().server.max_connections));
+    // `into_std` leaves the socket non-blocking, as each runtime's `from_std` needs.
+    let listener = listener.into_std()?;
+    // The other workers stop when this says so, or when it is dropped (this one failed).
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut finished = Vec::with_capacity(workers - 1);
+    for index in 1..workers {
+        let listener = listener.try_clone()?;
+        let gateway = Arc::clone(&gateway);
+        let slots = Arc::clone(&slots);
+        let mut stop = stop_rx.clone();
+        let (done_tx, done_rx) = oneshot::channel();
+        std::thread::Builder::new().name(format!("keygate-worker-{index}")).spawn(move || {
+            let served =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|runtime| {
+                    runtime.block_on(async move {
+                        let listener = TcpListener::from_std(listener)?;
+                        let stopped = async move {
+                            let _ = stop.changed().await;
+                        };
+                        accept_loop(listener, gateway, slots, stopped).await
+                    })
+                });
+            let _ = done_tx.send(served);
+        })?;
+        finished.push(done_rx);
+    }
+    let listener = TcpListener::from_std(listener)?;
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let served = accept_loop(listener, gateway, slots, shutdown).await;
+    // Every worker drains within its own shutdown_timeout; the process ends after the last.
+    for done in finished {
+        match done.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "a worker thread ended with an error"),
+            Err(_) => tracing::warn!("a worker thread ended without reporting"),
+        }
+    }
+    served
+}
+
+/// One worker's accept loop: takes a slot of the shared connection cap, accepts, and runs the
+/// connection on this thread's runtime; on `shutdown`, drains what this loop accepted.
+async fn accept_loop(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    slots: Arc<Semaphore>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let snapshot = gateway.snapshot();
@@ -74,9 +148,8 @@ pub async fn serve(
     // Each connection task holds a sender; when every one is dropped, the drain is done.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let (stop_tx, stop_rx) = watch::channel(false);
-    // Connections beyond the cap wait in the kernel's accept queue instead of costing memory
-    // and file descriptors here.
-    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    // Connections beyond the cap (`slots`) wait in the kernel's accept queue instead of costing
+    // memory and file descriptors here.
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(5);
     loop {

@@ -99,6 +99,9 @@ struct Conn {
     /// What the driver is polled with; it passes wakes on to the task now using the connection.
     gate: Arc<Gate>,
     gate_waker: Waker,
+    /// The worker thread that opened it: its socket is registered with that thread's event
+    /// loop, which is the one its readiness wakes (see `checkout`).
+    home: std::thread::ThreadId,
     _slot: ConnectionSlot,
 }
 
@@ -172,7 +175,8 @@ impl Conn {
             .map_err(SendError::Http)?;
         let gate = Arc::new(Gate::default());
         let gate_waker = Waker::from(Arc::clone(&gate));
-        Ok(Box::new(Self { sender, driver, closed: false, gate, gate_waker, _slot: slot }))
+        let home = std::thread::current().id();
+        Ok(Box::new(Self { sender, driver, closed: false, gate, gate_waker, home, _slot: slot }))
     }
 
     /// Lets the connection make whatever progress its socket allows.
@@ -290,16 +294,21 @@ impl Http1Pool {
 
     /// A pooled connection that looks usable, and how long it sat idle.
     fn checkout(&self) -> Option<(Box<Conn>, Duration)> {
+        let worker = std::thread::current().id();
         let mut list = self.shared.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         // Newest first: the most recently used connection is the least likely to have been
-        // closed by the upstream.
-        while let Some(mut entry) = list.pop() {
+        // closed by the upstream. One this worker thread opened comes before any other: its
+        // socket is registered with this thread's event loop (`workers` > 1 runs one per
+        // thread), so its readiness wakes no other thread. With one worker, the newest is it.
+        loop {
+            let at =
+                list.iter().rposition(|entry| entry.conn.home == worker).or(list.len().checked_sub(1))?;
+            let mut entry = list.remove(at);
             let idle = entry.since.elapsed();
             if idle < IDLE_TIMEOUT && entry.conn.usable() {
                 return Some((entry.conn, idle));
             }
         }
-        None
     }
 }
 

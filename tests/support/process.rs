@@ -258,6 +258,10 @@ impl Served {
         self.process.count(text)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     pub fn get(&self, target: &str, key: &str) -> Call {
         Call::new(self.addr, Method::GET, target).header("x-api-key", key)
     }

@@ -131,7 +131,14 @@ write_target t4 "$CLUSTER" "$LIMITS"
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 
-# run_target INDEX → "rps p99_ms keygate_cpu_us_per_request redis_cpu_us_per_request"
+# Script calls Redis has served so far (EVALSHA and EVAL).
+script_calls() {
+  redis-cli -p "$REDIS_PORT" info commandstats |
+    awk -F'[=,:]' '/^cmdstat_(evalsha|eval):/ {n += $3} END {print n + 0}'
+}
+
+# run_target INDEX → "rps p99_ms keygate_cpu_us_per_request redis_cpu_us_per_request
+# requests_per_script_call"
 run_target() {
   local d="$TMP/t$1"
   rm -f "$d/keygate.state"
@@ -151,11 +158,11 @@ run_target() {
   local check
   check=$(curl -s -o /dev/null -w '%{http_code}' -H "x-api-key: $KEY" "http://$addr/warm" || true)
   [[ $check == 200 ]] || die "target t$1 answered $check"
-  local out k0 r0 k1 r1
-  k0=$(cpu_ticks "$pid"); r0=$(cpu_ticks "$REDIS_PID")
+  local out k0 r0 k1 r1 c0 c1
+  k0=$(cpu_ticks "$pid"); r0=$(cpu_ticks "$REDIS_PID"); c0=$(script_calls)
   out=$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "x-api-key: $KEY" "http://$addr/x") ||
     die "target t$1: wrk failed: $out"
-  k1=$(cpu_ticks "$pid"); r1=$(cpu_ticks "$REDIS_PID")
+  k1=$(cpu_ticks "$pid"); r1=$(cpu_ticks "$REDIS_PID"); c1=$(script_calls)
   kill "$pid"; wait "$pid" 2>/dev/null || true
   local rps p99 total
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
@@ -165,33 +172,39 @@ run_target() {
   [[ -z $non2xx ]] || die "target t$1: $non2xx non-2xx answers"
   total=$(awk '/requests in/ {print $1}' <<<"$out")
   echo "$rps $p99 $(awk -v d=$((k1 - k0)) -v n="$total" -v hz="$HZ" 'BEGIN {printf "%.1f", d / hz / n * 1e6}') \
-    $(awk -v d=$((r1 - r0)) -v n="$total" -v hz="$HZ" 'BEGIN {printf "%.1f", d / hz / n * 1e6}')"
+    $(awk -v d=$((r1 - r0)) -v n="$total" -v hz="$HZ" 'BEGIN {printf "%.1f", d / hz / n * 1e6}') \
+    $(awk -v c=$((c1 - c0)) -v n="$total" 'BEGIN {if (c > 0) printf "%.1f", n / c; else print 0}')"
 }
 
-declare -A RPS P99 KCPU RCPU
+declare -A RPS P99 KCPU RCPU BATCH
+COUNT=${#TARGETS[@]}
 for round in $(seq "$ROUNDS"); do
-  for i in "${!TARGETS[@]}"; do
+  # Each round starts one target later, so no target always runs first (or right after the
+  # same neighbour): position effects fall on every target alike.
+  for k in $(seq 0 $((COUNT - 1))); do
+    i=$(((k + round - 1) % COUNT))
     log "round $round: ${TARGETS[$i]}"
-    read -r rps p99 kcpu rcpu < <(run_target "$i") || die "target ${TARGETS[$i]} gave no figures"
+    read -r rps p99 kcpu rcpu batch < <(run_target "$i") || die "target ${TARGETS[$i]} gave no figures"
     RPS[$i]+="$rps "
     P99[$i]+="$p99 "
     KCPU[$i]+="$kcpu "
     RCPU[$i]+="$rcpu "
+    BATCH[$i]+="$batch "
   done
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
-printf '\n%-20s %12s %10s %10s %10s %14s %12s\n' target "requests/s" "p99 ms" "rps ratio" "p99 ratio" \
-  "keygate µs/req" "redis µs/req"
+printf '\n%-20s %12s %10s %10s %10s %14s %12s %14s\n' target "requests/s" "p99 ms" "rps ratio" "p99 ratio" \
+  "keygate µs/req" "redis µs/req" "req/Redis call"
 base_rps=$(median <<<"${RPS[0]}")
 base_p99=$(median <<<"${P99[0]}")
 for i in "${!TARGETS[@]}"; do
   rps=$(median <<<"${RPS[$i]}")
   p99=$(median <<<"${P99[$i]}")
-  printf '%-20s %12.0f %10.2f %10.2f %10.2f %14.1f %12.1f\n' "${TARGETS[$i]}" "$rps" "$p99" \
+  printf '%-20s %12.0f %10.2f %10.2f %10.2f %14.1f %12.1f %14s\n' "${TARGETS[$i]}" "$rps" "$p99" \
     "$(awk -v a="$rps" -v b="$base_rps" 'BEGIN {print a/b}')" "$(awk -v a="$p99" -v b="$base_p99" 'BEGIN {print a/b}')" \
-    "$(median <<<"${KCPU[$i]}")" "$(median <<<"${RCPU[$i]}")"
+    "$(median <<<"${KCPU[$i]}")" "$(median <<<"${RCPU[$i]}")" "$(median <<<"${BATCH[$i]}" | awk '{print ($1 > 0) ? $1 : "—"}')"
 done
 printf '(medians of %s round(s) × %s s, wrk -t1 -c%s, profile %s, ratios against "unlimited")\n' \
   "$ROUNDS" "$DURATION" "$CONNECTIONS" "$PROFILE"

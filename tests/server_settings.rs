@@ -111,26 +111,9 @@ async fn http1_header_read_timeout_drops_a_trickling_client() {
 /// Reads one HTTP/1.1 response with a `Content-Length` body from `stream`; its head, or what
 /// arrived before the stream ended or `IO_TIMEOUT` passed.
 async fn read_one_response(stream: &mut TcpStream) -> String {
-    let mut received = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&received).to_string();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length = text[..end]
-                .lines()
-                .find_map(|line| {
-                    line.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
-                })
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(0);
-            if received.len() >= end + 4 + length {
-                return text[..end].to_string();
-            }
-        }
-        match tokio::time::timeout(IO_TIMEOUT, stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => received.extend_from_slice(&buf[..n]),
-            _ => return text,
-        }
+    match support::read_http1_response(stream, IO_TIMEOUT).await {
+        Ok(whole) => whole.split("\r\n\r\n").next().unwrap_or_default().to_string(),
+        Err(partial) => partial,
     }
 }
 

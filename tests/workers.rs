@@ -10,7 +10,7 @@ use std::time::Duration;
 use support::poll::{Attempts, DEADLINE};
 use support::process::Served;
 use support::{GatewayConfig, Key, PROBE_HEADER, RecordingUpstream, Route};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Writes the gateway (with an admin listener, which `Served` waits for) and its keys.
@@ -86,28 +86,7 @@ async fn get_on(stream: &mut TcpStream, key: &Key, probe: &str) -> String {
 
 /// Reads one response with a content-length body, or None if none came whole within `within`.
 async fn read_response(stream: &mut TcpStream, within: Duration) -> Option<String> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length = text[..end]
-                .lines()
-                .find_map(|line| {
-                    line.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
-                })
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(0);
-            if got.len() >= end + 4 + length {
-                return Some(text);
-            }
-        }
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-        }
-    }
+    support::read_http1_response(stream, within).await.ok()
 }
 
 #[tokio::test]

@@ -1310,3 +1310,35 @@ pub async fn join_all<T>(futures: Vec<impl std::future::Future<Output = T>>) -> 
     set.extend(done.into_iter().flatten());
     set
 }
+
+/// Reads one HTTP/1.1 response whose body has a `Content-Length` (or none) from `stream`: the
+/// whole response, or `Err` with what arrived when the stream ended or failed, or `within`
+/// passed, first.
+pub async fn read_http1_response(
+    stream: &mut tokio::net::TcpStream,
+    within: std::time::Duration,
+) -> Result<String, String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|line| {
+                    line.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return Ok(text);
+            }
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => return Err(text),
+        }
+    }
+}

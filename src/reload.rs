@@ -97,9 +97,24 @@ const SETTLE: Duration = Duration::from_millis(20);
 /// How long to wait for the files to settle before giving the round up.
 const SETTLE_BUDGET: Duration = Duration::from_millis(1500);
 
+/// Whether a reload is one of the attempts `keygate_config_reloads_total` and `/status` count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// A file event or SIGHUP.
+    Counted,
+    /// keygate's own write through the key API, put in force before its answer; the file
+    /// watcher sees the same write and counts it, once.
+    Uncounted,
+}
+
 /// Loads the configuration again from the running snapshot's path and swaps it in if valid.
 /// Blocking: call it from a blocking thread.
 pub fn reload_now(gateway: &Gateway) -> Result<Reloaded, config::ConfigErrors> {
+    reload(gateway, Attempt::Counted)
+}
+
+/// [`reload_now`], counted as `attempt` says.
+pub fn reload(gateway: &Gateway, attempt: Attempt) -> Result<Reloaded, config::ConfigErrors> {
     let current = gateway.snapshot();
     let started = Instant::now();
     // Half a key file can be valid TOML that merely lacks keys, so a file must be at rest
@@ -130,7 +145,9 @@ pub fn reload_now(gateway: &Gateway) -> Result<Reloaded, config::ConfigErrors> {
             warn_about_restart(&current, &snapshot);
             let summary = snapshot.summary(SystemTime::now());
             gateway.replace(snapshot);
-            gateway.reload_status().record(Ok(()));
+            if attempt == Attempt::Counted {
+                gateway.reload_status().record(Ok(()));
+            }
             tracing::info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "configuration reloaded: {summary}"
@@ -141,7 +158,9 @@ pub fn reload_now(gateway: &Gateway) -> Result<Reloaded, config::ConfigErrors> {
             for error in &errors.0 {
                 tracing::error!("reload failed, keeping the running configuration: {error}");
             }
-            gateway.reload_status().record(Err(errors.to_string()));
+            if attempt == Attempt::Counted {
+                gateway.reload_status().record(Err(errors.to_string()));
+            }
             Err(errors)
         }
     }

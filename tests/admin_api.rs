@@ -446,3 +446,24 @@ async fn admin_token_refuses_a_name_the_config_would_refuse_and_chunked_bodies_a
     assert_eq!(raw.error_code().as_deref(), Some("invalid_request"), "{}", raw.head());
     assert!(gate.audit_lines().is_empty());
 }
+
+/// A key change through the API is in force before its answer, and counts as one reload (the
+/// watcher's, of the file the API wrote), as any other edit of the key file does; a SIGHUP
+/// after it is one more.
+#[tokio::test]
+async fn a_key_change_through_the_api_counts_one_reload() {
+    let gate = AdminGateway::start().await;
+    let before = gate.served.status().await;
+    let (generation, successes) = (before["generation"].as_u64(), before["reloads"]["success"].as_u64());
+    let (generation, successes) = (generation.expect("generation"), successes.expect("reloads.success"));
+    let (key, _) = gate.create(json!({"name": "counted", "scopes": ["read"]})).await;
+    assert_eq!(gate.use_key(&key).await.status, 200, "in force before the answer");
+    gate.served
+        .wait_status("the watcher's reload of the written file", |s| s["reloads"]["success"] == successes + 1)
+        .await;
+    gate.served.signal("HUP");
+    let after =
+        gate.served.wait_status("the SIGHUP's reload", |s| s["reloads"]["success"] != successes + 1).await;
+    assert_eq!(after["reloads"]["success"], successes + 2, "{after:#}");
+    assert_eq!(after["generation"], generation + 2, "{after:#}");
+}

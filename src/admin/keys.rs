@@ -216,11 +216,11 @@ async fn change(
         if change.changed {
             actor.audit.record(&actor.token, &change);
         }
-        // Read-your-writes: the file watcher would pick the change up within a second anyway
-        // (and still reloads once more, harmlessly); a client that hands the new key on at
-        // once must not meet a 401.
+        // Read-your-writes: the file watcher picks the change up within a second anyway (and
+        // that is the reload counted), but a client that hands the new key on at once must
+        // not meet a 401.
         if change.cluster_seq.is_none()
-            && let Err(errors) = crate::reload::reload_now(&reloading)
+            && let Err(errors) = crate::reload::reload(&reloading, crate::reload::Attempt::Uncounted)
         {
             tracing::warn!("the key change is written but the reload after it failed: {errors}");
         }

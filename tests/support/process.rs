@@ -262,6 +262,11 @@ impl Served {
         self.process.pid()
     }
 
+    /// Sends `signal` (`HUP`, `TERM`, …) to the process.
+    pub fn signal(&self, signal: &str) {
+        self.process.signal(signal);
+    }
+
     pub fn get(&self, target: &str, key: &str) -> Call {
         Call::new(self.addr, Method::GET, target).header("x-api-key", key)
     }

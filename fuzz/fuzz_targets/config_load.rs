@@ -66,17 +66,17 @@ fn check_key_file(text: &str) {
         got.dedup();
         assert_eq!(got, want, "scopes differ\n{text:?}");
         assert_eq!(
-            key.expires_at.is_some(),
+            key.expires_at().is_some(),
             entry.get("expires_at").is_some(),
             "expires_at differs\n{text:?}"
         );
         assert_eq!(
-            key.revoked_at.is_some(),
+            key.revoked_at().is_some(),
             entry.get("revoked_at").is_some(),
             "revoked_at differs\n{text:?}"
         );
         assert_eq!(
-            key.rate_limit.is_some(),
+            key.rate_limit().is_some(),
             entry.get("rate_limit").is_some(),
             "rate_limit differs\n{text:?}"
         );

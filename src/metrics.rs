@@ -181,6 +181,7 @@ pub struct RouteMetrics {
 }
 
 /// Values read at scrape time from the running state.
+#[derive(Debug, Default)]
 pub struct Current {
     pub reload_successes: u64,
     pub reload_failures: u64,
@@ -362,14 +363,7 @@ mod tests {
         observe(Some(&handles), 401, None);
         // A second snapshot's handles for the same route share the series.
         observe(Some(&metrics.route(&route)), 200, None);
-        let current = Current {
-            reload_successes: 0,
-            reload_failures: 0,
-            keys_active: 0,
-            keys_expired: 0,
-            keys_revoked: 0,
-            cluster_errors: 0,
-        };
+        let current = Current::default();
         let text = metrics.render(&current).unwrap();
         for want in [
             "keygate_requests_total{route=\"/api/\",status=\"200\"} 4",

@@ -177,14 +177,7 @@ async fn the_gauge_shows_open_upstream_connections() {
     }
     let open = upstream.connections().open();
     assert!((1..=3).contains(&open), "{open} connections open");
-    let current = keygate::metrics::Current {
-        reload_successes: 0,
-        reload_failures: 0,
-        keys_active: 0,
-        keys_expired: 0,
-        keys_revoked: 0,
-        cluster_errors: 0,
-    };
+    let current = keygate::metrics::Current::default();
     let text = gateway.gateway.metrics().render(&current).expect("render");
     let line = format!("keygate_upstream_connections{{upstream=\"{}\"}} {open}", upstream.addr());
     assert!(text.contains(&line), "expected `{line}` in\n{text}");

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod client;
 pub mod cors;
 pub mod forward;
+pub mod h1;
 pub mod h2pool;
 pub mod host;
 pub mod limit;

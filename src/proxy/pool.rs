@@ -3,31 +3,33 @@
 //!
 //! hyper-util's pooled client runs every upstream connection as a task of its own and talks
 //! to it over channels, so each proxied request costs two extra task wake-ups, a channel send
-//! and receive and a boxed future. Here the request's own task polls the connection: while
-//! waiting for the response head, and then, through [`UpstreamBody`], while the response body
-//! streams to the client. A connection whose response was read to the end goes back to the
-//! pool when the body is dropped; any other is closed, so a half-read response can never be
-//! mistaken for the start of the next one.
+//! and receive and a boxed future. Here the request's own task reads and writes the socket,
+//! speaking HTTP/1.1 through keygate's own codec ([`h1`](super::h1)): while sending the request
+//! and waiting for the response head, and then, through [`UpstreamBody`], while the response
+//! body streams to the client. A connection whose response was read exactly to its end goes
+//! back to the pool when the body is dropped; any other is closed, so a half-read response can
+//! never be mistaken for the start of the next one.
 //!
 //! Every connection holds a slot of the upstream's [`ConnectionLimit`]; with all slots taken a
 //! request waits for whichever comes first, a connection handed back or a slot freed.
 //!
 //! `https://` upstreams and WebSocket upgrades keep using the hyper-util client.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use http::uri::Authority;
 use http::{Request, Response};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{Connection, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::forward::RequestBody;
+use super::h1::{self, Decoded, Decoder, Framing, RequestFraming};
 use super::limit::{ConnectionLimit, ConnectionSlot, Waiting};
 
 /// How long an unused connection is kept. Upstreams that close theirs sooner are noticed by
@@ -42,12 +44,26 @@ const MAX_IDLE_PER_UPSTREAM: usize = 1024;
 /// replay. Upstreams close idle keep-alive connections after a second or more (Node.js 5 s,
 /// gunicorn 2 s, nginx 75 s), so the race with their close needs at least that much idleness.
 pub const REPLAY_AFTER_IDLE: Duration = Duration::from_secs(1);
+/// The first read of a response asks for this much; a read that fills it doubles the next,
+/// up to [`MAX_READ`], so a large body is read in few calls and a small answer costs little.
+const FIRST_READ: usize = 8 * 1024;
+const MAX_READ: usize = 256 * 1024;
+/// Request body bytes gathered before writing: a head and a small body go out in one write,
+/// and a fast client cannot make keygate buffer more than this for a slow upstream.
+const GATHER: usize = 64 * 1024;
 
-/// Why a request could not be sent upstream.
+/// Why a request could not be sent upstream. Never carries a header value.
 #[derive(Debug)]
 pub enum SendError {
     Connect(std::io::Error),
-    Http(hyper::Error),
+    /// The upstream closed or reset the connection before any byte of a response.
+    Closed,
+    Io(std::io::Error),
+    Protocol(h1::Error),
+    /// Reading the client's request body failed (its own 400 is decided by the pipeline).
+    RequestBody,
+    /// The request body was longer or shorter than its `content-length`.
+    RequestBodyLength,
 }
 
 impl std::error::Error for SendError {}
@@ -56,7 +72,11 @@ impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Connect(error) => write!(f, "connect: {error}"),
-            Self::Http(error) => write!(f, "{error}"),
+            Self::Closed => f.write_str("the upstream closed the connection before answering"),
+            Self::Io(error) => write!(f, "upstream connection: {error}"),
+            Self::Protocol(error) => write!(f, "{error}"),
+            Self::RequestBody => f.write_str("reading the request body failed"),
+            Self::RequestBodyLength => f.write_str("the request body did not match its content-length"),
         }
     }
 }
@@ -89,70 +109,17 @@ struct Idle {
     since: Instant,
 }
 
-/// One upstream connection: hyper's request handle and the connection state machine that
-/// this crate polls itself.
+/// One upstream connection.
 struct Conn {
-    sender: SendRequest<RequestBody>,
-    driver: Connection<TokioIo<TcpStream>, RequestBody>,
-    /// The driver has completed (closed or failed); it must not be polled again.
-    closed: bool,
-    /// What the driver is polled with; it passes wakes on to the task now using the connection.
-    gate: Arc<Gate>,
-    gate_waker: Waker,
+    stream: TcpStream,
+    /// Bytes read from the upstream and not yet handed out.
+    read: BytesMut,
+    /// How much the next read asks for.
+    read_size: usize,
     /// The worker thread that opened it: its socket is registered with that thread's event
     /// loop, which is the one its readiness wakes (see `checkout`).
     home: std::thread::ThreadId,
     _slot: ConnectionSlot,
-}
-
-/// The waker a connection's driver sees. It forwards to the task that drives the connection,
-/// except while muted: taking a chunk from the response body makes hyper wake the connection
-/// so that it reads on, which is this same task, which will drive the connection anyway the
-/// next time the body is polled. Forwarded, that wake costs a whole extra pass over the
-/// client connection per request.
-#[derive(Default)]
-struct Gate {
-    task: Mutex<Option<Waker>>,
-    muted: AtomicBool,
-    /// A wake arrived while muted.
-    swallowed: AtomicBool,
-}
-
-impl Gate {
-    fn set(&self, waker: &Waker) {
-        let mut task = self.task.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !task.as_ref().is_some_and(|current| current.will_wake(waker)) {
-            *task = Some(waker.clone());
-        }
-    }
-
-    fn mute(&self) {
-        self.swallowed.store(false, Ordering::Relaxed);
-        self.muted.store(true, Ordering::Release);
-    }
-
-    /// Whether anything was swallowed while muted.
-    fn unmute(&self) -> bool {
-        self.muted.store(false, Ordering::Release);
-        self.swallowed.load(Ordering::Acquire)
-    }
-}
-
-impl Wake for Gate {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if self.muted.load(Ordering::Acquire) {
-            self.swallowed.store(true, Ordering::Release);
-            return;
-        }
-        let task = self.task.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(task) = task.as_ref() {
-            task.wake_by_ref();
-        }
-    }
 }
 
 impl Conn {
@@ -164,40 +131,202 @@ impl Conn {
             Ok(Err(error)) => return Err(SendError::Connect(error)),
             Err(_) => return Err(SendError::Connect(std::io::ErrorKind::TimedOut.into())),
         };
-        // Requests and responses are written whole; waiting for more to coalesce only adds latency.
+        // Requests are written whole; waiting for more to coalesce only adds latency.
         stream.set_nodelay(true).map_err(SendError::Connect)?;
-        let (sender, driver) = hyper::client::conn::http1::Builder::new()
-            // One buffer per message rather than a queue gathered by writev: a request head
-            // (and a small body) is copied once, which costs less than the queue.
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(SendError::Http)?;
-        let gate = Arc::new(Gate::default());
-        let gate_waker = Waker::from(Arc::clone(&gate));
         let home = std::thread::current().id();
-        Ok(Box::new(Self { sender, driver, closed: false, gate, gate_waker, home, _slot: slot }))
+        Ok(Box::new(Self { stream, read: BytesMut::new(), read_size: FIRST_READ, home, _slot: slot }))
     }
 
-    /// Lets the connection make whatever progress its socket allows.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if self.closed {
-            return;
+    /// Reads what the socket has into `read`: `Ok(0)` is the upstream's end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        self.read.reserve(self.read_size);
+        let asked = self.read.capacity() - self.read.len();
+        // Through `AsyncRead`, which, unlike `try_read`, forgets the socket's readiness after a
+        // short read: the next poll waits for the event loop instead of making a system call
+        // that would only say "nothing yet".
+        let polled = std::pin::pin!(self.stream.read_buf(&mut self.read)).poll(cx);
+        if let Poll::Ready(Ok(n)) = polled
+            && n == asked
+        {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
         }
-        self.gate.set(cx.waker());
-        if Pin::new(&mut self.driver).poll(&mut Context::from_waker(&self.gate_waker)).is_ready() {
-            self.closed = true;
-        }
+        polled
     }
 
     /// Whether a pooled connection can take a request now: the upstream has not closed it and
-    /// it has finished reading the previous response.
+    /// sent nothing unasked. Never waits.
     fn usable(&mut self) -> bool {
-        // Nothing waits on this poll: the connection is idle, and whoever takes it next polls
-        // it again with a real waker.
-        self.drive(&mut Context::from_waker(Waker::noop()));
-        !self.closed && self.sender.is_ready()
+        if !self.read.is_empty() {
+            return false;
+        }
+        // Nothing waits on these polls: the connection is idle, and whoever takes it next polls
+        // it again with a real waker. The socket is only read if the event loop saw it readable.
+        let mut cx = Context::from_waker(Waker::noop());
+        if self.stream.poll_read_ready(&mut cx).is_pending() {
+            return true;
+        }
+        // Readable with nothing to read is a close; any bytes are an answer nobody asked for.
+        self.poll_fill(&mut cx).is_pending()
     }
+}
+
+/// A request on its way out: its encoded head and body bytes, and the body still to read.
+struct Outgoing {
+    buf: BytesMut,
+    /// How much of `buf` the socket has taken.
+    at: usize,
+    /// Some byte of this request reached the socket: it can no longer be sent elsewhere as is.
+    sent: bool,
+    body: Option<RequestBody>,
+    framing: RequestFraming,
+    /// Writing failed: the exchange now only waits for whatever the upstream still says.
+    write_failed: Option<std::io::Error>,
+}
+
+impl Outgoing {
+    fn new(request: Request<RequestBody>) -> Self {
+        let (parts, body) = request.into_parts();
+        let empty = body.is_end_stream();
+        let mut buf = BytesMut::new();
+        let framing = h1::encode_head(&parts, empty, body.size_hint().exact(), &mut buf);
+        // A body that goes out unframed (empty, or GET/HEAD/CONNECT of unknown length) is not read.
+        let body = (framing != RequestFraming::None).then_some(body);
+        Self { buf, at: 0, sent: false, body, framing, write_failed: None }
+    }
+
+    /// Everything, body included, has been written.
+    fn done(&self) -> bool {
+        self.body.is_none() && self.at == self.buf.len() && self.write_failed.is_none()
+    }
+
+    /// Ready to go again on another connection: only while no byte of it reached a socket, or
+    /// for a request without a body, whose head is all `buf` ever held.
+    fn rewind(&mut self) -> bool {
+        if self.sent && self.framing != RequestFraming::None {
+            return false;
+        }
+        self.at = 0;
+        self.sent = false;
+        self.write_failed = None;
+        true
+    }
+
+    /// Writes as much as the socket and the body allow; `Ready(Ok)` once all is written.
+    fn poll_send(&mut self, stream: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
+        if self.write_failed.is_some() {
+            return Poll::Pending;
+        }
+        loop {
+            // Gather what the body has ready, so a head and a small body go out in one write.
+            while self.buf.len() - self.at < GATHER
+                && let Some(body) = self.body.as_mut()
+            {
+                if self.at == self.buf.len() && self.sent {
+                    self.buf.clear();
+                    self.at = 0;
+                }
+                match Pin::new(body).poll_frame(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Some(Err(_))) => return Poll::Ready(Err(SendError::RequestBody)),
+                    Poll::Ready(Some(Ok(frame))) => {
+                        // Trailers are dropped: an HTTP/1 upstream gets none.
+                        if let Ok(data) = frame.into_data() {
+                            self.push(&data)?;
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        match self.framing {
+                            RequestFraming::Chunked => self.buf.extend_from_slice(h1::LAST_CHUNK),
+                            RequestFraming::Length(0) | RequestFraming::None => {}
+                            RequestFraming::Length(_) => {
+                                return Poll::Ready(Err(SendError::RequestBodyLength));
+                            }
+                        }
+                        self.body = None;
+                    }
+                }
+            }
+            if self.at == self.buf.len() {
+                return if self.body.is_none() { Poll::Ready(Ok(())) } else { Poll::Pending };
+            }
+            while self.at < self.buf.len() {
+                match Pin::new(&mut *stream).poll_write(cx, &self.buf[self.at..]) {
+                    Poll::Ready(Ok(0)) => {
+                        self.write_failed = Some(std::io::ErrorKind::WriteZero.into());
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        self.at += n;
+                        self.sent = true;
+                    }
+                    Poll::Ready(Err(error)) => {
+                        // The upstream may have answered and closed (a 413 for a body it will
+                        // not take): its answer, or its close, is what the read side reports.
+                        self.write_failed = Some(error);
+                        return Poll::Pending;
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, data: &Bytes) -> Result<(), SendError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &mut self.framing {
+            RequestFraming::Chunked => h1::encode_chunk(data, &mut self.buf),
+            RequestFraming::Length(left) => {
+                *left = left.checked_sub(data.len() as u64).ok_or(SendError::RequestBodyLength)?;
+                self.buf.extend_from_slice(data);
+            }
+            RequestFraming::None => {}
+        }
+        Ok(())
+    }
+}
+
+/// Sends the request and reads the response head, in this task. The head is read for as long
+/// as the request is being written: an upstream may answer before taking the whole body.
+async fn exchange(conn: &mut Conn, out: &mut Outgoing, head_request: bool) -> Result<h1::Head, SendError> {
+    std::future::poll_fn(|cx| {
+        loop {
+            if !conn.read.is_empty() {
+                match h1::parse_head(&mut conn.read, head_request) {
+                    Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                    Ok(None) => {}
+                    Err(error) => return Poll::Ready(Err(SendError::Protocol(error))),
+                }
+            }
+            match conn.poll_fill(cx) {
+                Poll::Ready(Ok(0)) if conn.read.is_empty() => return Poll::Ready(Err(SendError::Closed)),
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(SendError::Protocol(h1::Error::IncompleteHead)));
+                }
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Ready(Err(error)) if conn.read.is_empty() && is_reset(&error) => {
+                    return Poll::Ready(Err(SendError::Closed));
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(SendError::Io(error))),
+                Poll::Pending => {}
+            }
+            return match out.poll_send(&mut conn.stream, cx) {
+                Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+                Poll::Ready(Ok(())) | Poll::Pending => Poll::Pending,
+            };
+        }
+    })
+    .await
+}
+
+fn is_reset(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::UnexpectedEof
+    )
 }
 
 impl Http1Pool {
@@ -229,29 +358,28 @@ impl Http1Pool {
             // Boxed: connecting is rare, and this keeps every request's future small.
             None => Box::pin(self.obtain()).await?,
         };
-        let replay = match idle {
-            Some(idle) if idle >= REPLAY_AFTER_IDLE => replayable_copy(&request),
-            _ => None,
+        let head_request = request.method() == http::Method::HEAD;
+        let replayable = idle.is_some_and(|idle| idle >= REPLAY_AFTER_IDLE) && replayable(&request);
+        let mut out = Outgoing::new(request);
+        let error = match exchange(&mut conn, &mut out, head_request).await {
+            Ok(head) => return Ok(self.lease(conn, head, out.done())),
+            Err(error) => error,
         };
-        let request = match exchange(&mut conn, request).await {
-            Ok(response) => return Ok(self.lease(conn, response)),
-            Err(mut error) => match (error.take_message(), replay) {
-                // Never written: the connection was found closed on the way.
-                (Some(request), _) if idle.is_some() => request,
-                (_, Some(copy)) if closed_without_answer(error.error()) => {
-                    tracing::debug!(upstream = %authority, "idle upstream connection closed under a request; sending it again");
-                    copy
-                }
-                _ => return Err(SendError::Http(error.into_error())),
-            },
-        };
+        let closed = matches!(error, SendError::Closed);
+        // A pooled connection found closed before any of the request reached it, or a safe
+        // request crossing the upstream's close of an idle connection: a new connection.
+        let again = idle.is_some() && closed && (!out.sent || replayable) && out.rewind();
+        if !again {
+            return Err(error);
+        }
+        if out.sent {
+            tracing::debug!(upstream = %authority, "idle upstream connection closed under a request; sending it again");
+        }
         drop(conn);
         let slot = self.shared.limit.acquire().await;
         let mut conn = Box::pin(Conn::open(authority, slot)).await?;
-        match exchange(&mut conn, request).await {
-            Ok(response) => Ok(self.lease(conn, response)),
-            Err(error) => Err(SendError::Http(error.into_error())),
-        }
+        let head = exchange(&mut conn, &mut out, head_request).await?;
+        Ok(self.lease(conn, head, out.done()))
     }
 
     /// A connection when none was idle: a new one if a slot is free, else whichever comes
@@ -281,15 +409,14 @@ impl Http1Pool {
         }
     }
 
-    fn lease(&self, conn: Box<Conn>, response: Response<Incoming>) -> Response<UpstreamBody> {
-        let lease = Lease { conn, pool: Arc::downgrade(&self.shared) };
-        response.map(|body| UpstreamBody {
-            inner: body,
-            lease: Some(lease),
-            finished: false,
-            yielded_data: false,
-            held_error: None,
-        })
+    /// The response with a body that reads the rest from `conn`, and gives `conn` back to
+    /// the pool if it may carry another request: the request went out whole (an early answer
+    /// leaves the rest of a body unsent) and the response says the connection stays open.
+    fn lease(&self, conn: Box<Conn>, head: h1::Head, request_sent: bool) -> Response<UpstreamBody> {
+        let decoder = Decoder::new(head.framing);
+        let reusable = request_sent && head.keep_alive && head.framing != Framing::Close;
+        let lease = Lease { conn, pool: Arc::downgrade(&self.shared), reusable };
+        head.response.map(|()| UpstreamBody { lease: Some(lease), decoder })
     }
 
     /// A pooled connection that looks usable, and how long it sat idle.
@@ -368,149 +495,77 @@ pub(crate) async fn sweep<T: Sweep>(shared: Weak<T>) {
     }
 }
 
-/// A copy of a safe, bodiless request, to send again if its connection turns out dead.
-fn replayable_copy(request: &Request<RequestBody>) -> Option<Request<RequestBody>> {
+/// Whether a request may be sent twice: safe, without a body, and not overridden to an unsafe
+/// method the upstream would run.
+fn replayable(request: &Request<RequestBody>) -> bool {
     let safe = matches!(*request.method(), http::Method::GET | http::Method::HEAD | http::Method::OPTIONS);
-    // An override may name an unsafe method that the upstream would run: never send twice.
     let overridden = crate::proxy::auth::has_method_override(request.headers(), request.uri().query());
-    if !safe || !request.body().is_end_stream() || overridden {
-        return None;
-    }
-    let mut copy = Request::new(RequestBody::empty());
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    Some(copy)
-}
-
-/// The upstream closed or reset the connection before any of a response arrived.
-fn closed_without_answer(error: &hyper::Error) -> bool {
-    if error.is_incomplete_message() {
-        return true;
-    }
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            );
-        }
-        source = cause.source();
-    }
-    false
-}
-
-type Exchange = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<RequestBody>>>;
-
-/// Writes the request and reads the response head, polling the connection in this task.
-async fn exchange(conn: &mut Conn, request: Request<RequestBody>) -> Exchange {
-    let mut response = std::pin::pin!(conn.sender.try_send_request(request));
-    std::future::poll_fn(|cx| {
-        conn.drive(cx);
-        // The response can only arrive through `drive` above, which wakes this task through
-        // the socket; a waker here would only make hyper wake this task once more for nothing.
-        let polled = response.as_mut().poll(&mut Context::from_waker(Waker::noop()));
-        if polled.is_pending() && conn.closed {
-            // Unreachable by hyper's contract (a finished connection fails what it holds);
-            // a stuck request must still not hang forever.
-            return response.as_mut().poll(cx);
-        }
-        polled
-    })
-    .await
+    safe && request.body().is_end_stream() && !overridden
 }
 
 /// A connection lent to one response, going back to the pool if that response is read whole.
 struct Lease {
     conn: Box<Conn>,
     pool: Weak<Shared>,
+    /// The exchange left the connection fit for another request once this body is read.
+    reusable: bool,
 }
 
-/// An upstream response body. When it came over a pooled connection, polling it also drives
-/// that connection.
+/// A response body read from a pooled connection by the task polling it.
 pub struct UpstreamBody {
-    inner: Incoming,
+    /// `None` once the body failed: the connection is gone.
     lease: Option<Lease>,
-    /// The body was read to its end.
-    finished: bool,
-    /// The last poll handed out a frame.
-    yielded_data: bool,
-    /// An error held back for one poll, so data before it is flushed first.
-    held_error: Option<hyper::Error>,
-}
-
-impl From<Incoming> for UpstreamBody {
-    fn from(inner: Incoming) -> Self {
-        Self { inner, lease: None, finished: false, yielded_data: false, held_error: None }
-    }
+    decoder: Decoder,
 }
 
 impl Body for UpstreamBody {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Data = Bytes;
+    type Error = h1::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, h1::Error>>> {
         let this = self.get_mut();
-        if let Some(error) = this.held_error.take() {
-            return Poll::Ready(Some(Err(error)));
-        }
-        let polled = match &mut this.lease {
-            Some(lease) => {
-                lease.conn.drive(cx);
-                // What the body holds came from the `drive` above, and only a later `drive` can
-                // bring more: no waker is needed on the body, and the wake hyper sends the
-                // connection when a chunk is taken is muted (see `Gate`).
-                lease.conn.gate.mute();
-                let polled = Pin::new(&mut this.inner).poll_frame(&mut Context::from_waker(Waker::noop()));
-                if lease.conn.gate.unmute() && polled.is_pending() {
-                    // Something else woke the connection meanwhile (another thread's reactor):
-                    // come back for it.
-                    cx.waker().wake_by_ref();
+        let Some(lease) = this.lease.as_mut() else { return Poll::Ready(None) };
+        loop {
+            let decoded = match this.decoder.decode(&mut lease.conn.read) {
+                Ok(Decoded::More) => match lease.conn.poll_fill(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(0)) => this.decoder.eof(),
+                    Poll::Ready(Ok(_)) => continue,
+                    Poll::Ready(Err(_)) => Err(h1::Error::IncompleteBody),
+                },
+                decoded => decoded,
+            };
+            return match decoded {
+                Ok(Decoded::Data(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Decoded::Trailers(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                Ok(Decoded::End | Decoded::More) => Poll::Ready(None),
+                Err(error) => {
+                    this.lease = None;
+                    this.decoder.abandon();
+                    Poll::Ready(Some(Err(error)))
                 }
-                polled
-            }
-            // hyper-util's client drives the connection in a task of its own.
-            None => Pin::new(&mut this.inner).poll_frame(cx),
-        };
-        match polled {
-            Poll::Ready(None) => this.finished = true,
-            Poll::Ready(Some(Ok(_))) => this.finished = this.inner.is_end_stream(),
-            // The connection died right behind the data just handed out (both came in one
-            // read). hyper's server drops what it has buffered when a body fails, so the
-            // client would get nothing at all; let that data go out first, then fail.
-            Poll::Ready(Some(Err(error))) if this.yielded_data => {
-                this.yielded_data = false;
-                this.held_error = Some(error);
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+            };
         }
-        this.yielded_data = matches!(polled, Poll::Ready(Some(Ok(_))));
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.decoder.is_end()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.decoder.remaining().map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         let Some(lease) = self.lease.take() else { return };
-        if !(self.finished || self.inner.is_end_stream()) || lease.conn.closed {
-            // Dropping the connection closes it: the rest of this response is never read.
+        // Anything after the end of the response is an answer to no request: the connection
+        // could only be trusted again by reading it, so it is closed instead.
+        if !(lease.reusable && self.decoder.is_end() && lease.conn.read.is_empty()) {
             return;
         }
         if let Some(pool) = lease.pool.upgrade() {

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::forward::{RequestBody, UpstreamClient};
 use super::h2pool::{H2Body, H2Pool};
@@ -117,14 +117,14 @@ impl Transport {
                 *request.version_mut() = Version::HTTP_11;
                 // Inline: the pipeline boxes the whole send once (see `Gateway::forward`).
                 let response = pool.send(request).await?;
-                Ok(response.map(ResponseBody::Http1))
+                Ok(response.map(|body| ResponseBody::Http1(FlushFirst::new(body))))
             }
             Kind::Http1 { upgrades: client, .. } | Kind::Http1Tls(client) => {
                 *request.version_mut() = Version::HTTP_11;
                 // hyper-util picks the connection from an absolute URI.
                 *request.uri_mut() = self.absolute(request.uri(), self.spec.authority.clone())?;
                 let response = client.request(request).await?;
-                Ok(response.map(|body| ResponseBody::Http1(UpstreamBody::from(body))))
+                Ok(response.map(|body| ResponseBody::Client(FlushFirst::new(body))))
             }
             Kind::H2(pool) => {
                 *request.version_mut() = Version::HTTP_2;
@@ -151,7 +151,10 @@ impl Transport {
 
 /// An upstream response body, whichever transport brought it.
 pub enum ResponseBody {
-    Http1(UpstreamBody),
+    /// From the in-task pool of plain `http://` connections.
+    Http1(FlushFirst<UpstreamBody>),
+    /// From hyper-util's client (`https://`, and an upgrade answered without switching).
+    Client(FlushFirst<Incoming>),
     H2(H2Body),
 }
 
@@ -165,6 +168,7 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, SendError>>> {
         match self.get_mut() {
             Self::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Self::Client(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Self::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         }
     }
@@ -172,6 +176,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Http1(body) => body.is_end_stream(),
+            Self::Client(body) => body.is_end_stream(),
             Self::H2(body) => body.is_end_stream(),
         }
     }
@@ -179,7 +184,65 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Http1(body) => body.size_hint(),
+            Self::Client(body) => body.size_hint(),
             Self::H2(body) => body.size_hint(),
         }
+    }
+}
+
+/// An HTTP/1 response body whose failure is held back one poll when data came just before it.
+/// The connection often dies right behind the last data (both in one read), and hyper's server
+/// drops what it has buffered when a body fails, so the client would get nothing at all; this
+/// lets that data go out first.
+pub struct FlushFirst<B: Body> {
+    inner: B,
+    /// The last poll handed out a frame.
+    yielded_data: bool,
+    held_error: Option<B::Error>,
+}
+
+impl<B: Body> FlushFirst<B> {
+    pub fn new(inner: B) -> Self {
+        Self { inner, yielded_data: false, held_error: None }
+    }
+}
+
+impl<B> Body for FlushFirst<B>
+where
+    B: Body + Unpin,
+    B::Error: Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        if let Some(error) = this.held_error.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled
+            && this.yielded_data
+        {
+            this.yielded_data = false;
+            if let Poll::Ready(Some(Err(error))) = polled {
+                this.held_error = Some(error);
+            }
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        this.yielded_data = matches!(polled, Poll::Ready(Some(Ok(_))));
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held_error.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

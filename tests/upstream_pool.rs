@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use support::scripted::{raw_upstream, read_head};
 use support::{GatewayConfig, RecordingUpstream, Route, WatchedGateway};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 fn peers(upstream: &RecordingUpstream) -> Vec<SocketAddr> {
     upstream.requests().iter().map(|r| r.peer).collect()
@@ -63,39 +64,6 @@ async fn a_response_the_client_abandons_is_never_reused() {
         let seen = upstream.expect_received(&exchange);
         assert_ne!(seen.peer, abandoned, "the abandoned connection was reused");
     }
-}
-
-/// A raw upstream on 127.0.0.1 that runs `serve` on each connection it accepts (with the
-/// connection's 1-based number) and counts them.
-async fn raw_upstream<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
-where
-    F: Fn(TcpStream, usize) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-            tokio::spawn(serve(stream, n));
-        }
-    });
-    (addr, accepted)
-}
-
-/// Reads one request head; false if the connection ended first.
-async fn read_head(stream: &mut TcpStream) -> bool {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    }
-    true
 }
 
 /// An upstream that answers one request per connection, saying so with `Connection: close`,

@@ -13,6 +13,7 @@ pub mod pki;
 pub mod poll;
 pub mod process;
 pub mod redis;
+pub mod scripted;
 
 use std::error::Error as StdError;
 use std::fmt::{self, Write as _};

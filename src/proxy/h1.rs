@@ -2,6 +2,8 @@
 //! to a plain-`http://` upstream, and the response head and body framing on the way back. No
 //! I/O here: [`pool`](super::pool) moves the bytes.
 
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::request::Parts;
@@ -66,14 +68,19 @@ pub fn encode_head(
     out: &mut BytesMut,
 ) -> RequestFraming {
     let headers = &parts.headers;
-    let has_te = headers.contains_key(TRANSFER_ENCODING);
+    // Only a body needs its framing looked up: most requests have none.
+    let (has_te, client_length) = if body_empty {
+        (false, None)
+    } else {
+        (headers.contains_key(TRANSFER_ENCODING), content_length(headers).ok().flatten())
+    };
     let framing = if body_empty {
         RequestFraming::None
     } else if has_te {
         // The pipeline allows only `chunked` from a client and strips it as hop-by-hop; were
         // one left, the body is chunked, and it says so once.
         RequestFraming::Chunked
-    } else if let Some(len) = content_length(headers).ok().flatten() {
+    } else if let Some(len) = client_length {
         RequestFraming::Length(len)
     } else if let Some(len) = exact {
         RequestFraming::Length(len)
@@ -84,7 +91,7 @@ pub fn encode_head(
     };
     // A content-length keygate writes itself replaces any the client sent (it was invalid);
     // a chunked body carries none.
-    let own_length = !body_empty && !has_te && content_length(headers).ok().flatten().is_none();
+    let own_length = !body_empty && !has_te && client_length.is_none();
     let skip_length = framing == RequestFraming::Chunked || (own_length && exact.is_some());
 
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -186,44 +193,61 @@ pub struct Head {
 /// is taken off `buf`, which keeps what follows. `Ok(None)`: more bytes are needed.
 pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Error> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut fields);
-        let len = match parsed.parse(buf) {
-            Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
-            Ok(httparse::Status::Complete(_)) => return Err(Error::HeadTooLarge),
-            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(Error::HeadTooLarge),
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => return Err(Error::HeadTooLarge),
-            Err(_) => return Err(Error::MalformedHead),
+        let Some(end) = head_end(buf) else {
+            if buf.len() >= MAX_HEAD {
+                return Err(Error::HeadTooLarge);
+            }
+            // Not all there yet; garbage is still refused now rather than waited on.
+            return match parse(buf, &mut [const { MaybeUninit::uninit() }; MAX_HEADERS]) {
+                Ok((httparse::Status::Partial, _)) => Ok(None),
+                Err(error) => Err(error),
+                Ok((httparse::Status::Complete(_), _)) => Err(Error::MalformedHead),
+            };
+        };
+        if end > MAX_HEAD {
+            return Err(Error::HeadTooLarge);
+        }
+        // Taken off first and frozen, so the field values below share its bytes instead of
+        // copying them.
+        let head = buf.split_to(end).freeze();
+        let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let parsed = match parse(&head, &mut fields)? {
+            (httparse::Status::Complete(len), parsed) if len == end => parsed,
+            _ => return Err(Error::MalformedHead),
         };
         let code = parsed.code.unwrap_or(0);
         // Interim answers (100 Continue, 103 Early Hints) are not relayed; the final one follows.
         if (100..200).contains(&code) && code != 101 {
-            buf.advance(len);
             continue;
         }
         let status = StatusCode::from_u16(code).map_err(|_| Error::MalformedHead)?;
         let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-        // Where each field lies, so the head can be frozen and its values shared, not copied.
-        let base = buf.as_ptr() as usize;
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-        let count = parsed.headers.len();
-        for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
-            let name = field.name.as_ptr() as usize - base;
-            let value = field.value.as_ptr() as usize - base;
-            *span = (name, name + field.name.len(), value, value + field.value.len());
-        }
-        let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        for &(name_start, name_end, value_start, value_end) in &spans[..count] {
-            let name =
-                HeaderName::from_bytes(&head[name_start..name_end]).map_err(|_| Error::MalformedHead)?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+        // What framing and reuse depend on, noted on the way so no field is looked up again.
+        let mut facts = Facts::default();
+        for field in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Error::MalformedHead)?;
+            let value = HeaderValue::from_maybe_shared(head.slice_ref(field.value))
                 .map_err(|_| Error::MalformedHead)?;
+            if name == CONTENT_LENGTH {
+                facts.length = facts.length.and_then(|found| add_length(found, field.value));
+            } else if name == TRANSFER_ENCODING {
+                facts.transfer_encoding = true;
+                facts.chunked = last_token_is(field.value, b"chunked");
+            } else if name == CONNECTION {
+                facts.close |= has_token(field.value, b"close");
+                facts.keep_alive |= has_token(field.value, b"keep-alive");
+            }
             headers.append(name, value);
         }
-        let (framing, mut keep_alive) = framing(&mut headers, status, version, head_request)?;
-        keep_alive &= connection_allows_reuse(&headers, version);
+        let (framing, mut keep_alive) = framing(&facts, status, version, head_request)?;
+        if framing == Framing::Chunked && facts.length != Ok(None) {
+            // Both: chunked wins (RFC 9112 §6.3 item 3), and the length goes so that nobody
+            // downstream reads it.
+            headers.remove(CONTENT_LENGTH);
+        }
+        keep_alive &=
+            if version == Version::HTTP_10 { facts.keep_alive && !facts.close } else { !facts.close };
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
@@ -232,9 +256,48 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
     }
 }
 
+/// The fields of a response head that decide its framing and the connection's reuse.
+struct Facts {
+    /// The one length all `content-length` values agree on; `Err` if any is invalid.
+    length: Result<Option<u64>, ()>,
+    transfer_encoding: bool,
+    /// `chunked` is the last coding of the last `transfer-encoding` field.
+    chunked: bool,
+    close: bool,
+    keep_alive: bool,
+}
+
+impl Default for Facts {
+    fn default() -> Self {
+        Self { length: Ok(None), transfer_encoding: false, chunked: false, close: false, keep_alive: false }
+    }
+}
+
+fn parse<'h, 'b>(
+    buf: &'b [u8],
+    fields: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> Result<(httparse::Status<usize>, httparse::Response<'h, 'b>), Error> {
+    let mut parsed = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut parsed, buf, fields) {
+        Ok(status) => Ok((status, parsed)),
+        Err(httparse::Error::TooManyHeaders) => Err(Error::HeadTooLarge),
+        Err(_) => Err(Error::MalformedHead),
+    }
+}
+
+/// Where the head at the start of `buf` ends: just past its first empty line (`\r\n` or, as
+/// httparse also accepts, a bare `\n`).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', buf).find_map(|at| match buf.get(at + 1) {
+        Some(b'\n') => Some(at + 2),
+        Some(b'\r') if buf.get(at + 2) == Some(&b'\n') => Some(at + 3),
+        _ => None,
+    })
+}
+
 /// The body framing and whether it lets the connection be reused.
 fn framing(
-    headers: &mut HeaderMap,
+    facts: &Facts,
     status: StatusCode,
     version: Version,
     head_request: bool,
@@ -246,19 +309,17 @@ fn framing(
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Empty, true));
     }
-    if headers.contains_key(TRANSFER_ENCODING) {
+    if facts.transfer_encoding {
         if version == Version::HTTP_10 {
             return Err(Error::TransferEncodingOnHttp10);
         }
-        if !is_chunked(headers) {
+        if !facts.chunked {
             return Ok((Framing::Close, false));
         }
-        // Both: chunked wins (RFC 9112 §6.3 item 3), the length goes so nobody downstream reads
-        // it, and a connection whose peer framed a message two ways is not trusted again.
-        let both = headers.remove(CONTENT_LENGTH).is_some();
-        return Ok((Framing::Chunked, !both));
+        // A connection whose peer framed a message two ways is not trusted again.
+        return Ok((Framing::Chunked, facts.length == Ok(None)));
     }
-    match content_length(headers) {
+    match facts.length {
         Ok(Some(len)) => Ok((Framing::Length(len), true)),
         Ok(None) => Ok((Framing::Close, false)),
         Err(()) => Err(Error::InvalidContentLength),
@@ -268,44 +329,34 @@ fn framing(
 /// The one length all `content-length` values agree on, `None` without any, `Err` if any is
 /// not a plain decimal number or two differ.
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
-    let mut found = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
-                return Err(());
-            }
-            let mut len: u64 = 0;
-            for &digit in item {
-                len = len.checked_mul(10).and_then(|l| l.checked_add(u64::from(digit - b'0'))).ok_or(())?;
-            }
-            if found.is_some_and(|seen| seen != len) {
-                return Err(());
-            }
-            found = Some(len);
+    headers.get_all(CONTENT_LENGTH).iter().try_fold(None, |found, value| add_length(found, value.as_bytes()))
+}
+
+/// `found` with the lengths of one `content-length` value (a list, possibly) added.
+fn add_length(mut found: Option<u64>, value: &[u8]) -> Result<Option<u64>, ()> {
+    for item in value.split(|&b| b == b',') {
+        let item = item.trim_ascii();
+        if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+            return Err(());
         }
+        let mut len: u64 = 0;
+        for &digit in item {
+            len = len.checked_mul(10).and_then(|l| l.checked_add(u64::from(digit - b'0'))).ok_or(())?;
+        }
+        if found.is_some_and(|seen| seen != len) {
+            return Err(());
+        }
+        found = Some(len);
     }
     Ok(found)
 }
 
-/// Whether `chunked` is the last transfer coding.
-fn is_chunked(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|last| last.as_bytes().rsplit(|&b| b == b',').next())
-        .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+fn last_token_is(value: &[u8], token: &[u8]) -> bool {
+    value.rsplit(|&b| b == b',').next().is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(token))
 }
 
-/// HTTP/1.1 stays open unless `close` is said; HTTP/1.0 closes unless `keep-alive` is.
-fn connection_allows_reuse(headers: &HeaderMap, version: Version) -> bool {
-    let has = |token: &[u8]| {
-        headers.get_all(CONNECTION).iter().any(|value| {
-            value.as_bytes().split(|&b| b == b',').any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
-        })
-    };
-    if version == Version::HTTP_10 { has(b"keep-alive") && !has(b"close") } else { !has(b"close") }
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value.split(|&b| b == b',').any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// body is read; passing it on would make the upstream wait for a continue that never comes.
 /// A match on the name's text: every header of every message passes through here, and this
 /// costs a length switch and at most one comparison, where a list of names costs eleven.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "http2-settings"

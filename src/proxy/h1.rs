@@ -222,22 +222,43 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
         }
         let status = StatusCode::from_u16(code).map_err(|_| Error::MalformedHead)?;
         let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        *response.version_mut() = version;
+        let headers = response.headers_mut();
+        headers.reserve(parsed.headers.len());
         // What framing and reuse depend on, noted on the way so no field is looked up again.
         let mut facts = Facts::default();
         for field in parsed.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Error::MalformedHead)?;
-            let value = HeaderValue::from_maybe_shared(head.slice_ref(field.value))
-                .map_err(|_| Error::MalformedHead)?;
             if name == CONTENT_LENGTH {
                 facts.length = facts.length.and_then(|found| add_length(found, field.value));
             } else if name == TRANSFER_ENCODING {
                 facts.transfer_encoding = true;
                 facts.chunked = last_token_is(field.value, b"chunked");
             } else if name == CONNECTION {
-                facts.close |= has_token(field.value, b"close");
-                facts.keep_alive |= has_token(field.value, b"keep-alive");
+                let mut only_ours = true;
+                for token in field.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        facts.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        facts.keep_alive = true;
+                    } else {
+                        only_ours = false;
+                    }
+                }
+                // A `Connection` naming other fields stays, for the pipeline to remove those.
+                if only_ours {
+                    continue;
+                }
             }
+            // Fields about this connection end here (RFC 9110 §7.6.1); the pipeline would
+            // remove them anyway, at the cost of a lookup each.
+            if name != CONNECTION && super::forward::is_hop_by_hop(&name) {
+                continue;
+            }
+            let value = HeaderValue::from_maybe_shared(head.slice_ref(field.value))
+                .map_err(|_| Error::MalformedHead)?;
             headers.append(name, value);
         }
         let (framing, mut keep_alive) = framing(&facts, status, version, head_request)?;
@@ -248,10 +269,6 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
         }
         keep_alive &=
             if version == Version::HTTP_10 { facts.keep_alive && !facts.close } else { !facts.close };
-        let mut response = Response::new(());
-        *response.status_mut() = status;
-        *response.version_mut() = version;
-        *response.headers_mut() = headers;
         return Ok(Some(Head { response, framing, keep_alive }));
     }
 }
@@ -288,11 +305,10 @@ fn parse<'h, 'b>(
 /// Where the head at the start of `buf` ends: just past its first empty line (`\r\n` or, as
 /// httparse also accepts, a bare `\n`).
 fn head_end(buf: &[u8]) -> Option<usize> {
-    memchr::memchr_iter(b'\n', buf).find_map(|at| match buf.get(at + 1) {
-        Some(b'\n') => Some(at + 2),
-        Some(b'\r') if buf.get(at + 2) == Some(&b'\n') => Some(at + 3),
-        _ => None,
-    })
+    // In a CRLF head the first `\n\r\n` is its end; a bare `\n\n` before it ends it sooner.
+    let crlf = memchr::memmem::find(buf, b"\n\r\n").map(|at| at + 3);
+    let before = &buf[..crlf.unwrap_or(buf.len())];
+    memchr::memmem::find(before, b"\n\n").map(|at| at + 2).or(crlf)
 }
 
 /// The body framing and whether it lets the connection be reused.
@@ -353,10 +369,6 @@ fn add_length(mut found: Option<u64>, value: &[u8]) -> Result<Option<u64>, ()> {
 
 fn last_token_is(value: &[u8], token: &[u8]) -> bool {
     value.rsplit(|&b| b == b',').next().is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(token))
-}
-
-fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value.split(|&b| b == b',').any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -653,6 +665,27 @@ mod tests {
             Ok(Some((Framing::Length(1), true)))
         );
         assert_eq!(framing("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n"), Ok(None));
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\ncontent-length: 1\n\r\n\r\n\r\n"),
+            Ok(Some((Framing::Length(1), true)))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\ncontent-length: 1\n\n\r\n\r\n"),
+            Ok(Some((Framing::Length(1), true)))
+        );
+        let hop = head(
+            "HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n",
+            false,
+        );
+        assert_eq!(
+            hop.unwrap().unwrap().response.headers().keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["x-a", "content-length"]
+        );
+        let named = head("HTTP/1.1 200 OK\r\nconnection: x-a\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n", false);
+        assert!(
+            named.unwrap().unwrap().response.headers().contains_key("connection"),
+            "kept for the pipeline to remove x-a"
+        );
         assert_eq!(
             head("HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n", true).unwrap().unwrap().framing,
             Framing::Empty

@@ -51,6 +51,9 @@ const MAX_READ: usize = 256 * 1024;
 /// Request body bytes gathered before writing: a head and a small body go out in one write,
 /// and a fast client cannot make keygate buffer more than this for a slow upstream.
 const GATHER: usize = 64 * 1024;
+/// A connection keeps its write buffer for the next request up to this size: a request head
+/// fits, and an idle connection holds no upload-sized buffer.
+const KEEP_WRITE_BUFFER: usize = 16 * 1024;
 
 /// Why a request could not be sent upstream. Never carries a header value.
 #[derive(Debug)]
@@ -116,6 +119,8 @@ struct Conn {
     read: BytesMut,
     /// How much the next read asks for.
     read_size: usize,
+    /// The buffer the last request was written from, kept for the next one.
+    write: BytesMut,
     /// The worker thread that opened it: its socket is registered with that thread's event
     /// loop, which is the one its readiness wakes (see `checkout`).
     home: std::thread::ThreadId,
@@ -134,7 +139,8 @@ impl Conn {
         // Requests are written whole; waiting for more to coalesce only adds latency.
         stream.set_nodelay(true).map_err(SendError::Connect)?;
         let home = std::thread::current().id();
-        Ok(Box::new(Self { stream, read: BytesMut::new(), read_size: FIRST_READ, home, _slot: slot }))
+        let (read, write) = (BytesMut::new(), BytesMut::new());
+        Ok(Box::new(Self { stream, read, read_size: FIRST_READ, write, home, _slot: slot }))
     }
 
     /// Reads what the socket has into `read`: `Ok(0)` is the upstream's end of the stream.
@@ -184,10 +190,10 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn new(request: Request<RequestBody>) -> Self {
+    /// Encodes `request` into `buf` (empty; a connection's recycled buffer).
+    fn new(request: Request<RequestBody>, mut buf: BytesMut) -> Self {
         let (parts, body) = request.into_parts();
         let empty = body.is_end_stream();
-        let mut buf = BytesMut::new();
         let framing = h1::encode_head(&parts, empty, body.size_hint().exact(), &mut buf);
         // A body that goes out unframed (empty, or GET/HEAD/CONNECT of unknown length) is not read.
         let body = (framing != RequestFraming::None).then_some(body);
@@ -197,6 +203,16 @@ impl Outgoing {
     /// Everything, body included, has been written.
     fn done(&self) -> bool {
         self.body.is_none() && self.at == self.buf.len() && self.write_failed.is_none()
+    }
+
+    /// The write buffer, emptied, for the connection's next request.
+    fn recycle(&mut self) -> BytesMut {
+        let mut buf = std::mem::take(&mut self.buf);
+        if buf.capacity() > KEEP_WRITE_BUFFER {
+            return BytesMut::new();
+        }
+        buf.clear();
+        buf
     }
 
     /// Ready to go again on another connection: only while no byte of it reached a socket, or
@@ -360,9 +376,13 @@ impl Http1Pool {
         };
         let head_request = request.method() == http::Method::HEAD;
         let replayable = idle.is_some_and(|idle| idle >= REPLAY_AFTER_IDLE) && replayable(&request);
-        let mut out = Outgoing::new(request);
+        let mut out = Outgoing::new(request, std::mem::take(&mut conn.write));
         let error = match exchange(&mut conn, &mut out, head_request).await {
-            Ok(head) => return Ok(self.lease(conn, head, out.done())),
+            Ok(head) => {
+                let sent = out.done();
+                conn.write = out.recycle();
+                return Ok(self.lease(conn, head, sent));
+            }
             Err(error) => error,
         };
         let closed = matches!(error, SendError::Closed);
@@ -379,7 +399,9 @@ impl Http1Pool {
         let slot = self.shared.limit.acquire().await;
         let mut conn = Box::pin(Conn::open(authority, slot)).await?;
         let head = exchange(&mut conn, &mut out, head_request).await?;
-        Ok(self.lease(conn, head, out.done()))
+        let sent = out.done();
+        conn.write = out.recycle();
+        Ok(self.lease(conn, head, sent))
     }
 
     /// A connection when none was idle: a new one if a slot is free, else whichever comes

@@ -590,8 +590,14 @@ impl Drop for UpstreamBody {
         if !(lease.reusable && self.decoder.is_end() && lease.conn.read.is_empty()) {
             return;
         }
+        let mut conn = lease.conn;
+        // An idle connection keeps no large body's read buffer, and starts small again.
+        if conn.read.capacity() > 2 * FIRST_READ {
+            conn.read = BytesMut::new();
+            conn.read_size = FIRST_READ;
+        }
         if let Some(pool) = lease.pool.upgrade() {
-            pool.put(lease.conn);
+            pool.put(conn);
             pool.start_sweeping();
         }
     }

@@ -356,10 +356,9 @@ impl Gateway {
         let body_failed = body.failure();
         let request = Request::from_parts(parts, body);
         let sent = upstream.transport.send(request, websocket.is_some());
-        // Boxed, the send (with its request and its timer) is built in place and never moved
-        // again; inline, it would be copied with the whole request future at every move, and
-        // make that future larger for requests that are refused and never send anything.
-        let result = Box::pin(limit::bounded(snapshot.server.request_timeout, sent)).await;
+        // `bounded` boxes the send (see `limit::Bounded`): this future stays small for the
+        // requests that are refused and never send anything.
+        let result = limit::bounded(snapshot.server.request_timeout, sent).await;
         log.upstream_duration = Some(upstream_started.elapsed());
         // One match, not a chain of `map_err`s: each step of a chain moves the whole response.
         let mut response = match result {

@@ -312,11 +312,7 @@ impl Gateway {
         });
         let client_upgrade = websocket.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
         let connection_guard = client_upgrade.as_ref().and_then(|_| client.guard().cloned());
-        forward::scrub_request(&mut parts.headers);
-        // Room, in one growth, for what keygate adds below (forwarding, Host, request id,
-        // identity): hyper sized the map for the client's headers only, and growing it step by
-        // step rehashes every header each time.
-        parts.headers.reserve(8 + key.map_or(0, |k| k.meta().len()));
+        let sent_chain = forward::scrub_request(&mut parts.headers);
         if let Some(protocol) = &websocket {
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(UPGRADE, protocol.clone());
@@ -324,17 +320,18 @@ impl Gateway {
         if trailers {
             parts.headers.insert(TE, HeaderValue::from_static("trailers"));
         }
+        let mut added = forward::Added::with_capacity(9 + key.map_or(0, |k| k.meta().len()));
         let host = host.map(|h| h.value);
-        forward::set_forwarding(&mut parts.headers, client, &address, host.as_ref());
+        forward::set_forwarding(&mut added, client, &address, host.as_ref(), sent_chain);
         let upstream_host = match (&host, route.preserve_host) {
             (Some(host), true) => host.clone(),
             _ => upstream.host_header.clone(),
         };
-        parts.headers.insert(HOST, upstream_host);
+        added.push(HOST, upstream_host);
         if let Some(key) = key {
-            forward::set_identity(&mut parts.headers, key);
+            forward::set_identity(&mut added, key);
         }
-        parts.headers.insert(X_REQUEST_ID, request_id.clone());
+        added.push(X_REQUEST_ID, request_id.clone());
         let mut target = String::with_capacity(
             upstream.base_path.len() + path.len() + query.as_ref().map_or(0, |q| q.len() + 1),
         );
@@ -355,7 +352,7 @@ impl Gateway {
         let upstream_started = Instant::now();
         let body_failed = body.failure();
         let request = Request::from_parts(parts, body);
-        let sent = upstream.transport.send(request, websocket.is_some());
+        let sent = upstream.transport.send(request, added, websocket.is_some());
         // `bounded` boxes the send (see `limit::Bounded`): this future stays small for the
         // requests that are refused and never send anything.
         let result = limit::bounded(snapshot.server.request_timeout, sent).await;

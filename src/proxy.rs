@@ -265,8 +265,10 @@ impl Gateway {
         } else {
             let credential = auth::extract(&snapshot.auth.sources, &parts.headers, parts.uri.query())?
                 .ok_or(GatewayError::MissingApiKey)?;
+            let key = auth::lookup(credential.key(), &snapshot.auth, &snapshot.keys)?;
+            // The clock is read only for a key that exists: a flood of made-up keys never does.
             let now = SystemTime::now();
-            let key = auth::verify(credential.key(), &snapshot.auth, &snapshot.keys, now)?;
+            auth::usable(key, now)?;
             // From here on the key is known, so a 403 is logged against it.
             log.key_id = Some(key.id.clone());
             // After revocation and expiry (a dead key says so wherever it is used from), before
@@ -313,11 +315,7 @@ impl Gateway {
         });
         let client_upgrade = websocket.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
         let connection_guard = client_upgrade.as_ref().and_then(|_| client.guard().cloned());
-        forward::scrub_request(&mut parts.headers);
-        // Room, in one growth, for what keygate adds below (forwarding, Host, request id,
-        // identity): hyper sized the map for the client's headers only, and growing it step by
-        // step rehashes every header each time.
-        parts.headers.reserve(8 + key.map_or(0, |k| k.meta().len()));
+        let sent_chain = forward::scrub_request(&mut parts.headers);
         if let Some(protocol) = &websocket {
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(UPGRADE, protocol.clone());
@@ -325,17 +323,18 @@ impl Gateway {
         if trailers {
             parts.headers.insert(TE, HeaderValue::from_static("trailers"));
         }
+        let mut added = forward::Added::with_capacity(9 + key.map_or(0, |k| k.meta().len()));
         let host = host.map(|h| h.value);
-        forward::set_forwarding(&mut parts.headers, client, &address, host.as_ref());
+        forward::set_forwarding(&mut added, client, &address, host.as_ref(), sent_chain);
         let upstream_host = match (&host, route.preserve_host) {
             (Some(host), true) => host.clone(),
             _ => upstream.host_header.clone(),
         };
-        parts.headers.insert(HOST, upstream_host);
+        added.push(HOST, upstream_host);
         if let Some(key) = key {
-            forward::set_identity(&mut parts.headers, key);
+            forward::set_identity(&mut added, key);
         }
-        parts.headers.insert(X_REQUEST_ID, request_id.clone());
+        added.push(X_REQUEST_ID, request_id.clone());
         let mut target = String::with_capacity(
             upstream.base_path.len() + path.len() + query.as_ref().map_or(0, |q| q.len() + 1),
         );
@@ -356,11 +355,10 @@ impl Gateway {
         let upstream_started = Instant::now();
         let body_failed = body.failure();
         let request = Request::from_parts(parts, body);
-        let sent = upstream.transport.send(request, websocket.is_some());
-        // Boxed, the send (with its request and its timer) is built in place and never moved
-        // again; inline, it would be copied with the whole request future at every move, and
-        // make that future larger for requests that are refused and never send anything.
-        let result = Box::pin(limit::bounded(snapshot.server.request_timeout, sent)).await;
+        let sent = upstream.transport.send(request, added, websocket.is_some());
+        // `bounded` boxes the send (see `limit::Bounded`): this future stays small for the
+        // requests that are refused and never send anything.
+        let result = limit::bounded(snapshot.server.request_timeout, sent).await;
         log.upstream_duration = Some(upstream_started.elapsed());
         // One match, not a chain of `map_err`s: each step of a chain moves the whole response.
         let mut response = match result {

@@ -6,6 +6,7 @@ pub(crate) mod idle;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::Request;
@@ -37,7 +38,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(gateway.snapshot().server.max_connections));
-    accept_loop(listener, gateway, slots, shutdown).await
+    accept_loop(listener, gateway, slots, Share::alone(), shutdown).await
 }
 
 /// [`serve`] on `workers` threads: the calling one and `workers - 1` more, each a
@@ -64,10 +65,12 @@ pub async fn serve_workers(
     // The other workers stop when this says so, or when it is dropped (this one failed).
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut finished = Vec::with_capacity(workers - 1);
+    let loads: Arc<[AtomicUsize]> = (0..workers).map(|_| AtomicUsize::new(0)).collect();
     for index in 1..workers {
         let listener = listener.try_clone()?;
         let gateway = Arc::clone(&gateway);
         let slots = Arc::clone(&slots);
+        let share = Share { loads: Arc::clone(&loads), index };
         let mut stop = stop_rx.clone();
         let (done_tx, done_rx) = oneshot::channel();
         std::thread::Builder::new().name(format!("keygate-worker-{index}")).spawn(move || {
@@ -78,7 +81,7 @@ pub async fn serve_workers(
                         let stopped = async move {
                             let _ = stop.changed().await;
                         };
-                        accept_loop(listener, gateway, slots, stopped).await
+                        accept_loop(listener, gateway, slots, share, stopped).await
                     })
                 });
             let _ = done_tx.send(served);
@@ -90,7 +93,7 @@ pub async fn serve_workers(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    let served = accept_loop(listener, gateway, slots, shutdown).await;
+    let served = accept_loop(listener, gateway, slots, Share { loads, index: 0 }, shutdown).await;
     // Every worker drains within its own shutdown_timeout; the process ends after the last.
     for done in finished {
         match done.await {
@@ -102,12 +105,58 @@ pub async fn serve_workers(
     served
 }
 
+/// One worker's part of the connections: how many each worker holds, and which one is this.
+struct Share {
+    loads: Arc<[AtomicUsize]>,
+    index: usize,
+}
+
+/// How long a worker holding more connections than another leaves a new connection to it.
+const DEFER_TO_IDLER: Duration = Duration::from_millis(1);
+
+impl Share {
+    fn alone() -> Self {
+        Self { loads: Arc::new([AtomicUsize::new(0)]), index: 0 }
+    }
+
+    /// Whether another worker holds fewer connections than this one.
+    fn busier_than_another(&self) -> bool {
+        let mine = self.loads[self.index].load(Ordering::Relaxed);
+        self.loads.iter().enumerate().any(|(i, load)| i != self.index && load.load(Ordering::Relaxed) < mine)
+    }
+
+    /// Counts a connection against this worker until the returned mark is dropped.
+    fn hold(&self) -> Held {
+        self.loads[self.index].fetch_add(1, Ordering::Relaxed);
+        Held { loads: Arc::clone(&self.loads), index: self.index }
+    }
+}
+
+/// One connection counted against its worker (see [`Share`]).
+struct Held {
+    loads: Arc<[AtomicUsize]>,
+    index: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.loads[self.index].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One worker's accept loop: takes a slot of the shared connection cap, accepts, and runs the
 /// connection on this thread's runtime; on `shutdown`, drains what this loop accepted.
+///
+/// Every worker is woken for every new connection and the first to call `accept` gets it, so
+/// a few connections opened at once (an HTTP/2 client's handful) could all land on one
+/// worker and leave the others idle for the connections' whole lives. So a worker holding
+/// more connections than another waits [`DEFER_TO_IDLER`] before accepting: the idler one takes
+/// the connection meanwhile, and if it is too busy to, nothing waits longer than that.
 async fn accept_loop(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     slots: Arc<Semaphore>,
+    share: Share,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let snapshot = gateway.snapshot();
@@ -160,6 +209,12 @@ async fn accept_loop(
             },
             () = &mut shutdown => break,
         };
+        if share.busier_than_another() {
+            tokio::select! {
+                () = tokio::time::sleep(DEFER_TO_IDLER) => {}
+                () = &mut shutdown => break,
+            }
+        }
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => {
@@ -184,7 +239,7 @@ async fn accept_loop(
             idle_timeout: settings.idle_timeout,
             header_read_timeout: settings.header_read_timeout,
             // Released when the connection and any relay of its upgrade are both gone.
-            guard: ConnectionGuard(Arc::new((slot, done_tx.clone()))),
+            guard: ConnectionGuard(Arc::new((slot, done_tx.clone(), share.hold()))),
         };
         let tls = tls.clone();
         let handshake_timeout = settings.header_read_timeout;
@@ -428,4 +483,26 @@ pub async fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "listening on {}", listener.local_addr()?);
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_defers_only_to_one_holding_fewer_connections() {
+        let loads: Arc<[AtomicUsize]> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+        let shares: Vec<Share> = (0..3).map(|index| Share { loads: Arc::clone(&loads), index }).collect();
+        assert!(!shares.iter().any(Share::busier_than_another), "all idle: nobody defers");
+        let first = shares[0].hold();
+        assert!(shares[0].busier_than_another());
+        assert!(!shares[1].busier_than_another() && !shares[2].busier_than_another());
+        let second = shares[1].hold();
+        let third = shares[2].hold();
+        assert!(!shares.iter().any(Share::busier_than_another), "even: nobody defers");
+        drop((first, second));
+        assert!(shares[2].busier_than_another(), "a closed connection counts no more");
+        drop(third);
+        assert!(!Share::alone().busier_than_another(), "a single worker never waits");
+    }
 }

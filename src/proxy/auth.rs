@@ -222,14 +222,29 @@ pub fn verify<'t>(
     table: &'t KeyTable,
     now: SystemTime,
 ) -> Result<&'t KeyEntry, GatewayError> {
+    let entry = lookup(key, settings, table)?;
+    usable(entry, now)?;
+    Ok(entry)
+}
+
+/// The table's entry for a presented key, whatever its state.
+pub fn lookup<'t>(
+    key: PresentedKey<'_>,
+    settings: &AuthSettings,
+    table: &'t KeyTable,
+) -> Result<&'t KeyEntry, GatewayError> {
     // A key in keygate's own format with a bad checksum is a typo or a forgery: refuse it
     // before touching the table, as GitHub does with its tokens.
     if !plausible(key.expose(), &settings.key_prefix) {
         return Err(GatewayError::InvalidApiKey);
     }
-    let entry = table.get(&KeyHash::of(key.expose())).ok_or(GatewayError::InvalidApiKey)?;
+    table.get(&KeyHash::of(key.expose())).ok_or(GatewayError::InvalidApiKey)
+}
+
+/// Whether a key found in the table may be used at `now`: neither revoked nor expired.
+pub fn usable(entry: &KeyEntry, now: SystemTime) -> Result<(), GatewayError> {
     match entry.state_at(now) {
-        KeyState::Active => Ok(entry),
+        KeyState::Active => Ok(()),
         KeyState::Revoked => Err(GatewayError::RevokedApiKey),
         KeyState::Expired => Err(GatewayError::ExpiredApiKey),
     }

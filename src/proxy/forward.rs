@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, Entry, HeaderName};
+use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -172,25 +172,53 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes from a client's request, before keygate adds its own: hop-by-hop headers, every
-/// `x-keygate-*` header (only keygate may speak for a key) and `Forwarded` (keygate sets the
-/// `x-forwarded-*` family instead).
-pub fn scrub_request(headers: &mut HeaderMap) {
-    remove_where(headers, |name| *name == FORWARDED || is_keygate_header(name));
+/// `x-keygate-*` header (only keygate may speak for a key), `Forwarded` (keygate sets the
+/// `x-forwarded-*` family instead), and every header keygate sets itself (`Host`,
+/// `x-forwarded-*`, `x-real-ip`, `x-request-id`), so that what it adds never meets a client's
+/// value of the same name. Returns the client's `x-forwarded-for` chain, if it sent one: the
+/// forwarded one extends it (see [`set_forwarding`]).
+pub fn scrub_request(headers: &mut HeaderMap) -> Option<SentChain> {
+    let doomed = doomed(headers, |name| {
+        *name == FORWARDED
+            || is_keygate_header(name)
+            || *name == header::HOST
+            || *name == X_FORWARDED_FOR
+            || *name == X_FORWARDED_PROTO
+            || *name == X_FORWARDED_HOST
+            || *name == X_REAL_IP
+            || *name == X_REQUEST_ID
+    });
+    let chain = doomed.contains(&X_FORWARDED_FOR).then(|| {
+        let parts: Vec<&str> =
+            headers.get_all(X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+        SentChain(parts.join(", "))
+    });
+    for name in doomed {
+        headers.remove(name);
+    }
+    chain
 }
 
-/// Removes the hop-by-hop headers, those `Connection` names, and those `also` picks. One walk
+/// The `x-forwarded-for` chain a client sent (its visible-ASCII values, joined).
+pub struct SentChain(String);
+
+/// Removes the hop-by-hop headers, those `Connection` names, and those `also` picks.
+fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
+    for name in doomed(headers, also) {
+        headers.remove(name);
+    }
+}
+
+/// The hop-by-hop headers present, those `Connection` names, and those `also` picks. One walk
 /// over the names present finds them: most messages carry none, and removing an absent name
 /// still costs a hash and a probe each.
-fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
+fn doomed(headers: &HeaderMap, also: impl Fn(&HeaderName) -> bool) -> Vec<HeaderName> {
     // Empty until something is doomed: a message with nothing to remove costs no allocation.
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
         if is_hop_by_hop(name) || also(name) {
             doomed.push(name.clone());
         }
-    }
-    if doomed.is_empty() {
-        return;
     }
     if doomed.contains(&header::CONNECTION) {
         let named = headers
@@ -204,8 +232,37 @@ fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
             .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok());
         doomed.extend(named);
     }
-    for name in doomed {
-        headers.remove(name);
+    doomed
+}
+
+/// The headers keygate adds to a forwarded request (`Host`, `x-forwarded-*`, identity,
+/// request id), kept beside the request's header map rather than in it. [`scrub_request`] has
+/// removed every client header of these names, so they can simply follow the client's: a
+/// transport that writes the request head itself writes them without hashing each name into
+/// the map (the HTTP/1.1 pool); the others [`insert`](Added::insert_into) them.
+#[derive(Debug, Clone, Default)]
+pub struct Added(Vec<(HeaderName, HeaderValue)>);
+
+impl Added {
+    pub fn with_capacity(n: usize) -> Self {
+        Self(Vec::with_capacity(n))
+    }
+
+    pub fn push(&mut self, name: HeaderName, value: HeaderValue) {
+        self.0.push((name, value));
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.0.iter().map(|(name, value)| (name, value))
+    }
+
+    /// Puts them into `headers`, after the client's (whose names they never share).
+    pub fn insert_into(self, headers: &mut HeaderMap) {
+        // In one growth: hyper sized the map for the client's headers only.
+        headers.reserve(self.0.len());
+        for (name, value) in self.0 {
+            headers.append(name, value);
+        }
     }
 }
 
@@ -352,56 +409,47 @@ impl ClientInfo {
     }
 }
 
-/// Sets `x-forwarded-*` and `x-real-ip` from the connection and the client address, replacing
-/// what the client sent, except that `x-forwarded-for` keeps the client's chain and appends the
-/// client address to it (behind a trusted proxy: the chain up to the client's entry).
+/// Adds `x-forwarded-*` and `x-real-ip` from the connection and the client address, in place
+/// of what the client sent (see [`scrub_request`]), except that `x-forwarded-for` extends the
+/// client's chain with the client address (behind a trusted proxy: the chain up to the
+/// client's entry).
 pub fn set_forwarding(
-    headers: &mut HeaderMap,
+    added: &mut Added,
     client: &ClientInfo,
     address: &crate::proxy::client::ClientAddress,
     host: Option<&HeaderValue>,
+    sent: Option<SentChain>,
 ) {
     let ip = &address.header;
-    match headers.entry(X_FORWARDED_FOR) {
-        Entry::Vacant(entry) => {
-            entry.insert(ip.clone());
-        }
+    let forwarded_for = match (sent, &address.chain) {
+        (None, _) => ip.clone(),
         // Behind a trusted proxy, `proxy::client` has already cut the chain at the client.
-        Entry::Occupied(mut entry) if address.chain.is_some() => {
-            if let Some(chain) = &address.chain {
-                entry.insert(chain.clone());
-            }
+        (Some(_), Some(chain)) => chain.clone(),
+        (Some(SentChain(chain)), None) if chain.is_empty() => ip.clone(),
+        (Some(SentChain(chain)), None) => {
+            // A client chain of visible ASCII plus an address is always a valid value.
+            let joined = format!("{chain}, {}", ip.to_str().unwrap_or("unknown"));
+            HeaderValue::from_str(&joined).unwrap_or_else(|_| ip.clone())
         }
-        Entry::Occupied(mut entry) => {
-            let chain: Vec<&str> = entry.iter().filter_map(|v| v.to_str().ok()).collect();
-            let forwarded_for = if chain.is_empty() {
-                ip.clone()
-            } else {
-                // A client chain of visible ASCII plus an address is always a valid value.
-                let joined = format!("{}, {}", chain.join(", "), ip.to_str().unwrap_or("unknown"));
-                HeaderValue::from_str(&joined).unwrap_or_else(|_| ip.clone())
-            };
-            entry.insert(forwarded_for);
-        }
-    }
-    headers.insert(X_REAL_IP, ip.clone());
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if client.tls { "https" } else { "http" }));
-    match host {
-        Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
-        None => headers.remove(X_FORWARDED_HOST),
     };
+    added.push(X_FORWARDED_FOR, forwarded_for);
+    added.push(X_REAL_IP, ip.clone());
+    added.push(X_FORWARDED_PROTO, HeaderValue::from_static(if client.tls { "https" } else { "http" }));
+    if let Some(host) = host {
+        added.push(X_FORWARDED_HOST, host.clone());
+    }
 }
 
-/// Adds the caller's identity; done after all removals so nothing the client sent can undo it.
-pub fn set_identity(headers: &mut HeaderMap, key: &KeyEntry) {
-    headers.insert(X_KEYGATE_KEY_ID, key.id.clone());
-    headers.insert(X_KEYGATE_KEY_NAME, key.name.clone());
-    headers.insert(X_KEYGATE_SCOPES, key.scopes.header().clone());
+/// Adds the caller's identity.
+pub fn set_identity(added: &mut Added, key: &KeyEntry) {
+    added.push(X_KEYGATE_KEY_ID, key.id.clone());
+    added.push(X_KEYGATE_KEY_NAME, key.name.clone());
+    added.push(X_KEYGATE_SCOPES, key.scopes.header().clone());
     for (name, value) in key.meta() {
-        headers.insert(name.clone(), value.clone());
+        added.push(name.clone(), value.clone());
     }
     if let Some(consumer) = key.consumer() {
-        headers.insert(X_KEYGATE_CONSUMER, consumer.name.clone());
+        added.push(X_KEYGATE_CONSUMER, consumer.name.clone());
     }
 }
 
@@ -447,8 +495,10 @@ mod tests {
         headers.insert(X_REAL_IP, HeaderValue::from_static("6.6.6.6"));
         let client = ClientInfo::new("127.0.0.1:5000".parse().unwrap(), false);
         let address = crate::proxy::client::resolve(&client, &headers, &[]);
-        scrub_request(&mut headers);
-        set_forwarding(&mut headers, &client, &address, Some(&HeaderValue::from_static("api.test")));
+        let sent = scrub_request(&mut headers);
+        let mut added = Added::default();
+        set_forwarding(&mut added, &client, &address, Some(&HeaderValue::from_static("api.test")), sent);
+        added.insert_into(&mut headers);
         assert_eq!(headers.get_all(X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(headers[X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 127.0.0.1");
         assert_eq!(headers[X_REAL_IP], "127.0.0.1");

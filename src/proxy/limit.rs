@@ -120,12 +120,36 @@ pub enum Overdue {
 }
 
 /// Runs `sending` for at most `limit`, telling apart the two ways it can run out of time.
-pub async fn bounded<F: Future>(limit: Duration, sending: F) -> Result<F::Output, Overdue> {
+pub fn bounded<F: Future>(limit: Duration, sending: F) -> Bounded<F> {
     let waiting = Arc::new(AtomicBool::new(false));
-    match tokio::time::timeout(limit, WAITING.scope(Arc::clone(&waiting), sending)).await {
-        Ok(output) => Ok(output),
-        Err(_) if waiting.load(Ordering::Relaxed) => Err(Overdue::Busy),
-        Err(_) => Err(Overdue::Timeout),
+    let timed = Box::pin(tokio::time::timeout(limit, WAITING.scope(Arc::clone(&waiting), sending)));
+    Bounded { timed, waiting }
+}
+
+/// A send under its deadline (see [`bounded`]).
+///
+/// Not an `async fn`: one would keep `sending` twice, as its argument and as the future it
+/// awaits, and a send is the largest thing in a request's future. Boxed here, it is built in
+/// place once, and the request's own future (which hyper moves whole) holds only a pointer.
+pub struct Bounded<F: Future> {
+    timed: Pin<Box<Timed<F>>>,
+    waiting: Arc<AtomicBool>,
+}
+
+/// The send with its deadline, and the flag that tells a wait for a slot from a slow upstream.
+type Timed<F> = tokio::time::Timeout<tokio::task::futures::TaskLocalFuture<Arc<AtomicBool>, F>>;
+
+impl<F: Future> Future for Bounded<F> {
+    type Output = Result<F::Output, Overdue>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        match this.timed.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(output)) => Poll::Ready(Ok(output)),
+            Poll::Ready(Err(_)) if this.waiting.load(Ordering::Relaxed) => Poll::Ready(Err(Overdue::Busy)),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(Overdue::Timeout)),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::forward::{RequestBody, UpstreamClient};
+use super::forward::{Added, RequestBody, UpstreamClient};
 use super::h2pool::{H2Body, H2Pool};
 use super::limit::ConnectionLimit;
 use super::pool::{Http1Pool, UpstreamBody};
@@ -105,13 +105,16 @@ impl Transport {
         !matches!(self.kind, Kind::H2(_))
     }
 
-    /// Sends `request`, whose URI is origin-form and whose `Host` header is set, and returns
-    /// the upstream's response head. `upgrade`: the request is a WebSocket handshake.
+    /// Sends `request`, whose URI is origin-form, with the headers keygate `added` (`Host`
+    /// among them), and returns the upstream's response head. `upgrade`: the request is a
+    /// WebSocket handshake.
     pub async fn send(
         &self,
         mut request: Request<RequestBody>,
+        added: Added,
         upgrade: bool,
     ) -> Result<Response<ResponseBody>, SendError> {
+        added.insert_into(request.headers_mut());
         match &self.kind {
             Kind::Http1 { pool, .. } if !upgrade => {
                 *request.version_mut() = Version::HTTP_11;

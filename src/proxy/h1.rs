@@ -9,6 +9,8 @@ use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 
+use super::forward::Added;
+
 /// The most a response head (with any interim 1xx heads before it) may take: hyper's client
 /// default read buffer, which is what upstreams were held to before this codec.
 pub const MAX_HEAD: usize = 8192 + 4096 * 100;
@@ -56,13 +58,15 @@ pub enum RequestFraming {
     Chunked,
 }
 
-/// Writes the request head into `out` and says how its body goes out. The framing follows
+/// Writes the request head, the client's fields and then keygate's `added` ones, into `out`,
+/// and says how its body goes out. The framing follows
 /// hyper's client, which upstreams saw before this codec: an empty body gets no framing header
 /// (a client's own `content-length: 0` stays); a client's valid `content-length` is kept; an
 /// exact size gets `content-length`; an unknown one `transfer-encoding: chunked`, except on
 /// GET, HEAD and CONNECT, which are sent without their body.
 pub fn encode_head(
     parts: &Parts,
+    added: &Added,
     body_empty: bool,
     exact: Option<u64>,
     out: &mut BytesMut,
@@ -105,6 +109,13 @@ pub fn encode_head(
         if *name == TRANSFER_ENCODING || (skip_length && *name == CONTENT_LENGTH) {
             continue;
         }
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    // keygate's own (`Host` among them): the pipeline removed every client field of their names.
+    for (name, value) in added.iter() {
         out.put_slice(name.as_str().as_bytes());
         out.put_slice(b": ");
         out.put_slice(value.as_bytes());
@@ -700,28 +711,33 @@ mod tests {
             }
             let (parts, ()) = builder.body(()).unwrap().into_parts();
             let mut out = BytesMut::new();
-            let framing = encode_head(&parts, empty, exact, &mut out);
+            let mut added = Added::default();
+            added.push(http::header::HOST, HeaderValue::from_static("up"));
+            let framing = encode_head(&parts, &added, empty, exact, &mut out);
             (framing, String::from_utf8(out.to_vec()).unwrap())
         };
-        let (framing, wire) = encode("GET", &[("host", "up")], true, Some(0));
+        let (framing, wire) = encode("GET", &[("accept", "*/*")], true, Some(0));
         assert_eq!(
             (framing, wire.as_str()),
-            (RequestFraming::None, "GET /p?q=1 HTTP/1.1\r\nhost: up\r\n\r\n")
+            (RequestFraming::None, "GET /p?q=1 HTTP/1.1\r\naccept: */*\r\nhost: up\r\n\r\n")
         );
         let (framing, wire) = encode("POST", &[("content-length", "3")], false, Some(3));
         assert_eq!(
             (framing, wire.as_str()),
-            (RequestFraming::Length(3), "POST /p?q=1 HTTP/1.1\r\ncontent-length: 3\r\n\r\n")
+            (RequestFraming::Length(3), "POST /p?q=1 HTTP/1.1\r\ncontent-length: 3\r\nhost: up\r\n\r\n")
         );
         let (framing, wire) = encode("POST", &[], false, Some(12));
         assert_eq!(
             (framing, wire.as_str()),
-            (RequestFraming::Length(12), "POST /p?q=1 HTTP/1.1\r\ncontent-length: 12\r\n\r\n")
+            (RequestFraming::Length(12), "POST /p?q=1 HTTP/1.1\r\nhost: up\r\ncontent-length: 12\r\n\r\n")
         );
         let (framing, wire) = encode("PUT", &[], false, None);
         assert_eq!(
             (framing, wire.as_str()),
-            (RequestFraming::Chunked, "PUT /p?q=1 HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n")
+            (
+                RequestFraming::Chunked,
+                "PUT /p?q=1 HTTP/1.1\r\nhost: up\r\ntransfer-encoding: chunked\r\n\r\n"
+            )
         );
         assert_eq!(encode("GET", &[], false, None).0, RequestFraming::None);
         let mut chunk = BytesMut::new();

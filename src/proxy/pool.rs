@@ -28,7 +28,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::forward::RequestBody;
+use super::forward::{Added, RequestBody};
 use super::h1::{self, Decoded, Decoder, Framing, RequestFraming};
 use super::limit::{ConnectionLimit, ConnectionSlot, Waiting};
 
@@ -190,11 +190,12 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    /// Encodes `request` into `buf` (empty; a connection's recycled buffer).
-    fn new(request: Request<RequestBody>, mut buf: BytesMut) -> Self {
+    /// Encodes `request` with the headers keygate `added` into `buf` (empty; a connection's
+    /// recycled buffer).
+    fn new(request: Request<RequestBody>, added: &Added, mut buf: BytesMut) -> Self {
         let (parts, body) = request.into_parts();
         let empty = body.is_end_stream();
-        let framing = h1::encode_head(&parts, empty, body.size_hint().exact(), &mut buf);
+        let framing = h1::encode_head(&parts, added, empty, body.size_hint().exact(), &mut buf);
         // A body that goes out unframed (empty, or GET/HEAD/CONNECT of unknown length) is not read.
         let body = (framing != RequestFraming::None).then_some(body);
         Self { buf, at: 0, sent: false, body, framing, write_failed: None }
@@ -367,7 +368,11 @@ impl Http1Pool {
     /// idle keep-alive connection just as the request arrives is the usual cause, and RFC 9110
     /// §9.2.2 lets a client retry such requests. (Only then is the request copied; under load
     /// connections are never idle that long.)
-    pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<UpstreamBody>, SendError> {
+    pub async fn send(
+        &self,
+        request: Request<RequestBody>,
+        added: Added,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let authority = &self.shared.authority;
         let (mut conn, idle) = match self.checkout() {
             Some((conn, idle)) => (conn, Some(idle)),
@@ -376,7 +381,8 @@ impl Http1Pool {
         };
         let head_request = request.method() == http::Method::HEAD;
         let replayable = idle.is_some_and(|idle| idle >= REPLAY_AFTER_IDLE) && replayable(&request);
-        let mut out = Outgoing::new(request, std::mem::take(&mut conn.write));
+        let mut out = Outgoing::new(request, &added, std::mem::take(&mut conn.write));
+        drop(added);
         let error = match exchange(&mut conn, &mut out, head_request).await {
             Ok(head) => {
                 let sent = out.done();

@@ -114,14 +114,16 @@ impl Transport {
         added: Added,
         upgrade: bool,
     ) -> Result<Response<ResponseBody>, SendError> {
+        if let Kind::Http1 { pool, .. } = &self.kind
+            && !upgrade
+        {
+            // keygate's codec writes the added headers straight into the request head.
+            // Inline: the pipeline boxes the whole send once (see `Gateway::forward`).
+            let response = pool.send(request, added).await?;
+            return Ok(response.map(|body| ResponseBody::Http1(FlushFirst::new(body))));
+        }
         added.insert_into(request.headers_mut());
         match &self.kind {
-            Kind::Http1 { pool, .. } if !upgrade => {
-                *request.version_mut() = Version::HTTP_11;
-                // Inline: the pipeline boxes the whole send once (see `Gateway::forward`).
-                let response = pool.send(request).await?;
-                Ok(response.map(|body| ResponseBody::Http1(FlushFirst::new(body))))
-            }
             Kind::Http1 { upgrades: client, .. } | Kind::Http1Tls(client) => {
                 *request.version_mut() = Version::HTTP_11;
                 // hyper-util picks the connection from an absolute URI.

@@ -355,10 +355,11 @@ impl Gateway {
         let upstream_started = Instant::now();
         let body_failed = body.failure();
         let request = Request::from_parts(parts, body);
-        let sent = upstream.transport.send(request, added, websocket.is_some());
+        let upgrade = websocket.is_some();
         // `bounded` boxes the send (see `limit::Bounded`): this future stays small for the
         // requests that are refused and never send anything.
-        let result = limit::bounded(snapshot.server.request_timeout, sent).await;
+        let send = || upstream.transport.send(request, added, upgrade);
+        let result = limit::bounded(snapshot.server.request_timeout, send).await;
         log.upstream_duration = Some(upstream_started.elapsed());
         // One match, not a chain of `map_err`s: each step of a chain moves the whole response.
         let mut response = match result {

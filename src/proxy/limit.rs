@@ -120,9 +120,13 @@ pub enum Overdue {
 }
 
 /// Runs `sending` for at most `limit`, telling apart the two ways it can run out of time.
-pub fn bounded<F: Future>(limit: Duration, sending: F) -> Bounded<F> {
+/// `send` makes the future: called once the box is there, so that the future is built in it
+/// rather than built aside and copied in (a send future is a few kilobytes).
+pub fn bounded<F: Future>(limit: Duration, send: impl FnOnce() -> F) -> Bounded<F> {
     let waiting = Arc::new(AtomicBool::new(false));
-    let timed = Box::pin(tokio::time::timeout(limit, WAITING.scope(Arc::clone(&waiting), sending)));
+    let flag = Arc::clone(&waiting);
+    let slot = Box::new_uninit();
+    let timed = Box::into_pin(Box::write(slot, tokio::time::timeout(limit, WAITING.scope(flag, send()))));
     Bounded { timed, waiting }
 }
 
@@ -257,12 +261,12 @@ mod tests {
     async fn a_wait_that_runs_out_is_busy_and_a_slow_answer_a_timeout() {
         let limit = ConnectionLimit::new(1, Gauge::default());
         let held = limit.acquire().await;
-        let waited = bounded(Duration::from_millis(20), limit.acquire()).await;
+        let waited = bounded(Duration::from_millis(20), || limit.acquire()).await;
         assert_eq!(waited.err(), Some(Overdue::Busy));
-        let slow = bounded(Duration::from_millis(20), std::future::pending::<()>()).await;
+        let slow = bounded(Duration::from_millis(20), std::future::pending::<()>).await;
         assert_eq!(slow.err(), Some(Overdue::Timeout));
         drop(held);
-        assert!(bounded(Duration::from_secs(5), limit.acquire()).await.is_ok());
+        assert!(bounded(Duration::from_secs(5), || limit.acquire()).await.is_ok());
     }
 
     #[test]

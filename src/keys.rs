@@ -484,9 +484,9 @@ impl FromIterator<KeyEntry> for Entries {
 /// The in-memory key table, keyed by SHA-256.
 ///
 /// Entries live in runs (each entry holding its own hash), in file order. The [`Index`] holds
-/// eight bytes per slot, so that a lookup reads one cache line of it and then the entry:
-/// with a million keys neither is in any cache, and each further dependent read (a separate
-/// control byte, then a separate slot) cost a memory round trip and a TLB miss of its own.
+/// four bytes per slot, so that a lookup reads one cache line of it and then the entry: with
+/// a million keys neither is in any cache, and each further dependent read (a separate control
+/// byte, then a separate slot, as in a SwissTable) cost a memory round trip and a TLB miss.
 #[derive(Debug, Default)]
 pub struct KeyTable {
     entries: Entries,
@@ -494,32 +494,38 @@ pub struct KeyTable {
     len: usize,
 }
 
-/// Open addressing with linear probing over `u64` slots: the high 32 bits are bytes 8..12 of
-/// the key's SHA-256 (a tag that rules out all but one entry in four billion without reading
-/// it), the low 32 bits the entry's position plus one (0: empty). The home slot comes from
-/// bytes 0..8. At most half full, so a probe for a key that is not there (a flood of unknown
-/// keys) stops at an empty slot after two or three slots, mostly within the same cache line.
+/// Open addressing with linear probing over `u32` slots, at most half full. A slot holds the
+/// entry's position plus one in its low `position_bits` (0: empty) and, in the bits above,
+/// a tag cut from bytes 8..12 of the key's SHA-256, which rules out all but one in 2^tag_bits
+/// of the other entries a probe passes without reading them (at a million keys, 11 bits). The
+/// home slot comes from bytes 0..8. Half full, a probe for a key that is not there (a flood of
+/// unknown keys) stops at an empty slot after two or three slots, mostly in the same line.
 ///
 /// SHA-256 outputs are uniformly distributed: attacker-chosen keys cannot lengthen probe
 /// sequences, which depend only on the stored keys, and those come from the key file.
 #[derive(Debug)]
 struct Index {
-    slots: Vec<u64>,
+    slots: Vec<u32>,
+    /// Enough bits for the largest position plus one: 16 per run offset plus those of the run.
+    position_bits: u32,
 }
 
 impl Default for Index {
     fn default() -> Self {
-        Self::with_capacity(0)
+        Self::with_capacity(0, 0)
     }
 }
 
 impl Index {
-    fn with_capacity(len: usize) -> Self {
+    fn with_capacity(len: usize, runs: usize) -> Self {
         // Twice the length, so at least one slot is always empty and every probe ends. Zeroed
         // memory comes from the allocator as untouched pages: building writes only the slots
         // it fills.
         let slots = len.saturating_mul(2).max(2).next_power_of_two();
-        Self { slots: vec![0; slots] }
+        // The largest position plus one is `runs << POSITION_BITS` at most: under 2^32, since
+        // `runs <= MAX_RUNS`.
+        let largest = (runs.min(MAX_RUNS) as u64) << POSITION_BITS;
+        Self { slots: vec![0; slots], position_bits: 64 - largest.leading_zeros() }
     }
 
     fn home(&self, hash: &KeyHash) -> usize {
@@ -529,37 +535,46 @@ impl Index {
         (u64::from_le_bytes(first) as usize) & (self.slots.len() - 1)
     }
 
-    fn tag(hash: &KeyHash) -> u64 {
-        u64::from(u32::from_le_bytes([hash.0[8], hash.0[9], hash.0[10], hash.0[11]])) << 32
+    /// The bits of a slot that hold the position plus one.
+    fn position_mask(&self) -> u32 {
+        u32::MAX.checked_shr(32 - self.position_bits).unwrap_or(0)
+    }
+
+    fn tag(&self, hash: &KeyHash) -> u32 {
+        let bits = u32::from_le_bytes([hash.0[8], hash.0[9], hash.0[10], hash.0[11]]);
+        // With 32 position bits (some four billion keys) there is no room for a tag: every
+        // entry a probe passes is read.
+        bits.checked_shl(self.position_bits).unwrap_or(0)
     }
 
     /// The position of the entry with `hash`, judged by `is`, else None.
     fn find(&self, hash: &KeyHash, is: impl Fn(u32) -> bool) -> Option<u32> {
         let mask = self.slots.len() - 1;
-        let tag = Self::tag(hash);
+        let positions = self.position_mask();
+        let tag = self.tag(hash);
         let mut i = self.home(hash);
         loop {
             let slot = self.slots[i];
             if slot == 0 {
                 return None;
             }
-            let position = (slot as u32).wrapping_sub(1);
-            if slot & !0xffff_ffff == tag && is(position) {
+            let position = (slot & positions).wrapping_sub(1);
+            if slot & !positions == tag && is(position) {
                 return Some(position);
             }
             i = (i + 1) & mask;
         }
     }
 
-    /// Adds a position that [`Index::find`] did not find. `position < u32::MAX` (see
-    /// [`MAX_RUNS`]); the table never holds more than half as many entries as slots.
+    /// Adds a position that [`Index::find`] did not find: one of the `runs` the index was made
+    /// for, in a table with at most half as many entries as slots.
     fn insert(&mut self, hash: &KeyHash, position: u32) {
         let mask = self.slots.len() - 1;
         let mut i = self.home(hash);
         while self.slots[i] != 0 {
             i = (i + 1) & mask;
         }
-        self.slots[i] = Self::tag(hash) | u64::from(position + 1);
+        self.slots[i] = self.tag(hash) | (position + 1);
     }
 }
 
@@ -587,7 +602,7 @@ impl KeyTable {
             id.hash(&mut hasher);
             hasher.finish()
         };
-        let mut index = Index::with_capacity(len);
+        let mut index = Index::with_capacity(len, runs.len());
         let at = |slot: u32| &runs[(slot >> POSITION_BITS) as usize][(slot as usize) & (RUN_LEN - 1)];
         // Each run's first position in file order, for reporting duplicates.
         let first_position: Vec<usize> =
@@ -812,6 +827,27 @@ mod tests {
             assert!(table.get(&KeyHash::of(absent)).is_none(), "{absent}");
         }
         assert!(KeyTable::default().get(&KeyHash::of("0")).is_none(), "an empty table finds nothing");
+    }
+
+    #[test]
+    fn the_index_finds_every_position_whatever_its_tag_width() {
+        let hashes: Vec<KeyHash> = (0..1000).map(|i| KeyHash::of(&i.to_string())).collect();
+        // One run: 17 position bits, 15 of tag; every run: 32 position bits, no tag at all.
+        for runs in [1, 16, MAX_RUNS] {
+            let mut index = Index::with_capacity(hashes.len(), runs);
+            let top = ((runs as u32 - 1) << POSITION_BITS) | (RUN_LEN as u32 - 1);
+            let position = |i: usize| top - i as u32;
+            for (i, hash) in hashes.iter().enumerate() {
+                assert_eq!(index.find(hash, |p| p == position(i)), None);
+                index.insert(hash, position(i));
+            }
+            for (i, hash) in hashes.iter().enumerate() {
+                let at = index.find(hash, |p| p == position(i));
+                assert_eq!(at, Some(position(i)), "runs {runs}, key {i}");
+            }
+            // The entry check has the last word, and a probe always ends.
+            assert_eq!(index.find(&KeyHash::of("absent"), |_| false), None);
+        }
     }
 
     #[test]

@@ -433,12 +433,13 @@ pub struct Entries {
     runs: Vec<Vec<KeyEntry>>,
 }
 
-/// Entries per run; slots in the index are 16 bits of run and 16 bits of position.
+/// Entries per run; positions in the index are 16 bits of run and 16 bits of offset.
 const POSITION_BITS: u32 = 16;
 const RUN_LEN: usize = 1 << POSITION_BITS;
-/// The most runs a table indexes (`u32` slots). Entries past them (some four billion keys,
-/// hundreds of gigabytes in memory) are not indexed; the loader refuses such a file.
-const MAX_RUNS: usize = 1 << (32 - POSITION_BITS);
+/// The most runs a table indexes. Entries past them (some four billion keys, hundreds of
+/// gigabytes in memory) are not indexed; the loader refuses such a file. One run short of
+/// what 16 bits count, so that a position plus one still fits in 32 bits (see [`Index`]).
+const MAX_RUNS: usize = (1 << (32 - POSITION_BITS)) - 1;
 
 impl Entries {
     pub fn push(&mut self, entry: KeyEntry) {
@@ -482,23 +483,99 @@ impl FromIterator<KeyEntry> for Entries {
 
 /// The in-memory key table, keyed by SHA-256.
 ///
-/// Entries live in runs (each entry holding its own hash), in file order. The hash table
-/// holds only a `u32` per slot (run and position): at a million keys its spare slots cost
-/// 4 bytes each instead of a whole entry, and no hash is stored twice.
+/// Entries live in runs (each entry holding its own hash), in file order. The [`Index`] holds
+/// four bytes per slot, so that a lookup reads one cache line of it and then the entry: with
+/// a million keys neither is in any cache, and each further dependent read (a separate control
+/// byte, then a separate slot, as in a SwissTable) cost a memory round trip and a TLB miss.
 #[derive(Debug, Default)]
 pub struct KeyTable {
     entries: Entries,
-    index: HashTable<u32>,
+    index: Index,
     len: usize,
 }
 
-/// Eight bytes of a SHA-256 output are already uniformly distributed: a perfect table hash.
-/// Lookups of attacker-chosen hashes cannot lengthen probe sequences, which depend only on
-/// the stored keys, and those come from the key file.
-fn slot_hash(hash: &KeyHash) -> u64 {
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&hash.0[..8]);
-    u64::from_le_bytes(first)
+/// Open addressing with linear probing over `u32` slots, at most half full. A slot holds the
+/// entry's position plus one in its low `position_bits` (0: empty) and, in the bits above,
+/// a tag cut from bytes 8..12 of the key's SHA-256, which rules out all but one in 2^tag_bits
+/// of the other entries a probe passes without reading them (at a million keys, 11 bits). The
+/// home slot comes from bytes 0..8. Half full, a probe for a key that is not there (a flood of
+/// unknown keys) stops at an empty slot after two or three slots, mostly in the same line.
+///
+/// SHA-256 outputs are uniformly distributed: attacker-chosen keys cannot lengthen probe
+/// sequences, which depend only on the stored keys, and those come from the key file.
+#[derive(Debug)]
+struct Index {
+    slots: Vec<u32>,
+    /// Enough bits for the largest position plus one: 16 per run offset plus those of the run.
+    position_bits: u32,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Self::with_capacity(0, 0)
+    }
+}
+
+impl Index {
+    fn with_capacity(len: usize, runs: usize) -> Self {
+        // Twice the length, so at least one slot is always empty and every probe ends. Zeroed
+        // memory comes from the allocator as untouched pages: building writes only the slots
+        // it fills.
+        let slots = len.saturating_mul(2).max(2).next_power_of_two();
+        // The largest position plus one is `runs << POSITION_BITS` at most: under 2^32, since
+        // `runs <= MAX_RUNS`.
+        let largest = (runs.min(MAX_RUNS) as u64) << POSITION_BITS;
+        Self { slots: vec![0; slots], position_bits: 64 - largest.leading_zeros() }
+    }
+
+    fn home(&self, hash: &KeyHash) -> usize {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&hash.0[..8]);
+        // Truncation is the point: the low bits pick the slot.
+        (u64::from_le_bytes(first) as usize) & (self.slots.len() - 1)
+    }
+
+    /// The bits of a slot that hold the position plus one.
+    fn position_mask(&self) -> u32 {
+        u32::MAX.checked_shr(32 - self.position_bits).unwrap_or(0)
+    }
+
+    fn tag(&self, hash: &KeyHash) -> u32 {
+        let bits = u32::from_le_bytes([hash.0[8], hash.0[9], hash.0[10], hash.0[11]]);
+        // With 32 position bits (some four billion keys) there is no room for a tag: every
+        // entry a probe passes is read.
+        bits.checked_shl(self.position_bits).unwrap_or(0)
+    }
+
+    /// The position of the entry with `hash`, judged by `is`, else None.
+    fn find(&self, hash: &KeyHash, is: impl Fn(u32) -> bool) -> Option<u32> {
+        let mask = self.slots.len() - 1;
+        let positions = self.position_mask();
+        let tag = self.tag(hash);
+        let mut i = self.home(hash);
+        loop {
+            let slot = self.slots[i];
+            if slot == 0 {
+                return None;
+            }
+            let position = (slot & positions).wrapping_sub(1);
+            if slot & !positions == tag && is(position) {
+                return Some(position);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Adds a position that [`Index::find`] did not find: one of the `runs` the index was made
+    /// for, in a table with at most half as many entries as slots.
+    fn insert(&mut self, hash: &KeyHash, position: u32) {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(hash);
+        while self.slots[i] != 0 {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = self.tag(hash) | (position + 1);
+    }
 }
 
 /// Two entries of a key table that may not coexist.
@@ -525,7 +602,7 @@ impl KeyTable {
             id.hash(&mut hasher);
             hasher.finish()
         };
-        let mut index: HashTable<u32> = HashTable::with_capacity(len);
+        let mut index = Index::with_capacity(len, runs.len());
         let at = |slot: u32| &runs[(slot >> POSITION_BITS) as usize][(slot as usize) & (RUN_LEN - 1)];
         // Each run's first position in file order, for reporting duplicates.
         let first_position: Vec<usize> =
@@ -540,12 +617,10 @@ impl KeyTable {
                 let id_slot = id_hash(entry.id.as_bytes());
                 if let Some(&earlier) = ids.find(id_slot, |&i| at(i).id == entry.id) {
                     duplicates.push(Duplicate::Id(position, file_position(earlier)));
-                } else if let Some(&earlier) =
-                    index.find(slot_hash(&entry.hash), |&i| at(i).hash == entry.hash)
-                {
+                } else if let Some(earlier) = index.find(&entry.hash, |i| at(i).hash == entry.hash) {
                     duplicates.push(Duplicate::Hash(position, file_position(earlier)));
                 } else {
-                    index.insert_unique(slot_hash(&entry.hash), slot, |&i| slot_hash(&at(i).hash));
+                    index.insert(&entry.hash, slot);
                     ids.insert_unique(id_slot, slot, |&i| id_hash(at(i).id.as_bytes()));
                 }
                 position += 1;
@@ -556,7 +631,7 @@ impl KeyTable {
     }
 
     pub fn get(&self, hash: &KeyHash) -> Option<&KeyEntry> {
-        let &slot = self.index.find(slot_hash(hash), |&i| self.at(i).is_some_and(|e| e.hash == *hash))?;
+        let slot = self.index.find(hash, |i| self.at(i).is_some_and(|e| e.hash == *hash))?;
         self.at(slot)
     }
 
@@ -743,6 +818,36 @@ mod tests {
         let mut doubled: Entries = (0..3).map(entry).collect();
         doubled.push(entry(1));
         assert_eq!(KeyTable::build(doubled).1, vec![Duplicate::Id(3, 1)]);
+        let mut same_hash = entry(2);
+        same_hash.id = HeaderValue::from_static("other");
+        let mut doubled: Entries = (0..3).map(entry).collect();
+        doubled.push(same_hash);
+        assert_eq!(KeyTable::build(doubled).1, vec![Duplicate::Hash(3, 2)]);
+        for absent in ["absent", "-1", &(last + 2).to_string()] {
+            assert!(table.get(&KeyHash::of(absent)).is_none(), "{absent}");
+        }
+        assert!(KeyTable::default().get(&KeyHash::of("0")).is_none(), "an empty table finds nothing");
+    }
+
+    #[test]
+    fn the_index_finds_every_position_whatever_its_tag_width() {
+        let hashes: Vec<KeyHash> = (0..1000).map(|i| KeyHash::of(&i.to_string())).collect();
+        // One run: 17 position bits, 15 of tag; every run: 32 position bits, no tag at all.
+        for runs in [1, 16, MAX_RUNS] {
+            let mut index = Index::with_capacity(hashes.len(), runs);
+            let top = ((runs as u32 - 1) << POSITION_BITS) | (RUN_LEN as u32 - 1);
+            let position = |i: usize| top - i as u32;
+            for (i, hash) in hashes.iter().enumerate() {
+                assert_eq!(index.find(hash, |p| p == position(i)), None);
+                index.insert(hash, position(i));
+            }
+            for (i, hash) in hashes.iter().enumerate() {
+                let at = index.find(hash, |p| p == position(i));
+                assert_eq!(at, Some(position(i)), "runs {runs}, key {i}");
+            }
+            // The entry check has the last word, and a probe always ends.
+            assert_eq!(index.find(&KeyHash::of("absent"), |_| false), None);
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderValue, Method};
 use keygate::counters::Counters;
 use keygate::keys::{Entries, KeyEntry, KeyExtras, KeyHash, KeyTable, PresentedKey, ScopeSet};
 use keygate::proxy::auth::{AuthSettings, Source, authenticate, verify};
-use keygate::proxy::forward::set_identity;
+use keygate::proxy::forward::{Added, set_identity};
 use keygate::proxy::route::ScopeRule;
 
 fn table(n: usize) -> (KeyTable, Vec<String>) {
@@ -137,9 +137,9 @@ fn per_key(c: &mut Criterion) {
                 let key = verify(PresentedKey::new(&keys[i]), &settings, &table, now).unwrap();
                 let logged = key.id.clone();
                 counters.record(key.id.as_bytes(), key.usage_period(), now);
-                let mut headers = HeaderMap::with_capacity(8);
-                set_identity(&mut headers, key);
-                black_box((logged, headers))
+                let mut added = Added::with_capacity(8);
+                set_identity(&mut added, key);
+                black_box((logged, added))
             });
         });
     }

@@ -253,8 +253,9 @@ pub struct KeyEntry {
 }
 
 /// An optional instant in 8 bytes where `Option<SystemTime>` takes 16: nanoseconds since the
-/// Unix epoch, [`Deadline::NONE`] for none. That range ends in 2262: a later instant counts as
-/// none, which no process running before then can tell apart; one before 1678 as 1678.
+/// Unix epoch, [`Deadline::NONE`] for none. That range ends in 2262: a later instant is kept as
+/// the range's last nanosecond but one (still an instant, not none), which no process running
+/// before then can tell apart from the instant itself; one before 1678 as 1678.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Deadline(i64);
 
@@ -262,7 +263,7 @@ impl Deadline {
     const NONE: Self = Self(i64::MAX);
 
     fn new(at: Option<SystemTime>) -> Self {
-        at.map_or(Self::NONE, |at| Self(unix_nanos(at)))
+        at.map_or(Self::NONE, |at| Self(unix_nanos(at).min(i64::MAX - 1)))
     }
 
     fn get(self) -> Option<SystemTime> {
@@ -682,6 +683,18 @@ impl KeyTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_expiry_past_2262_is_still_an_expiry() {
+        // Found by fuzz/config_load: `expires_at = 4072-11-22T10:00:00Z` read back as none.
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(3_200_000_000_000 / 1000 * 64);
+        let deadline = Deadline::new(Some(far));
+        assert!(deadline.get().is_some(), "a far expiry is kept");
+        assert!(!deadline.passed_by(SystemTime::now()));
+        assert_eq!(Deadline::new(None).get(), None);
+        let past = SystemTime::UNIX_EPOCH - Duration::from_secs(400 * 365 * 86_400);
+        assert!(Deadline::new(Some(past)).passed_by(SystemTime::now()), "a far past one has passed");
+    }
 
     #[test]
     fn hash_round_trips_through_text() {

@@ -118,7 +118,7 @@ impl Transport {
             && !upgrade
         {
             // keygate's codec writes the added headers straight into the request head.
-            // Inline: the pipeline boxes the whole send once (see `Gateway::forward`).
+            // Inline: `limit::bounded` builds the whole send once, in its box.
             let response = pool.send(request, added).await?;
             return Ok(response.map(|body| ResponseBody::Http1(FlushFirst::new(body))));
         }

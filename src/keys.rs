@@ -632,11 +632,18 @@ impl KeyTable {
     }
 
     pub fn get(&self, hash: &KeyHash) -> Option<&KeyEntry> {
-        let slot = self.index.find(hash, |i| self.at(i).is_some_and(|e| e.hash == *hash))?;
-        self.at(slot)
+        self.locate(hash).map(|(_, entry)| entry)
     }
 
-    fn at(&self, slot: u32) -> Option<&KeyEntry> {
+    /// The entry for `hash` and its position in this table, by which [`Self::at`] finds it
+    /// again without hashing: what a request that waits keeps instead of a borrow.
+    pub fn locate(&self, hash: &KeyHash) -> Option<(u32, &KeyEntry)> {
+        let slot = self.index.find(hash, |i| self.at(i).is_some_and(|e| e.hash == *hash))?;
+        Some((slot, self.at(slot)?))
+    }
+
+    /// The entry at a position [`Self::locate`] gave.
+    pub fn at(&self, slot: u32) -> Option<&KeyEntry> {
         self.entries.runs.get((slot >> POSITION_BITS) as usize)?.get(slot as usize & (RUN_LEN - 1))
     }
 

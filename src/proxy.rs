@@ -170,15 +170,43 @@ impl Gateway {
         self.snapshot.store(Arc::new(snapshot));
     }
 
-    pub async fn handle(&self, client: &ClientInfo, request: Request<RequestBody>) -> Response<ProxyBody> {
+    /// Handles one request. Everything up to the first wait runs now, so a request that keygate
+    /// answers itself (a refusal above all) is answered without a future of its own; one that
+    /// goes upstream (or waits on the counters store) continues in [`Handled::Later`].
+    pub fn handle(self: &Arc<Self>, client: &Arc<ClientInfo>, request: Request<RequestBody>) -> Handled {
         let started = Instant::now();
         let snapshot = self.snapshot();
         let request_id = self.request_id(request.headers());
-        let mut log = AccessLog::new(request.method(), &request_id);
-        let mut matched = None;
-        let origin = request.headers().get(http::header::ORIGIN).cloned();
-        let grpc = is_grpc(request.headers());
-        let forwarded = self.forward(&snapshot, client, request, &request_id, &mut log, &mut matched).await;
+        let mut handling = Handling {
+            started,
+            log: AccessLog::new(request.method(), request_id),
+            route: None,
+            origin: request.headers().get(http::header::ORIGIN).cloned(),
+            grpc: is_grpc(request.headers()),
+            snapshot,
+        };
+        let checked = self.check(&handling.snapshot, client, request, &mut handling.log, &mut handling.route);
+        match checked {
+            Ok(Checked::Answered(response)) => Handled::Now(Some(self.conclude(&mut handling, Ok(response)))),
+            Err(error) => Handled::Now(Some(self.conclude(&mut handling, Err(error)))),
+            Ok(Checked::Outbound(outbound)) => {
+                let gateway = Arc::clone(self);
+                Handled::Later(limit::built_in_box(move || gateway.forward(handling, outbound)))
+            }
+        }
+    }
+
+    /// The end of every request, whatever became of it: the access event, the metrics, and
+    /// the answer's own headers. The only place a [`GatewayError`] becomes a response.
+    fn conclude(
+        &self,
+        handling: &mut Handling,
+        forwarded: Result<Response<ProxyBody>, GatewayError>,
+    ) -> Response<ProxyBody> {
+        // By reference: the continuation keeps its handling in place to the end.
+        let Handling { started, snapshot, log, route, origin, grpc } = handling;
+        let grpc = *grpc;
+        let matched = route.and_then(|position| snapshot.routes.at(position));
         let status = match &forwarded {
             Ok(response) => response.status(),
             Err(error) => {
@@ -190,7 +218,7 @@ impl Gateway {
         log.emit(status, duration);
         let observation = Observation {
             route: log.route.as_ref().unwrap_or(&self.no_route),
-            handles: matched.and_then(|route: &Route| route.metrics.as_deref()),
+            handles: matched.and_then(|route| route.metrics.as_deref()),
             status: status.as_u16(),
             key_id: log.key_id.as_ref().and_then(|k| k.to_str().ok()),
             rejection: log.reason,
@@ -200,8 +228,8 @@ impl Gateway {
         let per_key = snapshot.admin.as_ref().is_some_and(|a| a.per_key_metrics);
         self.metrics.observe(&observation, per_key);
         let quota = log.quota.take();
-        // Last, once the log no longer borrows it: the id moves into the response uncopied.
-        drop(log);
+        // Last, once nothing else needs the log: the id moves into the response uncopied.
+        let request_id = std::mem::replace(&mut log.request_id, HeaderValue::from_static("-"));
         let mut response = match forwarded {
             Ok(mut response) => {
                 response.headers_mut().insert(X_REQUEST_ID, request_id);
@@ -223,16 +251,19 @@ impl Gateway {
         response
     }
 
-    async fn forward<'s>(
+    /// Route, extract, verify, authorize, rewrite: every step up to the send that needs no
+    /// wait. A request that passes every check comes back rewritten, as [`Checked::Outbound`].
+    /// (Its rate limit and quota, the last check, are the counters store's to judge: see
+    /// [`Self::forward`].)
+    fn check(
         &self,
-        snapshot: &'s Snapshot,
+        snapshot: &Snapshot,
         client: &ClientInfo,
         request: Request<RequestBody>,
-        request_id: &HeaderValue,
-        log: &mut AccessLog<'_>,
-        matched: &mut Option<&'s Route>,
-    ) -> Result<Response<ProxyBody>, GatewayError> {
-        let (mut parts, body) = request.into_parts();
+        log: &mut AccessLog,
+        matched: &mut Option<usize>,
+    ) -> Result<Checked, GatewayError> {
+        let (parts, body) = request.into_parts();
         // Framing first: a request whose size or body boundaries are in doubt is refused before
         // anything else looks at it.
         check_head_size(&parts, snapshot.server.max_header_bytes)?;
@@ -243,10 +274,12 @@ impl Gateway {
             .map_err(|e| GatewayError::BadRequest(e.reason()))?;
         let path: &str = log.path.insert(path);
         let host = request_host(&parts)?;
-        let route =
-            snapshot.routes.find(host.as_ref().map(RequestHost::name), path).ok_or(GatewayError::NoRoute)?;
+        let (position, route) = snapshot
+            .routes
+            .locate(host.as_ref().map(RequestHost::name), path)
+            .ok_or(GatewayError::NoRoute)?;
         log.route = Some(route.label.clone());
-        *matched = Some(route);
+        *matched = Some(position);
         let address = client::resolve(client, &parts.headers, &snapshot.server.trusted_proxies);
         log.client = Some(address.ip);
 
@@ -257,7 +290,7 @@ impl Gateway {
         if preflight && let Some(policy) = &route.cors {
             let origin = parts.headers.get(http::header::ORIGIN);
             origin.and_then(|o| policy.allow_origin(o)).ok_or(GatewayError::OriginNotAllowed)?;
-            return Ok(policy.preflight().map(Either::Right));
+            return Ok(Checked::Answered(policy.preflight().map(Either::Right)));
         }
 
         let key = if route.public || preflight {
@@ -265,7 +298,7 @@ impl Gateway {
         } else {
             let credential = auth::extract(&snapshot.auth.sources, &parts.headers, parts.uri.query())?
                 .ok_or(GatewayError::MissingApiKey)?;
-            let key = auth::lookup(credential.key(), &snapshot.auth, &snapshot.keys)?;
+            let (position, key) = auth::lookup(credential.key(), &snapshot.auth, &snapshot.keys)?;
             // The clock is read only for a key that exists: a flood of made-up keys never does.
             let now = SystemTime::now();
             auth::usable(key, now)?;
@@ -277,22 +310,10 @@ impl Gateway {
                 return Err(GatewayError::IpNotAllowed);
             }
             auth::authorize(route.scopes.as_ref(), key, &parts.method, &parts.headers, parts.uri.query())?;
-            // Last, rate limit then quota: a request refused for any other reason spends
-            // neither. Keys with neither never reach the counters store here.
-            if key.rate_limit().is_some() || key.quota().is_some() {
-                let ask = Ask {
-                    subject: key.subject(),
-                    rate: key.rate_limit(),
-                    quota: key.quota(),
-                    now,
-                    instant: Instant::now(),
-                };
-                log.quota = self.counters.admit(ask).await?;
-            }
-            // Batched in memory; the store writes it out off the request path.
-            self.counters.record(key.id.as_bytes(), key.usage_period(), now);
-            Some(key)
+            Some((key, position, now))
         };
+        let route_position = position;
+        let mut parts = parts;
 
         // Rewrite. Removals come before additions so nothing a client sent (a `Connection`
         // header naming ours, a spoofed `x-keygate-*`) can remove or shadow what keygate adds.
@@ -323,7 +344,7 @@ impl Gateway {
         if trailers {
             parts.headers.insert(TE, HeaderValue::from_static("trailers"));
         }
-        let mut added = forward::Added::with_capacity(9 + key.map_or(0, |k| k.meta().len()));
+        let mut added = forward::Added::with_capacity(9 + key.map_or(0, |(k, _, _)| k.meta().len()));
         let host = host.map(|h| h.value);
         forward::set_forwarding(&mut added, client, &address, host.as_ref(), sent_chain);
         let upstream_host = match (&host, route.preserve_host) {
@@ -331,10 +352,10 @@ impl Gateway {
             _ => upstream.host_header.clone(),
         };
         added.push(HOST, upstream_host);
-        if let Some(key) = key {
+        if let Some((key, _, _)) = key {
             forward::set_identity(&mut added, key);
         }
-        added.push(X_REQUEST_ID, request_id.clone());
+        added.push(X_REQUEST_ID, log.request_id.clone());
         let mut target = String::with_capacity(
             upstream.base_path.len() + path.len() + query.as_ref().map_or(0, |q| q.len() + 1),
         );
@@ -350,55 +371,87 @@ impl Gateway {
             .build()
             .map_err(|_| GatewayError::BadRequest("the request target cannot be forwarded"))?;
 
-        // Send: the one place for every transport. The wait for a connection slot and the wait
-        // for the response head share `request_timeout`; which one ran out decides 503 or 504.
-        let upstream_started = Instant::now();
         let body_failed = body.failure();
-        let request = Request::from_parts(parts, body);
-        let upgrade = websocket.is_some();
-        // `bounded` boxes the send (see `limit::Bounded`): this future stays small for the
-        // requests that are refused and never send anything.
-        let send = || upstream.transport.send(request, added, upgrade);
-        let result = limit::bounded(snapshot.server.request_timeout, send).await;
-        log.upstream_duration = Some(upstream_started.elapsed());
-        // One match, not a chain of `map_err`s: each step of a chain moves the whole response.
-        let mut response = match result {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => {
-                if body_failed.happened() {
-                    return Err(GatewayError::BadRequest("the request body is malformed or was cut short"));
+        Ok(Checked::Outbound(Outbound {
+            request: Request::from_parts(parts, body),
+            added,
+            route: route_position,
+            key: key.map(|(_, position, now)| (position, now)),
+            body_failed,
+            websocket,
+            websocket_key,
+            client_upgrade,
+            connection_guard,
+        }))
+    }
+
+    /// Counts the request against its key's limits (the last check, the only one that may
+    /// wait), then sends it upstream and relays the answer's head.
+    ///
+    /// Here and in the transports, a send is a plain `fn` returning an `async move` block:
+    /// an `async fn` copies its arguments (the request among them) into its body's locals when
+    /// first polled, a block uses what it captured in place.
+    #[allow(clippy::manual_async_fn, reason = "an async fn would copy the request once more")]
+    fn forward(
+        self: Arc<Self>,
+        mut handling: Handling,
+        outbound: Outbound,
+    ) -> impl Future<Output = Response<ProxyBody>> {
+        async move {
+            let admitted = self.admit(&handling.snapshot, &mut handling.log, outbound.key).await;
+            let snapshot = &handling.snapshot;
+            let forwarded = match (admitted, snapshot.routes.at(outbound.route)) {
+                (Err(error), _) => Err(error),
+                (Ok(()), None) => Err(GatewayError::Internal),
+                (Ok(()), Some(route)) => {
+                    // Send: the one place for every transport. The wait for a connection slot and
+                    // the wait for the response head share `request_timeout`; which one ran out
+                    // decides 503 or 504.
+                    let upstream_started = Instant::now();
+                    let upgrade = outbound.websocket.is_some();
+                    // `bounded` builds the send in a box of its own (see `limit::Bounded`).
+                    let (request, added) = (outbound.request, outbound.added);
+                    let send = || route.upstream.transport.send(request, added, upgrade);
+                    let result = limit::bounded(snapshot.server.request_timeout, send).await;
+                    handling.log.upstream_duration = Some(upstream_started.elapsed());
+                    let upgrade = Upgrade {
+                        protocol: outbound.websocket,
+                        key: outbound.websocket_key,
+                        client_side: outbound.client_upgrade,
+                        guard: outbound.connection_guard,
+                    };
+                    relay_head(snapshot, route, result, &outbound.body_failed, upgrade)
                 }
-                tracing::debug!(route = %route.label, %error, "upstream request failed");
-                return Err(GatewayError::UpstreamUnavailable);
-            }
-            Err(Overdue::Busy) => return Err(GatewayError::UpstreamBusy),
-            Err(Overdue::Timeout) => return Err(GatewayError::UpstreamTimeout),
-        };
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let (Some(client_side), Some(protocol), Some(key)) = (client_upgrade, websocket, websocket_key)
-            else {
-                // An upstream switching protocols that nobody asked for cannot be relayed.
-                return Err(GatewayError::UpstreamUnavailable);
             };
-            // Only an upstream that proves it speaks WebSocket gets a tunnel.
-            let accept = forward::websocket_accept(&key);
-            let mut accepts = response.headers().get_all(SEC_WEBSOCKET_ACCEPT).iter();
-            if !matches!((accepts.next(), accepts.next()), (Some(got), None) if got.as_bytes() == accept.as_bytes())
-            {
-                tracing::debug!(route = %route.label, "upstream answered 101 without the right Sec-WebSocket-Accept");
-                return Err(GatewayError::UpstreamUnavailable);
-            }
-            let upstream_side = hyper::upgrade::on(&mut response);
-            let idle = snapshot.server.idle_timeout;
-            tokio::spawn(forward::relay_upgraded(client_side, upstream_side, idle, connection_guard));
-            let headers = response.headers_mut();
-            forward::remove_hop_by_hop(headers);
-            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(UPGRADE, protocol);
-            return Ok(response.map(Either::Left));
+            self.conclude(&mut handling, forwarded)
         }
-        forward::remove_hop_by_hop(response.headers_mut());
-        Ok(response.map(Either::Left))
+    }
+
+    /// The last check: the key's rate limit, then its quota. A request refused for any other
+    /// reason has spent neither; keys with neither never reach the counters store here.
+    async fn admit(
+        &self,
+        snapshot: &Snapshot,
+        log: &mut AccessLog,
+        key: Option<(u32, SystemTime)>,
+    ) -> Result<(), GatewayError> {
+        let Some((position, now)) = key else {
+            return Ok(());
+        };
+        let key = snapshot.keys.at(position).ok_or(GatewayError::Internal)?;
+        if key.rate_limit().is_some() || key.quota().is_some() {
+            let ask = Ask {
+                subject: key.subject(),
+                rate: key.rate_limit(),
+                quota: key.quota(),
+                now,
+                instant: Instant::now(),
+            };
+            log.quota = self.counters.admit(ask).await?;
+        }
+        // Batched in memory; the store writes it out off the request path.
+        self.counters.record(key.id.as_bytes(), key.usage_period(), now);
+        Ok(())
     }
 
     /// The client's `x-request-id` if it sent one sane value, else a fresh one.
@@ -413,6 +466,113 @@ impl Gateway {
             _ => self.request_ids.next(),
         }
     }
+}
+
+/// A WebSocket handshake to relay, if the request was one: the protocol, the client's
+/// `Sec-WebSocket-Key`, the client side of the upgrade, and the connection's slot for the
+/// relay to hold.
+struct Upgrade {
+    protocol: Option<HeaderValue>,
+    key: Option<HeaderValue>,
+    client_side: Option<OnUpgrade>,
+    guard: Option<forward::ConnectionGuard>,
+}
+
+/// What the client gets of the upstream's answer (or of its failure): the head, cleaned of
+/// hop-by-hop headers, and for a proven WebSocket handshake a tunnel between the two sides.
+fn relay_head(
+    snapshot: &Snapshot,
+    route: &Route,
+    result: Result<Result<Response<ResponseBody>, transport::SendError>, Overdue>,
+    body_failed: &forward::BodyFailure,
+    upgrade: Upgrade,
+) -> Result<Response<ProxyBody>, GatewayError> {
+    // One match, not a chain of `map_err`s: each step of a chain moves the whole response.
+    let mut response = match result {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => {
+            if body_failed.happened() {
+                return Err(GatewayError::BadRequest("the request body is malformed or was cut short"));
+            }
+            tracing::debug!(route = %route.label, %error, "upstream request failed");
+            return Err(GatewayError::UpstreamUnavailable);
+        }
+        Err(Overdue::Busy) => return Err(GatewayError::UpstreamBusy),
+        Err(Overdue::Timeout) => return Err(GatewayError::UpstreamTimeout),
+    };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let (Some(client_side), Some(protocol), Some(key)) =
+            (upgrade.client_side, upgrade.protocol, upgrade.key)
+        else {
+            // An upstream switching protocols that nobody asked for cannot be relayed.
+            return Err(GatewayError::UpstreamUnavailable);
+        };
+        // Only an upstream that proves it speaks WebSocket gets a tunnel.
+        let accept = forward::websocket_accept(&key);
+        let mut accepts = response.headers().get_all(SEC_WEBSOCKET_ACCEPT).iter();
+        if !matches!((accepts.next(), accepts.next()), (Some(got), None) if got.as_bytes() == accept.as_bytes())
+        {
+            tracing::debug!(route = %route.label, "upstream answered 101 without the right Sec-WebSocket-Accept");
+            return Err(GatewayError::UpstreamUnavailable);
+        }
+        let upstream_side = hyper::upgrade::on(&mut response);
+        let idle = snapshot.server.idle_timeout;
+        tokio::spawn(forward::relay_upgraded(client_side, upstream_side, idle, upgrade.guard));
+        let headers = response.headers_mut();
+        forward::remove_hop_by_hop(headers);
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(UPGRADE, protocol);
+        return Ok(response.map(Either::Left));
+    }
+    forward::remove_hop_by_hop(response.headers_mut());
+    Ok(response.map(Either::Left))
+}
+
+/// A request's answer: ready now (keygate answered it itself, or refused it), or once the
+/// upstream (or the counters store) has had its say.
+pub enum Handled {
+    /// `None` once taken.
+    Now(Option<Response<ProxyBody>>),
+    Later(std::pin::Pin<Box<dyn std::future::Future<Output = Response<ProxyBody>> + Send>>),
+}
+
+/// What a request's handling carries from its start to its answer.
+struct Handling {
+    started: Instant,
+    /// Taken once at the start and kept to the end, so a request never sees half of one
+    /// configuration and half of another.
+    snapshot: Arc<Snapshot>,
+    log: AccessLog,
+    /// The matched route's position in `snapshot`'s table.
+    route: Option<usize>,
+    origin: Option<HeaderValue>,
+    grpc: bool,
+}
+
+/// How the steps that need no wait ended, when none refused the request.
+#[allow(clippy::large_enum_variant, reason = "taken apart where it is made; a box would cost an allocation")]
+enum Checked {
+    /// keygate answered it itself (a CORS preflight).
+    Answered(Response<ProxyBody>),
+    Outbound(Outbound),
+}
+
+/// A request rewritten for its upstream, and what sending it needs. The route and key are
+/// kept as positions in the request's snapshot, which the continuation owns, not as borrows.
+struct Outbound {
+    request: Request<RequestBody>,
+    /// Written into the head by the transport (see `forward::Added`).
+    added: forward::Added,
+    route: usize,
+    /// The key's position in the table, and the instant it was judged usable at.
+    key: Option<(u32, SystemTime)>,
+    body_failed: forward::BodyFailure,
+    /// A WebSocket upgrade to relay: the protocol, the client's `Sec-WebSocket-Key`, the
+    /// client side of the upgrade, and the connection's slot for the relay to hold.
+    websocket: Option<HeaderValue>,
+    websocket_key: Option<HeaderValue>,
+    client_upgrade: Option<OnUpgrade>,
+    connection_guard: Option<forward::ConnectionGuard>,
 }
 
 /// What outlives snapshots: one connection limit per upstream host:port, and the transports

@@ -5,11 +5,13 @@ pub(crate) mod idle;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Request;
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -18,10 +20,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::proxy::Gateway;
 use crate::proxy::forward::{ClientInfo, ConnectionGuard, RequestBody};
+use crate::proxy::{Gateway, Handled, ProxyBody};
 use crate::tls::{self, CurrentCert};
-use idle::{Activity, ProgressBody, Tracked};
+use idle::{Activity, Exchange, ProgressBody, Tracked};
 
 /// hyper's own hard cap on a request head, above keygate's JSON 431 limit so that most
 /// oversized heads get the JSON answer; beyond this hyper answers 431 itself.
@@ -292,27 +294,20 @@ impl Connection {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let client = client.with_guard(self.guard.clone());
+        let client = Arc::new(client.with_guard(self.guard.clone()));
         let peer = client.peer;
-        // What every request of the connection shares, behind one reference count.
-        let shared = Arc::new((Arc::clone(&self.gateway), client));
+        let gateway = Arc::clone(&self.gateway);
         let requests = activity.clone();
         let service = service_fn(move |request: Request<Incoming>| {
-            let shared = Arc::clone(&shared);
             let exchange = requests.exchange();
             let request = request.map(|body| RequestBody::new(body, exchange.clone()));
-            async move {
-                let (gateway, client) = &*shared;
-                let response = gateway.handle(client, request).await;
-                exchange.finish();
-                Ok::<_, Infallible>(response.map(|body| ProgressBody::new(body, exchange)))
-            }
+            Answer { handled: gateway.handle(&client, request), exchange: Some(exchange) }
         });
         let connection = self.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(connection);
         // The clocks live in a task of their own: this loop is woken for every request, and
         // polling timers and the drain signal on each of those wakes is work for nothing.
-        let (verdict_tx, mut verdict) = oneshot::channel();
+        let (verdict_tx, mut verdict) = verdict_channel();
         let watch = Watchdog {
             activity,
             idle_timeout: self.idle_timeout,
@@ -324,24 +319,53 @@ impl Connection {
             biased;
             result = connection.as_mut() => result,
             verdict = &mut verdict => match verdict {
-                Ok(Verdict::Drain) => {
+                Verdict::Drain => {
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
-                Ok(Verdict::Idle) => {
+                Verdict::Idle => {
                     tracing::debug!(%peer, "closing idle connection");
                     return;
                 }
-                Ok(Verdict::Silent) => {
+                Verdict::Silent => {
                     tracing::debug!(%peer, "closing a connection whose request head did not arrive in time");
                     return;
                 }
-                // The watchdog is gone (the runtime is shutting down): serve to the end.
-                Err(_) => connection.await,
             },
         };
         if let Err(error) = result {
             tracing::debug!(%peer, %error, "connection ended with an error");
+        }
+    }
+}
+
+/// One request's answer as hyper awaits it: ready at once when keygate answered the request
+/// itself, else when the gateway's continuation is. Small, since hyper moves it into place
+/// for every request; the continuation, when there is one, is boxed.
+struct Answer {
+    handled: Handled,
+    exchange: Option<Exchange>,
+}
+
+impl Future for Answer {
+    type Output = Result<Response<ProgressBody<ProxyBody>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let response = match &mut this.handled {
+            Handled::Now(response) => response.take(),
+            Handled::Later(continuation) => match continuation.as_mut().poll(cx) {
+                Poll::Ready(response) => Some(response),
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        match (response, this.exchange.take()) {
+            (Some(response), Some(exchange)) => {
+                exchange.finish();
+                Poll::Ready(Ok(response.map(|body| ProgressBody::new(body, exchange))))
+            }
+            // Polled again after it was ready: a contract breach of the caller's.
+            _ => Poll::Pending,
         }
     }
 }
@@ -368,7 +392,7 @@ struct Watchdog {
 
 impl Watchdog {
     /// Ends once it has given its verdict, or when the connection is gone.
-    async fn run(mut self, verdict: oneshot::Sender<Verdict>) {
+    async fn run(mut self, verdict: VerdictSender) {
         let activity = &self.activity;
         // hyper's head timer starts only once it knows the protocol; a client that sends
         // nothing (or half an HTTP/2 preface) is dropped here at the same deadline.
@@ -385,7 +409,7 @@ impl Watchdog {
         let head = tokio::time::sleep_until(head_deadline(activity.started()));
         tokio::pin!(head);
         let mut head_pending = true;
-        let mut verdict = verdict;
+        let VerdictSender { sender: mut verdict, given } = verdict;
         let said = loop {
             tokio::select! {
                 () = verdict.closed() => return,
@@ -424,7 +448,50 @@ impl Watchdog {
                 }
             }
         };
+        given.store(true, Ordering::Release);
         let _ = verdict.send(said);
+    }
+}
+
+/// The watchdog's end of [`verdict_channel`].
+struct VerdictSender {
+    sender: oneshot::Sender<Verdict>,
+    given: Arc<AtomicBool>,
+}
+
+/// The connection's end of [`verdict_channel`]: a future of the verdict that, once it has
+/// registered the task's waker with the channel, looks at the channel again only when a
+/// verdict has been given. The connection's loop polls it on every wake-up of its task
+/// (every request), where a channel's poll is several atomic operations and a budget check.
+struct VerdictWait {
+    receiver: oneshot::Receiver<Verdict>,
+    given: Arc<AtomicBool>,
+    registered: bool,
+}
+
+/// A one-shot channel for a [`Verdict`]. A sender dropped without a verdict (the runtime
+/// shutting down) leaves the wait pending for good: the connection then serves to its end.
+fn verdict_channel() -> (VerdictSender, VerdictWait) {
+    let (sender, receiver) = oneshot::channel();
+    let given = Arc::new(AtomicBool::new(false));
+    (VerdictSender { sender, given: Arc::clone(&given) }, VerdictWait { receiver, given, registered: false })
+}
+
+impl Future for VerdictWait {
+    type Output = Verdict;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Verdict> {
+        let this = self.get_mut();
+        // A task's waker stays the same for its life, so the one registered first is the one
+        // the sender will wake.
+        if this.registered && !this.given.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        this.registered = true;
+        match Pin::new(&mut this.receiver).poll(cx) {
+            Poll::Ready(Ok(verdict)) => Poll::Ready(verdict),
+            Poll::Ready(Err(_)) | Poll::Pending => Poll::Pending,
+        }
     }
 }
 

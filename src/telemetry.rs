@@ -21,10 +21,11 @@ pub fn init() {
 /// What one request did, filled in as the pipeline goes and emitted once at the end.
 /// It holds only what is safe to log: the key's id, never the key.
 #[derive(Debug)]
-pub struct AccessLog<'r> {
+pub struct AccessLog {
     pub method: Method,
-    /// Borrowed: the request keeps its id to the end, and a clone would cost an allocation.
-    pub request_id: &'r HeaderValue,
+    /// Kept here from the start, and moved into the response at the end: a clone would cost
+    /// an allocation.
+    pub request_id: HeaderValue,
     pub path: Option<String>,
     pub route: Option<crate::metrics::LabelText>,
     pub key_id: Option<HeaderValue>,
@@ -36,8 +37,8 @@ pub struct AccessLog<'r> {
     pub quota: Option<crate::ratelimit::Quota>,
 }
 
-impl<'r> AccessLog<'r> {
-    pub fn new(method: &Method, request_id: &'r HeaderValue) -> Self {
+impl AccessLog {
+    pub fn new(method: &Method, request_id: HeaderValue) -> Self {
         Self {
             method: method.clone(),
             request_id,

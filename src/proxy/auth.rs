@@ -222,23 +222,24 @@ pub fn verify<'t>(
     table: &'t KeyTable,
     now: SystemTime,
 ) -> Result<&'t KeyEntry, GatewayError> {
-    let entry = lookup(key, settings, table)?;
+    let (_, entry) = lookup(key, settings, table)?;
     usable(entry, now)?;
     Ok(entry)
 }
 
-/// The table's entry for a presented key, whatever its state.
+/// The table's entry for a presented key, whatever its state, with its position in the table
+/// (see [`KeyTable::locate`]).
 pub fn lookup<'t>(
     key: PresentedKey<'_>,
     settings: &AuthSettings,
     table: &'t KeyTable,
-) -> Result<&'t KeyEntry, GatewayError> {
+) -> Result<(u32, &'t KeyEntry), GatewayError> {
     // A key in keygate's own format with a bad checksum is a typo or a forgery: refuse it
     // before touching the table, as GitHub does with its tokens.
     if !plausible(key.expose(), &settings.key_prefix) {
         return Err(GatewayError::InvalidApiKey);
     }
-    table.get(&KeyHash::of(key.expose())).ok_or(GatewayError::InvalidApiKey)
+    table.locate(&KeyHash::of(key.expose())).ok_or(GatewayError::InvalidApiKey)
 }
 
 /// Whether a key found in the table may be used at `now`: neither revoked nor expired.

@@ -125,9 +125,14 @@ pub enum Overdue {
 pub fn bounded<F: Future>(limit: Duration, send: impl FnOnce() -> F) -> Bounded<F> {
     let waiting = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&waiting);
-    let slot = Box::new_uninit();
-    let timed = Box::into_pin(Box::write(slot, tokio::time::timeout(limit, WAITING.scope(flag, send()))));
+    let timed = built_in_box(|| tokio::time::timeout(limit, WAITING.scope(flag, send())));
     Bounded { timed, waiting }
+}
+
+/// The future `make` makes, in a box: the box comes first and `make` is called to fill it,
+/// so that a large future is built in place rather than built aside and copied in.
+pub fn built_in_box<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
 /// A send under its deadline (see [`bounded`]).

@@ -368,46 +368,51 @@ impl Http1Pool {
     /// idle keep-alive connection just as the request arrives is the usual cause, and RFC 9110
     /// §9.2.2 lets a client retry such requests. (Only then is the request copied; under load
     /// connections are never idle that long.)
-    pub async fn send(
+    ///
+    /// Not an `async fn`, see `Gateway::forward`.
+    #[allow(clippy::manual_async_fn, reason = "an async fn would copy the request once more")]
+    pub fn send(
         &self,
         request: Request<RequestBody>,
         added: Added,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        let authority = &self.shared.authority;
-        let (mut conn, idle) = match self.checkout() {
-            Some((conn, idle)) => (conn, Some(idle)),
-            // Boxed: connecting is rare, and this keeps every request's future small.
-            None => Box::pin(self.obtain()).await?,
-        };
-        let head_request = request.method() == http::Method::HEAD;
-        let replayable = idle.is_some_and(|idle| idle >= REPLAY_AFTER_IDLE) && replayable(&request);
-        let mut out = Outgoing::new(request, &added, std::mem::take(&mut conn.write));
-        drop(added);
-        let error = match exchange(&mut conn, &mut out, head_request).await {
-            Ok(head) => {
-                let sent = out.done();
-                conn.write = out.recycle();
-                return Ok(self.lease(conn, head, sent));
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> {
+        async move {
+            let authority = &self.shared.authority;
+            let (mut conn, idle) = match self.checkout() {
+                Some((conn, idle)) => (conn, Some(idle)),
+                // Boxed: connecting is rare, and this keeps every request's future small.
+                None => Box::pin(self.obtain()).await?,
+            };
+            let head_request = request.method() == http::Method::HEAD;
+            let replayable = idle.is_some_and(|idle| idle >= REPLAY_AFTER_IDLE) && replayable(&request);
+            let mut out = Outgoing::new(request, &added, std::mem::take(&mut conn.write));
+            drop(added);
+            let error = match exchange(&mut conn, &mut out, head_request).await {
+                Ok(head) => {
+                    let sent = out.done();
+                    conn.write = out.recycle();
+                    return Ok(self.lease(conn, head, sent));
+                }
+                Err(error) => error,
+            };
+            let closed = matches!(error, SendError::Closed);
+            // A pooled connection found closed before any of the request reached it, or a safe
+            // request crossing the upstream's close of an idle connection: a new connection.
+            let again = idle.is_some() && closed && (!out.sent || replayable) && out.rewind();
+            if !again {
+                return Err(error);
             }
-            Err(error) => error,
-        };
-        let closed = matches!(error, SendError::Closed);
-        // A pooled connection found closed before any of the request reached it, or a safe
-        // request crossing the upstream's close of an idle connection: a new connection.
-        let again = idle.is_some() && closed && (!out.sent || replayable) && out.rewind();
-        if !again {
-            return Err(error);
+            if out.sent {
+                tracing::debug!(upstream = %authority, "idle upstream connection closed under a request; sending it again");
+            }
+            drop(conn);
+            let slot = self.shared.limit.acquire().await;
+            let mut conn = Box::pin(Conn::open(authority, slot)).await?;
+            let head = exchange(&mut conn, &mut out, head_request).await?;
+            let sent = out.done();
+            conn.write = out.recycle();
+            Ok(self.lease(conn, head, sent))
         }
-        if out.sent {
-            tracing::debug!(upstream = %authority, "idle upstream connection closed under a request; sending it again");
-        }
-        drop(conn);
-        let slot = self.shared.limit.acquire().await;
-        let mut conn = Box::pin(Conn::open(authority, slot)).await?;
-        let head = exchange(&mut conn, &mut out, head_request).await?;
-        let sent = out.done();
-        conn.write = out.recycle();
-        Ok(self.lease(conn, head, sent))
     }
 
     /// A connection when none was idle: a new one if a slot is free, else whichever comes

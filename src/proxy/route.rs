@@ -105,7 +105,12 @@ impl RouteTable {
     /// equals the longest prefix wins. `host` is the request's host name, already parsed
     /// ([`crate::proxy::host`]): no port, no trailing dot.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|route| {
+        self.locate(host, path).map(|(_, route)| route)
+    }
+
+    /// [`Self::find`], with the route's position, by which [`Self::at`] finds it again.
+    pub fn locate(&self, host: Option<&str>, path: &str) -> Option<(usize, &Route)> {
+        self.routes.iter().enumerate().find(|(_, route)| {
             let host_ok = match (&route.host, host) {
                 (None, _) => true,
                 (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
@@ -125,6 +130,11 @@ impl RouteTable {
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Route> {
         self.routes.iter_mut()
+    }
+
+    /// The route at a position [`Self::locate`] gave.
+    pub fn at(&self, position: usize) -> Option<&Route> {
+        self.routes.get(position)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Route> {

@@ -107,41 +107,44 @@ impl Transport {
 
     /// Sends `request`, whose URI is origin-form, with the headers keygate `added` (`Host`
     /// among them), and returns the upstream's response head. `upgrade`: the request is a
-    /// WebSocket handshake.
-    pub async fn send(
+    /// WebSocket handshake. Not an `async fn`, see `Gateway::forward`.
+    #[allow(clippy::manual_async_fn, reason = "an async fn would copy the request once more")]
+    pub fn send(
         &self,
         mut request: Request<RequestBody>,
         added: Added,
         upgrade: bool,
-    ) -> Result<Response<ResponseBody>, SendError> {
-        if let Kind::Http1 { pool, .. } = &self.kind
-            && !upgrade
-        {
-            // keygate's codec writes the added headers straight into the request head.
-            // Inline: `limit::bounded` builds the whole send once, in its box.
-            let response = pool.send(request, added).await?;
-            return Ok(response.map(|body| ResponseBody::Http1(FlushFirst::new(body))));
-        }
-        added.insert_into(request.headers_mut());
-        match &self.kind {
-            Kind::Http1 { upgrades: client, .. } | Kind::Http1Tls(client) => {
-                *request.version_mut() = Version::HTTP_11;
-                // hyper-util picks the connection from an absolute URI.
-                *request.uri_mut() = self.absolute(request.uri(), self.spec.authority.clone())?;
-                let response = client.request(request).await?;
-                Ok(response.map(|body| ResponseBody::Client(FlushFirst::new(body))))
+    ) -> impl Future<Output = Result<Response<ResponseBody>, SendError>> {
+        async move {
+            if let Kind::Http1 { pool, .. } = &self.kind
+                && !upgrade
+            {
+                // keygate's codec writes the added headers straight into the request head.
+                // Inline: `limit::bounded` builds the whole send once, in its box.
+                let response = pool.send(request, added).await?;
+                return Ok(response.map(|body| ResponseBody::Http1(FlushFirst::new(body))));
             }
-            Kind::H2(pool) => {
-                *request.version_mut() = Version::HTTP_2;
-                // HTTP/2 carries the host as `:authority` (RFC 9113 §8.3.1), never as `Host`.
-                let host = request.headers_mut().remove(http::header::HOST);
-                let authority = match host.as_ref().map(|h| Authority::try_from(h.as_bytes())) {
-                    Some(Ok(authority)) => authority,
-                    _ => self.spec.authority.clone(),
-                };
-                *request.uri_mut() = self.absolute(request.uri(), authority)?;
-                let response = pool.send(request).await?;
-                Ok(response.map(ResponseBody::H2))
+            added.insert_into(request.headers_mut());
+            match &self.kind {
+                Kind::Http1 { upgrades: client, .. } | Kind::Http1Tls(client) => {
+                    *request.version_mut() = Version::HTTP_11;
+                    // hyper-util picks the connection from an absolute URI.
+                    *request.uri_mut() = self.absolute(request.uri(), self.spec.authority.clone())?;
+                    let response = client.request(request).await?;
+                    Ok(response.map(|body| ResponseBody::Client(FlushFirst::new(body))))
+                }
+                Kind::H2(pool) => {
+                    *request.version_mut() = Version::HTTP_2;
+                    // HTTP/2 carries the host as `:authority` (RFC 9113 §8.3.1), never as `Host`.
+                    let host = request.headers_mut().remove(http::header::HOST);
+                    let authority = match host.as_ref().map(|h| Authority::try_from(h.as_bytes())) {
+                        Some(Ok(authority)) => authority,
+                        _ => self.spec.authority.clone(),
+                    };
+                    *request.uri_mut() = self.absolute(request.uri(), authority)?;
+                    let response = pool.send(request).await?;
+                    Ok(response.map(ResponseBody::H2))
+                }
             }
         }
     }

@@ -27,6 +27,8 @@ use tokio::time::Instant;
 #[derive(Debug, Clone)]
 pub struct Activity {
     start: Instant,
+    /// `start` on the coarse clock, which the per-I/O notes read (see [`Activity::now_ms`]).
+    coarse_start: coarsetime::Instant,
     shared: Arc<Counters>,
 }
 
@@ -46,6 +48,9 @@ struct Counters {
     http2: AtomicBool,
 }
 
+/// More than one tick of the coarse clock at any kernel timer frequency down to 100 Hz.
+const COARSE_SLACK_MS: u64 = 10;
+
 /// The start of the HTTP/2 connection preface (RFC 9113 §3.4).
 const PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 
@@ -55,11 +60,21 @@ const PREFACE_LEN: u64 = 24;
 
 impl Activity {
     pub fn new() -> Self {
-        Self { start: Instant::now(), shared: Arc::default() }
+        Self {
+            start: Instant::now(),
+            coarse_start: coarsetime::Instant::now_without_cache_update(),
+            shared: Arc::default(),
+        }
     }
 
+    /// Milliseconds since the connection began, rounded up by [`COARSE_SLACK_MS`]. Read on
+    /// every read and write, so from the kernel's coarse clock (`CLOCK_MONOTONIC_COARSE`, a
+    /// counter the timer tick updates), which costs a fraction of a precise reading. Running
+    /// up to one tick behind, it could put a deadline that early; the slack makes every
+    /// deadline derived from it late by at most a few milliseconds instead, never early.
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+        let elapsed = coarsetime::Instant::now_without_cache_update().duration_since(self.coarse_start);
+        elapsed.as_millis().saturating_add(COARSE_SLACK_MS)
     }
 
     /// Bytes moved. Only HTTP/1's idle clock is bytes (see the module's note), so HTTP/2 skips

@@ -58,53 +58,65 @@ pub fn parse_header(value: &HeaderValue) -> Result<RequestHost, HostError> {
 /// the name ends. `None` means "not one of these", not "refused": [`parse_any`] then decides.
 /// Every value this accepts, `parse_any` accepts with the same `name_end` (tested below).
 fn common_form(raw: &[u8]) -> Option<usize> {
-    // One pass over the name, label by label: every request pays for this, so it is a scan
-    // with a few counters rather than splits and folds.
-    let (mut labels, mut len, mut first, mut value) = (0u32, 0usize, 0u8, 0u32);
-    let (mut digits, mut quad) = (true, true);
-    let mut name_end = raw.len();
-    for (i, &b) in raw.iter().enumerate() {
-        match b {
-            b'0'..=b'9' => value = value.saturating_mul(10).saturating_add(u32::from(b - b'0')),
-            b'a'..=b'z' | b'A'..=b'Z' | b'-' => digits = false,
-            b'.' | b':' => {
-                if len == 0 {
+    // Every request pays for this: a few tight passes over a short value, no allocation.
+    let name_end = raw.iter().position(|&b| b == b':').unwrap_or(raw.len());
+    let (name, port) = raw.split_at(name_end);
+    if let Some(port) = port.strip_prefix(b":") {
+        if port.is_empty() || port.len() > 5 {
+            return None;
+        }
+        let mut number = 0u32;
+        for &digit in port {
+            if !digit.is_ascii_digit() {
+                return None;
+            }
+            number = number * 10 + u32::from(digit - b'0');
+        }
+        if number > 65535 {
+            return None;
+        }
+    }
+    // The last label decides which form it must be. None: an empty name or a trailing dot.
+    let last = name.iter().rposition(|&b| b == b'.').map_or(0, |dot| dot + 1);
+    match name.get(last) {
+        Some(first) if first.is_ascii_alphabetic() => {
+            // Letters, digits and `-`, in labels that are never empty.
+            let mut previous = b'.';
+            for &b in name {
+                let fine = if b == b'.' { previous != b'.' } else { b.is_ascii_alphanumeric() || b == b'-' };
+                if !fine {
                     return None;
                 }
-                labels += 1;
-                quad &= digits && len <= 3 && (len == 1 || first != b'0') && value <= 255;
-                if b == b':' {
-                    name_end = i;
-                    break;
-                }
-                (len, digits, value) = (0, true, 0);
-                continue;
+                previous = b;
             }
-            _ => return None,
+            Some(name_end)
         }
-        if len == 0 {
-            first = b;
-        }
-        len += 1;
+        Some(_) => dotted_quad(name).then_some(name_end),
+        None => None,
     }
-    if name_end == raw.len() {
-        if len == 0 {
-            return None;
+}
+
+/// `a.b.c.d`: four decimal parts 0–255 without leading zeros, the one spelling of an IPv4
+/// address that every parser reads alike.
+fn dotted_quad(name: &[u8]) -> bool {
+    let mut parts = 0;
+    for part in name.split(|&b| b == b'.') {
+        parts += 1;
+        if parts > 4 || part.is_empty() || part.len() > 3 || (part.len() > 1 && part[0] == b'0') {
+            return false;
         }
-        labels += 1;
-        quad &= digits && len <= 3 && (len == 1 || first != b'0') && value <= 255;
+        let mut number = 0u16;
+        for &digit in part {
+            if !digit.is_ascii_digit() {
+                return false;
+            }
+            number = number * 10 + u16::from(digit - b'0');
+        }
+        if number > 255 {
+            return false;
+        }
     }
-    if let Some(port) = raw[name_end..].strip_prefix(b":") {
-        if port.is_empty() || port.len() > 5 || !port.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        if port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) > 65535 {
-            return None;
-        }
-    }
-    // `first` and `len` now describe the last label.
-    let named = first.is_ascii_alphabetic();
-    (named || (quad && labels == 4)).then_some(name_end)
+    parts == 4
 }
 
 /// The full rules of [`parse`], for every form.
@@ -264,6 +276,31 @@ mod tests {
         }
         let header = HeaderValue::from_static("api.example:8443");
         assert_eq!(parse_header(&header).unwrap().name(), "api.example");
+    }
+
+    #[test]
+    fn every_short_value_the_common_form_takes_the_full_rules_take_alike() {
+        // Every string of up to five of these bytes: each edge of the one-pass scan (empty
+        // labels, a leading zero, a port, a stray byte) within reach.
+        let alphabet = b"0125a.:-_";
+        let mut value = Vec::new();
+        let mut taken = 0;
+        for len in 0..=5u32 {
+            for mut n in 0..alphabet.len().pow(len) {
+                value.clear();
+                for _ in 0..len {
+                    value.push(alphabet[n % alphabet.len()]);
+                    n /= alphabet.len();
+                }
+                if let Some(end) = common_form(&value) {
+                    taken += 1;
+                    let full =
+                        parse_any(&value).unwrap_or_else(|e| panic!("{value:?}: fast yes, full {e:?}"));
+                    assert_eq!(full.name_end, end, "{value:?}");
+                }
+            }
+        }
+        assert!(taken > 1000, "only {taken} values took the common form");
     }
 
     #[test]

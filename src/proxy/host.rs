@@ -61,20 +61,10 @@ fn common_form(raw: &[u8]) -> Option<usize> {
     // Every request pays for this: a few tight passes over a short value, no allocation.
     let name_end = raw.iter().position(|&b| b == b':').unwrap_or(raw.len());
     let (name, port) = raw.split_at(name_end);
-    if let Some(port) = port.strip_prefix(b":") {
-        if port.is_empty() || port.len() > 5 {
-            return None;
-        }
-        let mut number = 0u32;
-        for &digit in port {
-            if !digit.is_ascii_digit() {
-                return None;
-            }
-            number = number * 10 + u32::from(digit - b'0');
-        }
-        if number > 65535 {
-            return None;
-        }
+    if let Some(port) = port.strip_prefix(b":")
+        && !small_decimal(port, 5, 65535)
+    {
+        return None;
     }
     // The last label decides which form it must be. None: an empty name or a trailing dot.
     let last = name.iter().rposition(|&b| b == b'.').map_or(0, |dot| dot + 1);
@@ -102,21 +92,26 @@ fn dotted_quad(name: &[u8]) -> bool {
     let mut parts = 0;
     for part in name.split(|&b| b == b'.') {
         parts += 1;
-        if parts > 4 || part.is_empty() || part.len() > 3 || (part.len() > 1 && part[0] == b'0') {
-            return false;
-        }
-        let mut number = 0u16;
-        for &digit in part {
-            if !digit.is_ascii_digit() {
-                return false;
-            }
-            number = number * 10 + u16::from(digit - b'0');
-        }
-        if number > 255 {
+        if parts > 4 || (part.len() > 1 && part[0] == b'0') || !small_decimal(part, 3, 255) {
             return false;
         }
     }
     parts == 4
+}
+
+/// 1 to `max_len` decimal digits, with a value of at most `max`.
+fn small_decimal(digits: &[u8], max_len: usize, max: u32) -> bool {
+    if digits.is_empty() || digits.len() > max_len {
+        return false;
+    }
+    let mut number = 0u32;
+    for &digit in digits {
+        if !digit.is_ascii_digit() {
+            return false;
+        }
+        number = number * 10 + u32::from(digit - b'0');
+    }
+    number <= max
 }
 
 /// The full rules of [`parse`], for every form.

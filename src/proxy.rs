@@ -263,7 +263,7 @@ impl Gateway {
         log: &mut AccessLog,
         matched: &mut Option<usize>,
     ) -> Result<Checked, GatewayError> {
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         // Framing first: a request whose size or body boundaries are in doubt is refused before
         // anything else looks at it.
         check_head_size(&parts, snapshot.server.max_header_bytes)?;
@@ -274,12 +274,12 @@ impl Gateway {
             .map_err(|e| GatewayError::BadRequest(e.reason()))?;
         let path: &str = log.path.insert(path);
         let host = request_host(&parts)?;
-        let (position, route) = snapshot
+        let (route_position, route) = snapshot
             .routes
             .locate(host.as_ref().map(RequestHost::name), path)
             .ok_or(GatewayError::NoRoute)?;
         log.route = Some(route.label.clone());
-        *matched = Some(position);
+        *matched = Some(route_position);
         let address = client::resolve(client, &parts.headers, &snapshot.server.trusted_proxies);
         log.client = Some(address.ip);
 
@@ -312,8 +312,6 @@ impl Gateway {
             auth::authorize(route.scopes.as_ref(), key, &parts.method, &parts.headers, parts.uri.query())?;
             Some((key, position, now))
         };
-        let route_position = position;
-        let mut parts = parts;
 
         // Rewrite. Removals come before additions so nothing a client sent (a `Connection`
         // header naming ours, a spoofed `x-keygate-*`) can remove or shadow what keygate adds.
@@ -378,10 +376,12 @@ impl Gateway {
             route: route_position,
             key: key.map(|(_, position, now)| (position, now)),
             body_failed,
-            websocket,
-            websocket_key,
-            client_upgrade,
-            connection_guard,
+            upgrade: Upgrade {
+                protocol: websocket,
+                key: websocket_key,
+                client_side: client_upgrade,
+                guard: connection_guard,
+            },
         }))
     }
 
@@ -408,19 +408,13 @@ impl Gateway {
                     // the wait for the response head share `request_timeout`; which one ran out
                     // decides 503 or 504.
                     let upstream_started = Instant::now();
-                    let upgrade = outbound.websocket.is_some();
+                    let upgrade = outbound.upgrade.protocol.is_some();
                     // `bounded` builds the send in a box of its own (see `limit::Bounded`).
                     let (request, added) = (outbound.request, outbound.added);
                     let send = || route.upstream.transport.send(request, added, upgrade);
                     let result = limit::bounded(snapshot.server.request_timeout, send).await;
                     handling.log.upstream_duration = Some(upstream_started.elapsed());
-                    let upgrade = Upgrade {
-                        protocol: outbound.websocket,
-                        key: outbound.websocket_key,
-                        client_side: outbound.client_upgrade,
-                        guard: outbound.connection_guard,
-                    };
-                    relay_head(snapshot, route, result, &outbound.body_failed, upgrade)
+                    relay_head(snapshot, route, result, &outbound.body_failed, outbound.upgrade)
                 }
             };
             self.conclude(&mut handling, forwarded)
@@ -567,12 +561,7 @@ struct Outbound {
     /// The key's position in the table, and the instant it was judged usable at.
     key: Option<(u32, SystemTime)>,
     body_failed: forward::BodyFailure,
-    /// A WebSocket upgrade to relay: the protocol, the client's `Sec-WebSocket-Key`, the
-    /// client side of the upgrade, and the connection's slot for the relay to hold.
-    websocket: Option<HeaderValue>,
-    websocket_key: Option<HeaderValue>,
-    client_upgrade: Option<OnUpgrade>,
-    connection_guard: Option<forward::ConnectionGuard>,
+    upgrade: Upgrade,
 }
 
 /// What outlives snapshots: one connection limit per upstream host:port, and the transports

@@ -196,6 +196,14 @@ impl Gateway {
         }
     }
 
+    /// keygate's answer to an HTTP/1 request head that cannot be read, or is too large to: there
+    /// is no request to route, so no access event or metric either (as when hyper answered
+    /// these).
+    pub fn refuse_head(&self, error: &GatewayError) -> Response<ProxyBody> {
+        tracing::debug!(error = error.code(), "refused a request head");
+        error.render(false, self.request_id(&http::HeaderMap::new())).map(Either::Right)
+    }
+
     /// The end of every request, whatever became of it: the access event, the metrics, and
     /// the answer's own headers. The only place a [`GatewayError`] becomes a response.
     fn conclude(

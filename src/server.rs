@@ -1,6 +1,7 @@
 //! The listener: accepts connections on one or more worker threads, serves HTTP/1.1 and
 //! HTTP/2 on one port, and drains in-flight requests on shutdown.
 
+mod h1;
 pub(crate) mod idle;
 
 use std::convert::Infallible;
@@ -240,6 +241,7 @@ async fn accept_loop(
             stop: stop_rx.clone(),
             idle_timeout: settings.idle_timeout,
             header_read_timeout: settings.header_read_timeout,
+            head_limit: hard_head_limit(settings.max_header_bytes),
             // Released when the connection and any relay of its upgrade are both gone.
             guard: ConnectionGuard(Arc::new((slot, done_tx.clone(), share.hold()))),
         };
@@ -283,6 +285,8 @@ struct Connection {
     stop: watch::Receiver<bool>,
     idle_timeout: Duration,
     header_read_timeout: Duration,
+    /// A request head not whole within this many bytes is hyper's to refuse.
+    head_limit: usize,
     guard: ConnectionGuard,
 }
 
@@ -290,26 +294,53 @@ impl Connection {
     /// Serves HTTP on `io` until the peer is done, the connection has been idle for
     /// `idle_timeout` (no bytes either way: an idle keep-alive or a stalled body), or a drain
     /// asks it to finish its requests and close.
-    async fn run<IO>(self, io: Tracked<IO>, activity: Activity, client: ClientInfo)
+    async fn run<IO>(self, mut io: Tracked<IO>, activity: Activity, client: ClientInfo)
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let client = Arc::new(client.with_guard(self.guard.clone()));
         let peer = client.peer;
-        let gateway = Arc::clone(&self.gateway);
-        let requests = activity.clone();
-        let service = service_fn(move |request: Request<Incoming>| {
-            let exchange = requests.exchange();
-            let request = request.map(|body| RequestBody::new(body, exchange.clone()));
-            Answer { handled: gateway.handle(&client, request), exchange: Some(exchange) }
-        });
-        let connection = self.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        let draining = AtomicBool::new(false);
+        let connection = async {
+            // keygate's own HTTP/1 path first; hyper takes over whatever that path does not serve.
+            let serving = h1::Serving {
+                gateway: &self.gateway,
+                client: &client,
+                activity: &activity,
+                draining: &draining,
+                head_limit: self.head_limit,
+            };
+            let read = match h1::serve(&mut io, serving).await {
+                h1::Served::Closed => return Ok(()),
+                h1::Served::Handoff(read) => read,
+            };
+            let gateway = Arc::clone(&self.gateway);
+            let requests = activity.clone();
+            let client = Arc::clone(&client);
+            let service = service_fn(move |request: Request<Incoming>| {
+                let exchange = requests.exchange();
+                let request = request.map(|body| RequestBody::new(body, exchange.clone()));
+                Answer { handled: gateway.handle(&client, request), exchange: Some(exchange) }
+            });
+            let connection =
+                self.builder.serve_connection_with_upgrades(TokioIo::new(h1::Rewind::new(read, io)), service);
+            let mut connection = std::pin::pin!(connection);
+            let mut shutting_down = false;
+            std::future::poll_fn(|cx| {
+                if !shutting_down && draining.load(Ordering::Relaxed) {
+                    shutting_down = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                connection.as_mut().poll(cx)
+            })
+            .await
+        };
         tokio::pin!(connection);
         // The clocks live in a task of their own: this loop is woken for every request, and
         // polling timers and the drain signal on each of those wakes is work for nothing.
         let (verdict_tx, mut verdict) = verdict_channel();
         let watch = Watchdog {
-            activity,
+            activity: activity.clone(),
             idle_timeout: self.idle_timeout,
             header_read_timeout: self.header_read_timeout,
             stop: self.stop.clone(),
@@ -320,7 +351,8 @@ impl Connection {
             result = connection.as_mut() => result,
             verdict = &mut verdict => match verdict {
                 Verdict::Drain => {
-                    connection.as_mut().graceful_shutdown();
+                    // Finish what is under way, then close (either path reads this).
+                    draining.store(true, Ordering::Relaxed);
                     connection.await
                 }
                 Verdict::Idle => {

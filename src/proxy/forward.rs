@@ -51,6 +51,13 @@ impl RequestBody {
         body
     }
 
+    /// The body of a request whose head says it has none (keygate's own HTTP/1 path).
+    pub fn none(exchange: Exchange) -> Self {
+        let mut body = Self { inner: None, exchange: Some(exchange), ended: false };
+        body.end();
+        body
+    }
+
     /// An empty body, for a request keygate sends again itself.
     pub fn empty() -> Self {
         Self { inner: None, exchange: None, ended: true }

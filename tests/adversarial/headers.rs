@@ -356,7 +356,7 @@ async fn malformed_request_heads_are_refused_and_never_forwarded() {
     for (name, bytes) in &cases {
         let raw = raw_exchange(gateway.addr, bytes).await;
         let answered = raw.status();
-        // hyper answers a head it cannot parse with 400 (505 for a version), or just closes.
+        // A head that cannot be parsed gets 400 (hyper's: 505 for a version), or a close.
         let closed = answered.is_none() && !raw.error.as_deref().is_some_and(|e| e.contains("no complete"));
         let refused = matches!(answered, Some(400) | Some(505)) || closed;
         let echoed = leaked_piece(&String::from_utf8_lossy(&raw.received), ADMIN_SECRET);
@@ -379,10 +379,11 @@ async fn oversized_request_heads_are_refused_and_never_forwarded() {
     let gateway = three_routes(&upstream).server("max_header_bytes", "8192").start().await;
     let filler = |n: usize| format!("X-Filler: {}", "f".repeat(n));
     let many: Vec<String> = (0..150).map(|i| format!("X-Many-{i}: v")).collect();
-    // SPEC: a request head over max_header_bytes is 431, whoever notices. Up to hyper's hard
-    // cap (2 × max_header_bytes = 16 kB here, src/server.rs) keygate answers its JSON 431; past
-    // it, and past hyper's 100-header limit, hyper answers a bare 431 itself (its `TooLarge`
-    // parse error). No target here reaches hyper's 414 limit (64 kB), so 414 is never right.
+    // SPEC: a request head over max_header_bytes is 431, whoever notices. Up to the hard cap
+    // (2 × max_header_bytes = 16 kB here, src/server.rs) the pipeline answers its JSON 431;
+    // past it, and past 100 fields, keygate's HTTP/1 loop does (src/server/h1.rs), or hyper's
+    // bare 431 on a connection already handed to hyper. No target here reaches the 414 limit
+    // (64 kB), so 414 is never right.
     let cases: Vec<(&str, RawRequest)> = vec![
         ("one 9 kB header", RawRequest::get("/admin/big").who(Who::Admin).line(filler(9_000))),
         ("one 40 kB header", RawRequest::get("/admin/big").who(Who::Admin).line(filler(40_000))),
@@ -398,9 +399,9 @@ async fn oversized_request_heads_are_refused_and_never_forwarded() {
     for (name, request) in &cases {
         let raw = gateway.raw(&request.bytes()).await;
         let status = raw.status();
-        // hyper answers past its hard cap and closes without reading the rest, so the client's
-        // write can meet a reset that discards the 431: a reset or close is acceptable there,
-        // silence (a timeout) never is.
+        // Past the hard cap the answer comes before the rest is read, so (hyper does no
+        // lingering close) the client's write can meet a reset that discards the 431: a reset
+        // or close is acceptable there, silence (a timeout) never is.
         let ok =
             status == Some(431) || (status.is_none() && !raw.timed_out() && request.bytes().len() > 16_384);
         let echoed = leaked_piece(&String::from_utf8_lossy(&raw.received), ADMIN_SECRET);
@@ -421,7 +422,7 @@ async fn oversized_request_heads_are_refused_and_never_forwarded() {
         endless.extend_from_slice(format!("X-Endless-{i}: {}\r\n", "e".repeat(40)).as_bytes());
     }
     let raw = raw_exchange(gateway.addr, &endless).await;
-    // Far past hyper's hard cap: its bare 431, or a reset that discarded it; never silence.
+    // Far past the hard cap: a 431, or a reset that discarded it; never silence.
     if !(raw.status() == Some(431) || (raw.status().is_none() && !raw.timed_out())) {
         failures.push(format!("endless head: expected 431 or a reset/close, not a timeout\n{raw}"));
     }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the fuzz targets and runs each for SECONDS (default 20: all four in under two minutes,
+# Builds the fuzz targets and runs each for SECONDS (default 20: all five in under two minutes,
 # as CI does). Exits non-zero if any target crashed, panicked, leaked or timed out; the
 # input that did it is left in fuzz/artifacts/<target>/ and printed at the end.
 #
@@ -24,7 +24,7 @@ shift || true
 if [[ $# -gt 0 ]]; then
   targets=("$@")
 else
-  targets=(path_normalize key_extract config_load upstream_response)
+  targets=(path_normalize key_extract config_load upstream_response request_head)
 fi
 if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [[ "$seconds" -eq 0 ]]; then
   echo "usage: fuzz/run.sh [seconds-per-target] [target…]" >&2

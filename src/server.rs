@@ -1,7 +1,7 @@
 //! The listener: accepts connections on one or more worker threads, serves HTTP/1.1 and
 //! HTTP/2 on one port, and drains in-flight requests on shutdown.
 
-mod h1;
+pub mod h1;
 pub(crate) mod idle;
 
 use std::convert::Infallible;

@@ -191,7 +191,8 @@ async fn answer_or_hang_up<IO: AsyncRead + Unpin>(
 
 // Returned once per request and matched at once: boxing the request would cost an allocation.
 #[allow(clippy::large_enum_variant)]
-enum Parsed {
+#[derive(Debug)]
+pub enum Parsed {
     /// A request this path serves.
     Request(Request<()>, Facts),
     /// The head is not whole yet.
@@ -206,16 +207,16 @@ enum Parsed {
 
 /// What the fields of a request head say about the connection and the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Facts {
+pub struct Facts {
     /// The client lets the connection carry another request.
-    keep_alive: bool,
+    pub keep_alive: bool,
     /// The client takes trailer fields (`TE: trailers`).
-    trailers: bool,
+    pub trailers: bool,
 }
 
 /// Parses the request head at the start of `buf`, taking it off when it is one this path
-/// serves.
-fn parse(buf: &mut BytesMut) -> Parsed {
+/// serves. (Public for the fuzz target `request_head`.)
+pub fn parse(buf: &mut BytesMut) -> Parsed {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
     let mut parsed = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
@@ -226,8 +227,10 @@ fn parse(buf: &mut BytesMut) -> Parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(httparse::Error::TooManyHeaders) => return Parsed::TooLarge,
-        // HTTP/2's preface reads as a request with a version httparse refuses.
-        Err(_) if PREFACE.starts_with(&buf[..buf.len().min(PREFACE.len())]) => return Parsed::Other,
+        // HTTP/2's preface reads as a request with a version httparse refuses: the part of it
+        // that tells is waited for whole, so that how the bytes arrive decides nothing.
+        Err(_) if buf.starts_with(PREFACE) => return Parsed::Other,
+        Err(_) if PREFACE.starts_with(buf) => return Parsed::Partial,
         Err(_) => return Parsed::Malformed,
     };
     let (Some(method), Some(target), Some(minor)) = (parsed.method, parsed.path, parsed.version) else {

@@ -322,8 +322,8 @@ impl Connection {
                 let request = request.map(|body| RequestBody::new(body, exchange.clone()));
                 Answer { handled: gateway.handle(&client, request), exchange: Some(exchange) }
             });
-            let connection =
-                self.builder.serve_connection_with_upgrades(TokioIo::new(h1::Rewind::new(read, io)), service);
+            io.put_back(read);
+            let connection = self.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             let mut connection = std::pin::pin!(connection);
             let mut shutting_down = false;
             std::future::poll_fn(|cx| {

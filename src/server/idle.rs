@@ -222,17 +222,31 @@ impl Drop for ExchangeState {
 pub struct Tracked<T> {
     inner: T,
     activity: Activity,
+    /// Bytes read once and given back, to be read again first (and not counted again).
+    unread: bytes::Bytes,
 }
 
 impl<T> Tracked<T> {
     pub fn new(inner: T, activity: Activity) -> Self {
-        Self { inner, activity }
+        Self { inner, activity, unread: bytes::Bytes::new() }
+    }
+
+    /// Gives back `read`, bytes read from this stream and not consumed: the next reads return
+    /// them before anything new. How hyper takes over a connection keygate's own HTTP/1 loop
+    /// has begun.
+    pub fn put_back(&mut self, read: bytes::Bytes) {
+        self.unread = read;
     }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.unread.is_empty() {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;

@@ -1,15 +1,16 @@
 //! keygate's own HTTP/1.1 server path, for the requests that make up nearly all of an API's
 //! traffic and all of a key-guessing flood: a request head with no body.
 //!
-//! hyper's server spends about as much per request as keygate's whole check does (issue 17):
-//! a dispatcher polling a service, a body channel, and a head encoder that looks at every
-//! field of a response. Here a connection is one loop: read a head, parse it, hand it to the
-//! gateway, write the answer. The moment a request is anything else (it has a body, asks for
-//! an upgrade or `100-continue`, is `CONNECT`, has a head httparse refuses or one too large,
-//! or the bytes are HTTP/2's preface) the connection, with every byte read and not yet
-//! served, goes to hyper for the rest of its life. So each of those cases, the request
-//! smuggling ones above all, keeps hyper's behaviour unchanged; and what this path does
-//! answer is written the way hyper writes it (`date`, the framing fields, `connection`).
+//! hyper's server is built for every case at once: a dispatcher polling a service and a body
+//! channel for each request, and a head encoder that looks at every field of a response. Here
+//! a connection is one loop: read a head, parse it, hand it to the gateway, write the answer
+//! (issue 17: about 600 fewer instructions per refused request, 1,400 per proxied one). The moment a request is anything else (it has a body, asks for
+//! an upgrade or `100-continue`, is `CONNECT`, or the bytes are HTTP/2's preface) the
+//! connection, with every byte read and not yet served, goes to hyper for the rest of its
+//! life. So each of those cases, the request smuggling ones above all, keeps hyper's
+//! behaviour unchanged; what this path answers is written the way hyper writes it (`date`,
+//! the framing fields, `connection`). A head that cannot be parsed, or is too large, gets
+//! keygate's own JSON 400 or 431 here (hyper's were empty), and the connection is closed.
 
 use std::future::poll_fn;
 use std::io;
@@ -32,7 +33,7 @@ use crate::error::GatewayError;
 use crate::proxy::forward::{ClientInfo, RequestBody};
 use crate::proxy::{Gateway, ProxyBody};
 
-/// The most fields a request head may have here; beyond it hyper answers (431), as before.
+/// The most fields a request head may have (hyper's limit too); beyond it, 431.
 const MAX_FIELDS: usize = 100;
 /// hyper's limit on a request target (it answers 414 beyond it).
 const MAX_TARGET: usize = u16::MAX as usize - 1;
@@ -58,7 +59,7 @@ pub(super) struct Serving<'a> {
     pub activity: &'a Activity,
     /// Set when the server drains: the loop finishes the request under way and closes.
     pub draining: &'a AtomicBool,
-    /// A head not whole within this many bytes goes to hyper, which refuses it.
+    /// A head not whole within this many bytes is refused (431).
     pub head_limit: usize,
 }
 

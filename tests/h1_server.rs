@@ -357,3 +357,30 @@ async fn a_client_that_hangs_up_while_its_request_waits_on_the_upstream_cancels_
 async fn within(rx: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>) -> Option<&'static str> {
     tokio::time::timeout(IO_TIMEOUT, rx.recv()).await.ok().flatten()
 }
+
+#[tokio::test]
+async fn large_answers_arrive_whole_framed_by_length_or_chunks() {
+    let upstream = RecordingUpstream::start().await;
+    let gateway = gateway_for(&upstream.url()).await;
+    let mut client = Client::connect(&gateway).await;
+    // 1 MiB with a length: written in pieces, some straight from the upstream's buffers.
+    client.send(get("1.1", "x-test-response-bytes: 1048576\r\n").as_bytes()).await;
+    let big = client.answer(false).await;
+    assert_eq!(big.header("content-length").as_deref(), Some("1048576"), "{}", big.head);
+    assert!(big.body == support::pattern(1_048_576), "the 1 MiB body arrived changed");
+    client.send(get("1.1", "").as_bytes()).await;
+    assert_eq!(client.answer(false).await.status(), "200", "the connection did not serve on");
+
+    // 300 kB of unknown length: chunked to the client.
+    let body = support::pattern(300_000);
+    let script = [b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".as_slice(), &body].concat();
+    let upstream = Scripted::answering(move |_, _| (script.clone(), true)).await;
+    let gateway = gateway_for(&upstream.url()).await;
+    let mut client = Client::connect(&gateway).await;
+    client.send(get("1.1", "").as_bytes()).await;
+    let chunked = client.answer(false).await;
+    assert_eq!(chunked.header("transfer-encoding").as_deref(), Some("chunked"), "{}", chunked.head);
+    assert!(chunked.body == body, "the chunked body arrived changed ({} bytes)", chunked.body.len());
+    client.send(get("1.1", "").as_bytes()).await;
+    assert_eq!(client.answer(false).await.body.len(), 300_000);
+}

@@ -43,6 +43,12 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 /// Body bytes gathered before they are written out.
 const WRITE_CHUNK: usize = 64 * 1024;
+/// A body frame this large is written from where it is rather than copied into the gathered
+/// bytes.
+const DIRECT_WRITE: usize = 16 * 1024;
+/// What a connection's write buffer may keep between responses; a larger one, grown for one
+/// big answer, is given back.
+const KEPT_OUT: usize = 16 * 1024;
 
 /// What became of the connection.
 pub(super) enum Served {
@@ -119,7 +125,11 @@ where
         let facts = Facts { keep_alive: facts.keep_alive && !cx.draining.load(Ordering::Relaxed), ..facts };
         let (parts, body) = response.into_parts();
         let framing = encode_head(parts, &body, &method, version, facts, &mut out);
-        match write_body(io, body, &framing, &mut out).await {
+        let written = write_body(io, body, &framing, &mut out).await;
+        if out.capacity() > KEPT_OUT {
+            out = Vec::with_capacity(4 * 1024);
+        }
+        match written {
             Ok(()) if framing.reuse => {}
             Ok(()) => {
                 let _ = io.shutdown().await;
@@ -501,6 +511,18 @@ fn parse_length(value: &[u8]) -> Option<u64> {
 
 /// Writes the head already in `out` and the body after it, gathering what the body has ready
 /// into one write.
+/// Adds body bytes after what `out` gathers: copied in when small, else written straight
+/// from where they are, after what was gathered, with no copy.
+async fn put_data<IO: AsyncWrite + Unpin>(io: &mut IO, out: &mut Vec<u8>, data: &[u8]) -> io::Result<()> {
+    if data.len() < DIRECT_WRITE {
+        out.extend_from_slice(data);
+        return Ok(());
+    }
+    io.write_all(out).await?;
+    out.clear();
+    io.write_all(data).await
+}
+
 async fn write_body<IO, B>(io: &mut IO, body: B, framing: &Framing, out: &mut Vec<u8>) -> io::Result<()>
 where
     IO: AsyncWrite + Unpin,
@@ -543,17 +565,17 @@ where
                             return Err(io::Error::other("response body longer than its length"));
                         }
                         *left -= len;
-                        out.extend_from_slice(&data);
+                        put_data(io, out, &data).await?;
                         done = *left == 0;
                     }
                     Encoder::Chunked => {
                         if !data.is_empty() {
                             put_chunk_size(out, data.len());
-                            out.extend_from_slice(&data);
+                            put_data(io, out, &data).await?;
                             out.extend_from_slice(b"\r\n");
                         }
                     }
-                    Encoder::Close => out.extend_from_slice(&data),
+                    Encoder::Close => put_data(io, out, &data).await?,
                 },
                 Err(frame) => {
                     // Trailers, which only a chunked body can carry, and only those allowed.

@@ -26,8 +26,9 @@ use crate::proxy::{Gateway, Handled, ProxyBody};
 use crate::tls::{self, CurrentCert};
 use idle::{Activity, Exchange, ProgressBody, Tracked};
 
-/// hyper's own hard cap on a request head, above keygate's JSON 431 limit so that most
-/// oversized heads get the JSON answer; beyond this hyper answers 431 itself.
+/// The hard cap on a request head, above `max_header_bytes` (where the pipeline answers its
+/// JSON 431 for a whole head): a head not whole within it gets the JSON 431 from keygate's own
+/// HTTP/1 loop, or hyper's empty one on a connection already handed to hyper (`server::h1`).
 fn hard_head_limit(max_header_bytes: usize) -> usize {
     (max_header_bytes * 2).max(8192)
 }
@@ -285,7 +286,7 @@ struct Connection {
     stop: watch::Receiver<bool>,
     idle_timeout: Duration,
     header_read_timeout: Duration,
-    /// A request head not whole within this many bytes is hyper's to refuse.
+    /// A request head not whole within this many bytes is refused (431).
     head_limit: usize,
     guard: ConnectionGuard,
 }

@@ -381,7 +381,6 @@ impl Gateway {
         Ok(Checked::Outbound(Outbound {
             request: Request::from_parts(parts, body),
             added,
-            route: route_position,
             key: key.map(|(_, position, now)| (position, now)),
             body_failed,
             upgrade: Upgrade {
@@ -408,7 +407,8 @@ impl Gateway {
         async move {
             let admitted = self.admit(&handling.snapshot, &mut handling.log, outbound.key).await;
             let snapshot = &handling.snapshot;
-            let forwarded = match (admitted, snapshot.routes.at(outbound.route)) {
+            let route = handling.route.and_then(|position| snapshot.routes.at(position));
+            let forwarded = match (admitted, route) {
                 (Err(error), _) => Err(error),
                 (Ok(()), None) => Err(GatewayError::Internal),
                 (Ok(()), Some(route)) => {
@@ -559,13 +559,13 @@ enum Checked {
     Outbound(Outbound),
 }
 
-/// A request rewritten for its upstream, and what sending it needs. The route and key are
-/// kept as positions in the request's snapshot, which the continuation owns, not as borrows.
+/// A request rewritten for its upstream, and what sending it needs. The key is kept as a
+/// position in the request's snapshot, which the continuation owns, not as a borrow (the
+/// route's position is the handling's).
 struct Outbound {
     request: Request<RequestBody>,
     /// Written into the head by the transport (see `forward::Added`).
     added: forward::Added,
-    route: usize,
     /// The key's position in the table, and the instant it was judged usable at.
     key: Option<(u32, SystemTime)>,
     body_failed: forward::BodyFailure,

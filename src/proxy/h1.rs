@@ -109,17 +109,11 @@ pub fn encode_head(
         if *name == TRANSFER_ENCODING || (skip_length && *name == CONTENT_LENGTH) {
             continue;
         }
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
+        put_field(out, name, value);
     }
     // keygate's own (`Host` among them): the pipeline removed every client field of their names.
     for (name, value) in added.iter() {
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
+        put_field(out, name, value);
     }
     match framing {
         RequestFraming::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
@@ -146,7 +140,15 @@ pub fn encode_chunk(data: &[u8], out: &mut BytesMut) {
 /// The last chunk of a chunked body, with no trailers: an HTTP/1 upstream gets none.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
-fn put_decimal(out: &mut BytesMut, mut n: u64) {
+/// One `name: value` line of a head (requests here, responses in the server's loop).
+pub(crate) fn put_field(out: &mut impl BufMut, name: &HeaderName, value: &HeaderValue) {
+    out.put_slice(name.as_str().as_bytes());
+    out.put_slice(b": ");
+    out.put_slice(value.as_bytes());
+    out.put_slice(b"\r\n");
+}
+
+pub(crate) fn put_decimal(out: &mut impl BufMut, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -160,7 +162,7 @@ fn put_decimal(out: &mut BytesMut, mut n: u64) {
     out.put_slice(&digits[at..]);
 }
 
-fn put_hex(out: &mut BytesMut, mut n: u64) {
+pub(crate) fn put_hex(out: &mut impl BufMut, mut n: u64) {
     let mut digits = [0u8; 16];
     let mut at = digits.len();
     loop {
@@ -359,7 +361,7 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
 }
 
 /// `found` with the lengths of one `content-length` value (a list, possibly) added.
-fn add_length(mut found: Option<u64>, value: &[u8]) -> Result<Option<u64>, ()> {
+pub(crate) fn add_length(mut found: Option<u64>, value: &[u8]) -> Result<Option<u64>, ()> {
     for item in value.split(|&b| b == b',') {
         let item = item.trim_ascii();
         if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {

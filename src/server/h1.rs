@@ -31,6 +31,7 @@ use super::Answer;
 use super::idle::Activity;
 use crate::error::GatewayError;
 use crate::proxy::forward::{ClientInfo, RequestBody};
+use crate::proxy::h1::{add_length, put_decimal, put_field, put_hex};
 use crate::proxy::{Gateway, ProxyBody};
 
 /// The most fields a request head may have (hyper's limit too); beyond it, 431.
@@ -384,9 +385,9 @@ fn encode_head(
             }
             match length {
                 Some(Some(len)) => encoder = Some(Encoder::Length(len)),
-                Some(None) => match parse_length(value.as_bytes()) {
-                    Some(len) => encoder = Some(Encoder::Length(len)),
-                    None => continue,
+                Some(None) => match add_length(None, value.as_bytes()) {
+                    Ok(Some(len)) => encoder = Some(Encoder::Length(len)),
+                    Ok(None) | Err(()) => continue,
                 },
                 None if head_only => encoder = Some(Encoder::Length(0)),
                 None => continue,
@@ -410,7 +411,7 @@ fn encode_head(
         } else if *name == header::DATE {
             wrote_date = true;
         }
-        put_field(out, name.as_str().as_bytes(), value.as_bytes());
+        put_field(out, name, value);
     }
     drop(headers);
     let mut last = !facts.keep_alive || says_close;
@@ -462,17 +463,9 @@ fn encode_head(
     Framing { encoder, reuse: !last, trailers }
 }
 
-fn put_chunk_size(out: &mut Vec<u8>, len: usize) {
-    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1);
-    for shift in (0..digits).rev() {
-        out.push(b"0123456789abcdef"[(len >> (shift * 4)) & 15]);
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
 fn put_length(out: &mut Vec<u8>, len: u64) {
     out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
+    put_decimal(out, len);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -493,20 +486,6 @@ fn may_trail(name: &HeaderName) -> bool {
             | header::TRANSFER_ENCODING
             | header::TE
     )
-}
-
-fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-fn parse_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    value.iter().try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
 }
 
 /// Writes the head already in `out` and the body after it, gathering what the body has ready
@@ -570,7 +549,8 @@ where
                     }
                     Encoder::Chunked => {
                         if !data.is_empty() {
-                            put_chunk_size(out, data.len());
+                            put_hex(out, data.len() as u64);
+                            out.extend_from_slice(b"\r\n");
                             put_data(io, out, &data).await?;
                             out.extend_from_slice(b"\r\n");
                         }
@@ -589,7 +569,7 @@ where
                             out.extend_from_slice(b"0\r\n");
                             wrote = true;
                         }
-                        put_field(out, name.as_str().as_bytes(), value.as_bytes());
+                        put_field(out, name, value);
                     }
                     if wrote {
                         out.extend_from_slice(b"\r\n");

@@ -378,7 +378,7 @@ impl Http1Pool {
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> {
         async move {
             let authority = &self.shared.authority;
-            let (mut conn, idle) = match self.checkout() {
+            let (mut conn, idle) = match self.checkout(Borrow::OwnOnly) {
                 Some((conn, idle)) => (conn, Some(idle)),
                 // Boxed: connecting is rare, and this keeps every request's future small.
                 None => Box::pin(self.obtain()).await?,
@@ -415,8 +415,8 @@ impl Http1Pool {
         }
     }
 
-    /// A connection when none was idle: a new one if a slot is free, else whichever comes
-    /// first, a connection handed back or a slot.
+    /// A connection when this worker had none idle: a new one if a slot is free, else
+    /// whichever comes first, a connection handed back (by any worker) or a slot.
     async fn obtain(&self) -> Result<(Box<Conn>, Option<Duration>), SendError> {
         let shared = &self.shared;
         if let Some(slot) = shared.limit.try_acquire() {
@@ -427,7 +427,7 @@ impl Http1Pool {
             let mut returned = std::pin::pin!(returned);
             // Registered before looking again, so a hand-back in between is not missed.
             returned.as_mut().enable();
-            if let Some((conn, idle)) = self.checkout() {
+            if let Some((conn, idle)) = self.checkout(Borrow::Any) {
                 return Ok((conn, Some(idle)));
             }
             let waiting = Waiting::start();
@@ -453,16 +453,17 @@ impl Http1Pool {
     }
 
     /// A pooled connection that looks usable, and how long it sat idle.
-    fn checkout(&self) -> Option<(Box<Conn>, Duration)> {
+    fn checkout(&self, borrow: Borrow) -> Option<(Box<Conn>, Duration)> {
         let worker = std::thread::current().id();
         let mut list = self.shared.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         // Newest first: the most recently used connection is the least likely to have been
-        // closed by the upstream. One this worker thread opened comes before any other: its
-        // socket is registered with this thread's event loop (`workers` > 1 runs one per
-        // thread), so its readiness wakes no other thread. With one worker, the newest is it.
+        // closed by the upstream.
         loop {
-            let at =
-                list.iter().rposition(|entry| entry.conn.home == worker).or(list.len().checked_sub(1))?;
+            let own = list.iter().rposition(|entry| entry.conn.home == worker);
+            let at = match borrow {
+                Borrow::OwnOnly => own?,
+                Borrow::Any => own.or(list.len().checked_sub(1))?,
+            };
             let mut entry = list.remove(at);
             let idle = entry.since.elapsed();
             if idle < IDLE_TIMEOUT && entry.conn.usable() {
@@ -470,6 +471,19 @@ impl Http1Pool {
             }
         }
     }
+}
+
+/// Which idle connections a request may take.
+///
+/// A connection's socket is registered with the event loop of the worker thread that opened
+/// it (`workers` > 1 runs one per thread), and its readiness wakes that thread: used from
+/// another worker, every read and write of it costs a wake-up across threads (a system call
+/// and a context switch each). So a worker opens a connection of its own rather than borrow
+/// one, and borrows only when the upstream's connection limit leaves no other choice.
+#[derive(Clone, Copy)]
+enum Borrow {
+    OwnOnly,
+    Any,
 }
 
 impl Shared {
@@ -611,5 +625,99 @@ impl Drop for UpstreamBody {
             pool.put(conn);
             pool.start_sweeping();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt;
+    use prometheus_client::metrics::gauge::Gauge;
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::*;
+
+    /// An upstream on loopback that answers every request on a connection with a small 200,
+    /// counting the connections it accepted.
+    fn upstream() -> (Authority, Arc<AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let authority = Authority::try_from(listener.local_addr().unwrap().to_string()).unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                counter.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                        head.push(byte[0]);
+                        if head.ends_with(b"\r\n\r\n") {
+                            head.clear();
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if stream.write_all(answer).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (authority, accepted)
+    }
+
+    /// A worker: a thread whose current-thread runtime stays in `block_on` (so its event loop
+    /// keeps running for connections it opened), sending one GET through `pool` per message.
+    fn worker(pool: Http1Pool) -> mpsc::UnboundedSender<oneshot::Sender<Vec<u8>>> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<Vec<u8>>>();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                while let Some(reply) = rx.recv().await {
+                    let request =
+                        Request::get("/").header(http::header::HOST, "up").body(RequestBody::empty());
+                    let response = pool.send(request.unwrap(), Added::with_capacity(0)).await.unwrap();
+                    // Read to its end and dropped: the connection goes back to the pool.
+                    let body = response.into_body().collect().await.unwrap().to_bytes();
+                    let _ = reply.send(body.to_vec());
+                }
+            });
+        });
+        tx
+    }
+
+    async fn get(worker: &mpsc::UnboundedSender<oneshot::Sender<Vec<u8>>>) -> Vec<u8> {
+        let (reply, answer) = oneshot::channel();
+        worker.send(reply).unwrap();
+        answer.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn each_worker_opens_its_own_connection_while_the_limit_allows() {
+        let (authority, accepted) = upstream();
+        let pool = Http1Pool::new(authority, ConnectionLimit::new(8, Gauge::default()));
+        let (a, b) = (worker(pool.clone()), worker(pool.clone()));
+        for _ in 0..3 {
+            assert_eq!(get(&a).await, b"ok");
+            assert_eq!(get(&b).await, b"ok");
+        }
+        // Worker b found a's idle connection in the pool and opened its own instead; after
+        // that, each reused its own.
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_worker_borrows_another_workers_connection_at_the_limit() {
+        let (authority, accepted) = upstream();
+        let pool = Http1Pool::new(authority, ConnectionLimit::new(1, Gauge::default()));
+        let (a, b) = (worker(pool.clone()), worker(pool.clone()));
+        for _ in 0..3 {
+            assert_eq!(get(&a).await, b"ok");
+            assert_eq!(get(&b).await, b"ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # benches/instructions.sh [KEYGATE [OTHER_KEYGATE]] — user-space instructions per request on
-# the proxied path (valid key → upstream) and on the rejection path (invalid key → JSON 401),
+# the proxied path (valid key → upstream), on the rejection path (invalid key → JSON 401) and
+# on the bad-checksum path (a key in keygate's format whose checksum is wrong → JSON 401),
 # counted by callgrind: a figure that, unlike requests/s on a shared machine, moves by about 1 %
 # between runs, so it can show what one change bought.
 #
@@ -105,9 +106,9 @@ run_path() {
   echo $((total / requests))
 }
 
-# measure BINARY TAG → "proxied N rejection M" instructions per request
+# measure BINARY TAG → "proxied N rejection M checksum C" instructions per request
 measure() {
-  local binary=$1 tag=$2 out=$WORK/callgrind.out pid i proxied rejection
+  local binary=$1 tag=$2 out=$WORK/callgrind.out pid i proxied rejection checksum
   rm -f "$out"*
   (RUST_LOG=warn exec valgrind --tool=callgrind --callgrind-out-file="$out" "$binary" serve \
     -c "$WORK/keygate/keygate.toml" 2>"$WORK/valgrind.log") &
@@ -121,9 +122,12 @@ measure() {
   proxied=$(run_path "$pid" bench-key-0 "$tag-proxied")
   # A key of the right length that is in no table: the 401 flood of benches/load.sh.
   rejection=$(run_path "$pid" bench-key-not-in-any-table "$tag-rejection")
+  # keygate's own key format (`kg_<id>_<secret><checksum>`) with a checksum that does not
+  # match: refused before the table is looked at (load.sh's reject-badcrc row).
+  checksum=$(run_path "$pid" kg_jcz74bnl_EMLiRwnRTq2fh69rAozSgYqEiPzQfzSQ4T2dg0 "$tag-checksum")
   kill -INT "$pid"
   wait "$pid" 2>/dev/null || true
-  printf 'proxied %7s   rejection %7s' "$proxied" "$rejection"
+  printf 'proxied %7s   rejection %7s   bad checksum %7s' "$proxied" "$rejection" "$checksum"
 }
 
 for ((i = 0; i < 100; i++)); do

@@ -7,6 +7,7 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 
 use crate::proxy::forward::X_REQUEST_ID;
+use crate::proxy::reply::{Fixed, Reply};
 
 /// How many [`GatewayError`] variants there are (see `GatewayError::slot`).
 const VARIANTS: usize = 17;
@@ -153,16 +154,29 @@ impl GatewayError {
     /// Renders the error for the client that sent the request, with its `x-request-id`: a
     /// gRPC client (`content-type: application/grpc…`) gets a trailers-only gRPC answer, any
     /// other the JSON one. The only place errors become responses.
-    pub fn render(&self, grpc: bool, request_id: HeaderValue) -> Response<Full<Bytes>> {
-        let mut response = if grpc { self.to_grpc_response() } else { self.to_response() };
-        // The JSON answer's copied headers hold a place for the id, first (see
-        // `fixed_headers`): it is replaced where it stands, which spares hashing the name.
-        let headers = response.headers_mut();
-        match headers.iter_mut().next() {
-            Some((name, value)) if name == X_REQUEST_ID => *value = request_id,
-            _ => {
-                headers.insert(X_REQUEST_ID, request_id);
+    ///
+    /// The JSON answer's fields that never change for its kind, and its request id, are held
+    /// beside its header map (see [`Reply`]); the map has only what varies.
+    pub fn render(&self, grpc: bool, request_id: HeaderValue) -> Response<Reply> {
+        if grpc {
+            let mut response = self.to_grpc_response();
+            response.headers_mut().insert(X_REQUEST_ID, request_id);
+            return response.map(Reply::from);
+        }
+        static FIXED: [OnceLock<Fixed>; VARIANTS] = [const { OnceLock::new() }; VARIANTS];
+        let fixed = FIXED[self.slot()].get_or_init(|| Fixed::new(self.fixed_headers()));
+        let mut response = Response::new(Reply::refusal(self.body(), fixed, request_id));
+        *response.status_mut() = self.status();
+        match self {
+            Self::RateLimited { retry_after_secs, quota } => {
+                let headers = response.headers_mut();
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+                set_quota_headers(headers, quota);
             }
+            Self::QuotaExceeded { retry_after_secs } => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            _ => {}
         }
         response
     }
@@ -189,35 +203,9 @@ impl GatewayError {
         response
     }
 
-    /// Renders the error as keygate's JSON error response, its `x-request-id` still to be set
-    /// ([`Self::render`] does).
-    fn to_response(&self) -> Response<Full<Bytes>> {
-        static HEADERS: [OnceLock<HeaderMap>; VARIANTS] = [const { OnceLock::new() }; VARIANTS];
-        let mut response = Response::new(Full::new(self.body()));
-        *response.status_mut() = self.status();
-        // The fixed headers of each variant are built once and copied: copying a small map
-        // costs less than hashing each name into a new one.
-        *response.headers_mut() = HEADERS[self.slot()].get_or_init(|| self.fixed_headers()).clone();
-        let headers = response.headers_mut();
-        match self {
-            Self::RateLimited { retry_after_secs, quota } => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
-                set_quota_headers(headers, quota);
-            }
-            Self::QuotaExceeded { retry_after_secs } => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
-            }
-            _ => {}
-        }
-        response
-    }
-
-    /// The headers of this variant's JSON answer that never change, and a place for the
-    /// request id: a copied map has no room to spare, and growing it for the id would cost
-    /// more than the copy saved.
+    /// The headers of this variant's JSON answer that never change.
     fn fixed_headers(&self) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert(X_REQUEST_ID, HeaderValue::from_static("-"));
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         // Errors are answers about this request, never something a cache may replay.
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -332,7 +320,7 @@ impl AdminError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
+    use http_body_util::{BodyExt, Either};
 
     const QUOTA: crate::ratelimit::Quota = crate::ratelimit::Quota { limit: 10, remaining: 0, reset_secs: 9 };
 
@@ -360,7 +348,7 @@ mod tests {
         for (error, status, code) in table {
             assert_eq!(error.status().as_u16(), status, "{error:?}");
             assert_eq!(error.code(), code, "{error:?}");
-            let response = error.render(false, HeaderValue::from_static("id-1"));
+            let response = settled(error.render(false, HeaderValue::from_static("id-1")));
             assert_eq!(response.status().as_u16(), status);
             assert_eq!(error.rendered_status(false).as_u16(), status);
             assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
@@ -421,7 +409,7 @@ mod tests {
             (GatewayError::UpstreamTimeout, 4),
         ];
         for (error, grpc_status) in table {
-            let response = error.render(true, HeaderValue::from_static("id-2"));
+            let response = settled(error.render(true, HeaderValue::from_static("id-2")));
             assert_eq!(response.status(), StatusCode::OK, "{error:?}");
             assert_eq!(error.rendered_status(true), StatusCode::OK);
             assert_eq!(response.headers()[X_REQUEST_ID], "id-2");
@@ -434,15 +422,30 @@ mod tests {
 
     #[test]
     fn rate_limited_carries_retry_after() {
-        let response = GatewayError::RateLimited { retry_after_secs: 7, quota: QUOTA }
-            .render(false, HeaderValue::from_static("-"));
+        let response = settled(
+            GatewayError::RateLimited { retry_after_secs: 7, quota: QUOTA }
+                .render(false, HeaderValue::from_static("-")),
+        );
         assert_eq!(response.headers()[header::RETRY_AFTER], "7");
         assert_eq!(response.headers()["ratelimit-limit"], "10");
         assert_eq!(response.headers()["ratelimit-remaining"], "0");
         assert_eq!(response.headers()["ratelimit-reset"], "9");
     }
 
-    fn futures_body(response: Response<Full<Bytes>>) -> Bytes {
+    /// The response as hyper is given it: every field in its map.
+    fn settled(response: Response<Reply>) -> Response<Reply> {
+        let mut response = response.map(Either::<(), Reply>::Right);
+        crate::proxy::reply::settle(&mut response);
+        response.map(|body| match body {
+            Either::Right(reply) => reply,
+            Either::Left(()) => unreachable!(),
+        })
+    }
+
+    fn futures_body<B: hyper::body::Body<Data = Bytes>>(response: Response<B>) -> Bytes
+    where
+        B::Error: std::fmt::Debug,
+    {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(async { response.into_body().collect().await.unwrap().to_bytes() })
     }

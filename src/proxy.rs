@@ -12,6 +12,7 @@ pub mod limit;
 pub mod path;
 pub mod pool;
 pub mod redact;
+pub mod reply;
 pub mod route;
 pub mod transport;
 
@@ -21,14 +22,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use http::header::{
     CONNECTION, CONTENT_TYPE, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, TE, TRANSFER_ENCODING, UPGRADE,
 };
 use http::request::Parts;
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::upgrade::OnUpgrade;
 
 use crate::config::Snapshot;
@@ -40,11 +40,12 @@ use crate::telemetry::AccessLog;
 use forward::{ClientInfo, RequestBody, X_REQUEST_ID};
 use host::RequestHost;
 use limit::{ConnectionLimit, Overdue};
+use reply::Reply;
 use route::Route;
 use transport::{Protocol, ResponseBody, Transport};
 
 /// Upstream bodies stream through untouched; keygate's own answers are small and whole.
-pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
+pub type ProxyBody = Either<ResponseBody, Reply>;
 
 /// The running gateway: the current snapshot, swapped whole on reload, and the upstream pool.
 pub struct Gateway {
@@ -298,7 +299,7 @@ impl Gateway {
         if preflight && let Some(policy) = &route.cors {
             let origin = parts.headers.get(http::header::ORIGIN);
             origin.and_then(|o| policy.allow_origin(o)).ok_or(GatewayError::OriginNotAllowed)?;
-            return Ok(Checked::Answered(policy.preflight().map(Either::Right)));
+            return Ok(Checked::Answered(policy.preflight().map(|body| Either::Right(Reply::from(body)))));
         }
 
         let key = if route.public || preflight {

@@ -321,7 +321,11 @@ impl Connection {
             let service = service_fn(move |request: Request<Incoming>| {
                 let exchange = requests.exchange();
                 let request = request.map(|body| RequestBody::new(body, exchange.clone()));
-                Answer { handled: gateway.handle(&client, request), exchange: Some(exchange) }
+                Answer {
+                    handled: gateway.handle(&client, request),
+                    exchange: Some(exchange),
+                    for_hyper: true,
+                }
             });
             io.put_back(read);
             let connection = self.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -378,6 +382,9 @@ impl Connection {
 struct Answer {
     handled: Handled,
     exchange: Option<Exchange>,
+    /// The answer goes to hyper, which writes a head from the header map alone (see
+    /// [`crate::proxy::reply`]).
+    for_hyper: bool,
 }
 
 impl Future for Answer {
@@ -393,8 +400,11 @@ impl Future for Answer {
             },
         };
         match (response, this.exchange.take()) {
-            (Some(response), Some(exchange)) => {
+            (Some(mut response), Some(exchange)) => {
                 exchange.finish();
+                if this.for_hyper {
+                    crate::proxy::reply::settle(&mut response);
+                }
                 Poll::Ready(Ok(response.map(|body| ProgressBody::new(body, exchange))))
             }
             // Polled again after it was ready: a contract breach of the caller's.

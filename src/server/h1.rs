@@ -23,6 +23,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::Either;
 use hyper::body::Body;
 use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -30,7 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::Answer;
 use super::idle::Activity;
 use crate::error::GatewayError;
-use crate::proxy::forward::{ClientInfo, RequestBody};
+use crate::proxy::forward::{ClientInfo, RequestBody, X_REQUEST_ID};
 use crate::proxy::h1::{add_length, put_decimal, put_field, put_hex};
 use crate::proxy::{Gateway, ProxyBody};
 
@@ -93,8 +94,9 @@ where
                     let response = cx.gateway.refuse_head(&error);
                     let (parts, body) = response.into_parts();
                     let closing = Facts { keep_alive: false, trailers: false };
+                    let apart = held_apart(&body);
                     let framing =
-                        encode_head(parts, &body, &Method::GET, Version::HTTP_11, closing, &mut out);
+                        encode_head(parts, &body, apart, &Method::GET, Version::HTTP_11, closing, &mut out);
                     if write_body(io, body, &framing, &mut out).await.is_ok() {
                         linger(io, &mut buf).await;
                     }
@@ -118,14 +120,18 @@ where
 
         let exchange = cx.activity.exchange();
         let request = request.map(|()| RequestBody::none(exchange.clone()));
-        let answer = Answer { handled: cx.gateway.handle(cx.client, request), exchange: Some(exchange) };
+        let answer = Answer {
+            handled: cx.gateway.handle(cx.client, request),
+            exchange: Some(exchange),
+            for_hyper: false,
+        };
         let Some(response) = answer_or_hang_up(io, answer, &mut buf, cx.head_limit).await else {
             return Served::Closed;
         };
 
         let facts = Facts { keep_alive: facts.keep_alive && !cx.draining.load(Ordering::Relaxed), ..facts };
         let (parts, body) = response.into_parts();
-        let framing = encode_head(parts, &body, &method, version, facts, &mut out);
+        let framing = encode_head(parts, &body, held_apart(body.inner()), &method, version, facts, &mut out);
         let written = write_body(io, body, &framing, &mut out).await;
         if out.capacity() > KEPT_OUT {
             out = Vec::with_capacity(4 * 1024);
@@ -343,10 +349,20 @@ struct Framing {
     trailers: Option<Vec<HeaderName>>,
 }
 
+/// The fields of keygate's own answer that it holds beside the header map (see
+/// [`crate::proxy::reply`]): its request id and fixed fields, written after the map's.
+fn held_apart(body: &ProxyBody) -> Option<(&HeaderValue, &[u8])> {
+    match body {
+        Either::Right(reply) => reply.apart(),
+        Either::Left(_) => None,
+    }
+}
+
 /// Writes the response head into `out` as hyper's server would, and says how its body goes.
 fn encode_head(
     parts: http::response::Parts,
     body: &impl Body,
+    apart: Option<(&HeaderValue, &[u8])>,
     method: &Method,
     version: Version,
     facts: Facts,
@@ -414,6 +430,10 @@ fn encode_head(
         put_field(out, name, value);
     }
     drop(headers);
+    if let Some((request_id, fixed)) = apart {
+        put_field(out, &X_REQUEST_ID, request_id);
+        out.extend_from_slice(fixed);
+    }
     let mut last = !facts.keep_alive || says_close;
     let encoder = match (encoder, length) {
         _ if head_only || no_content => {

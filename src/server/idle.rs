@@ -311,6 +311,10 @@ impl<B> ProgressBody<B> {
     pub fn new(inner: B, exchange: Exchange) -> Self {
         Self { inner, exchange }
     }
+
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
 }
 
 impl<B: hyper::body::Body + Unpin> hyper::body::Body for ProgressBody<B> {

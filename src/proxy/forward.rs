@@ -154,9 +154,9 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// `HTTP2-Settings`, which only means something with the `Upgrade: h2c` that goes with it.
 /// `Expect` too: hyper has already answered `Expect: 100-continue` towards the client when the
 /// body is read; passing it on would make the upstream wait for a continue that never comes.
-/// Not `Trailer`: it describes the message, not the connection (RFC 9110 §6.6.2; RFC 2616's
-/// list had `Trailers`, a typo for `TE`'s token), and an HTTP/1 client is sent a response's
-/// trailer fields only when it names them.
+/// Not `Trailer`: RFC 2616's list had it (spelt `Trailers`), RFC 9110's no longer does; it
+/// describes the message (§6.6.2), and an HTTP/1 client is sent a response's trailer fields
+/// only when it names them.
 /// A match on the name's text: every header of every message passes through here, and this
 /// costs a length switch and at most one comparison, where a list of names costs eleven.
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {

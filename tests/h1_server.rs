@@ -269,11 +269,28 @@ async fn a_connection_that_turns_to_a_body_or_an_odd_request_is_served_whole_by_
     let seen = upstream.requests();
     assert_eq!(seen.iter().map(|r| r.method.as_str()).collect::<Vec<_>>(), ["GET", "POST", "GET"]);
     assert_eq!(seen[1].body.as_ref(), b"hello");
-    // A refusal is still keygate's JSON after the hand-over.
-    client.send(get("1.1", "").replace(SECRET, "not-a-key-at-all-0000").as_bytes()).await;
+    // A refusal is still keygate's JSON after the hand-over, with the same fields as one
+    // keygate's own loop writes (which holds its fixed fields apart from the header map).
+    let refusal = get("1.1", "").replace(SECRET, "not-a-key-at-all-0000");
+    client.send(refusal.as_bytes()).await;
     let refused = client.answer(false).await;
-    assert_eq!(refused.status(), "401", "{refused:?}");
-    assert!(refused.body.starts_with(b"{\"error\":\"invalid_api_key\""), "{refused:?}");
+    let mut fresh = Client::connect(&gateway).await;
+    fresh.send(refusal.as_bytes()).await;
+    let refused_here = fresh.answer(false).await;
+    for answer in [&refused, &refused_here] {
+        assert_eq!(answer.status(), "401", "{answer:?}");
+        assert!(answer.body.starts_with(b"{\"error\":\"invalid_api_key\""), "{answer:?}");
+        assert_eq!(answer.header("content-type").as_deref(), Some("application/json"), "{answer:?}");
+        assert_eq!(answer.header("cache-control").as_deref(), Some("no-store"), "{answer:?}");
+        assert_eq!(
+            answer.header("www-authenticate").as_deref(),
+            Some("ApiKey realm=\"keygate\""),
+            "{answer:?}"
+        );
+        let id = answer.header("x-request-id").unwrap_or_default();
+        assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{answer:?}");
+        assert_eq!(answer.head.matches("\r\n").count(), 8, "status line, six fields, blank line: {answer:?}");
+    }
 }
 
 #[tokio::test]
